@@ -1,0 +1,1 @@
+"""tti: text-to-image research code (UNet diffusion with cross-attention, alignDRAW)."""

@@ -1,0 +1,1 @@
+"""Datasets: COCO-format captions and the embedded shapes dataset."""

@@ -1,0 +1,1 @@
+"""Metrics: FID, CLIP score, and the exact caption judge for the shapes dataset."""

