@@ -1,0 +1,150 @@
+"""UNet: shapes, text padding invariance, conditioning paths, gradients, argument errors."""
+import pytest
+import torch
+
+from tti.text import TextBatch
+from tti.unet import UNet, timestep_embedding
+
+
+def tiny_unet(**overrides) -> UNet:
+    kwargs = dict(channels=(16, 32), attn_resolutions=(16, 8), image_size=16, context_dim=24,
+                  head_dim=16)
+    kwargs.update(overrides)
+    return UNet(**kwargs)
+
+
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Give every weight a random value: the zero-initialised layers would hide the inputs."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def text_batch(b: int, length: int, dim: int, real: list[int]) -> TextBatch:
+    """Random tokens with the first real[i] positions of row i marked as real."""
+    tokens = torch.randn(b, length, dim)
+    mask = torch.arange(length)[None] < torch.tensor(real)[:, None]
+    return TextBatch(tokens, mask)
+
+
+def test_output_is_zero_at_init_and_shaped_like_input():
+    model = tiny_unet()
+    x = torch.randn(2, 3, 16, 16)
+    out = model(x, torch.tensor([0, 999]), text_batch(2, 5, 24, [5, 3]))
+    assert out.shape == x.shape
+    # The output conv is zero-initialised, so a fresh model predicts exactly zero.
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("size,channels,attn", [(32, (16, 32, 32), (16, 8)),
+                                                (64, (16, 32, 32, 32), (16, 8))])
+def test_output_shape_for_32_and_64(size, channels, attn):
+    model = randomize(UNet(channels=channels, attn_resolutions=attn, image_size=size,
+                           context_dim=24, head_dim=16))
+    x = torch.randn(2, 3, size, size)
+    out = model(x, torch.tensor([3, 500]), text_batch(2, 7, 24, [7, 2]))
+    assert out.shape == (2, 3, size, size)
+    assert torch.isfinite(out).all()
+
+
+def test_default_model_shape_and_single_channel():
+    model = UNet()
+    out = model(torch.randn(1, 3, 32, 32), torch.tensor([10]), text_batch(1, 4, 384, [4]))
+    assert out.shape == (1, 3, 32, 32)
+    gray = tiny_unet(image_channels=1)
+    assert gray(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]),
+                text_batch(2, 3, 24, [3, 3])).shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("pooled_text", [True, False])
+def test_padding_tokens_never_change_the_output(pooled_text):
+    model = randomize(tiny_unet(pooled_text=pooled_text)).eval()
+    real = torch.randn(2, 6, 24)
+    short = TextBatch(torch.cat([real, torch.randn(2, 2, 24)], 1),
+                      torch.arange(8)[None].expand(2, 8) < torch.tensor([[6], [4]]))
+    # The same captions padded to 40 tokens, with large garbage in the padding.
+    long_tokens = torch.cat([real, 1e3 * torch.randn(2, 34, 24)], 1)
+    long = TextBatch(long_tokens, torch.arange(40)[None].expand(2, 40) < torch.tensor([[6], [4]]))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 700])
+    with torch.no_grad():
+        a, b = model(x, t, short), model(x, t, long)
+    assert a.abs().max() > 1e-2  # the randomised model really responds
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_text_and_timestep_both_change_the_output():
+    model = randomize(tiny_unet()).eval()
+    x = torch.randn(1, 3, 16, 16)
+    text_a, text_b = text_batch(1, 4, 24, [4]), text_batch(1, 4, 24, [4])
+    with torch.no_grad():
+        base = model(x, torch.tensor([10]), text_a)
+        assert (base - model(x, torch.tensor([10]), text_b)).abs().max() > 1e-3
+        assert (base - model(x, torch.tensor([900]), text_a)).abs().max() > 1e-3
+        # A float timestep equal to an int one gives the same result; a scalar t broadcasts.
+        torch.testing.assert_close(base, model(x, torch.tensor([10.0]), text_a))
+        torch.testing.assert_close(base, model(x, torch.tensor(10), text_a))
+
+
+def test_batch_rows_are_independent():
+    model = randomize(tiny_unet()).eval()
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([1, 50, 900])
+    text = text_batch(3, 5, 24, [5, 2, 3])
+    with torch.no_grad():
+        full = model(x, t, text)
+        one = model(x[1:2], t[1:2], TextBatch(text.tokens[1:2, :2], text.mask[1:2, :2]))
+    torch.testing.assert_close(full[1:2], one, atol=1e-5, rtol=0)
+
+
+def test_caption_with_no_real_token_is_finite_and_ignores_its_tokens():
+    model = randomize(tiny_unet()).eval()
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([5])
+    empty_a = TextBatch(torch.randn(1, 3, 24), torch.zeros(1, 3, dtype=torch.bool))
+    empty_b = TextBatch(torch.randn(1, 3, 24), torch.zeros(1, 3, dtype=torch.bool))
+    with torch.no_grad():
+        a, b = model(x, t, empty_a), model(x, t, empty_b)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_every_parameter_gets_a_gradient():
+    model = randomize(tiny_unet())
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), text_batch(2, 4, 24, [4, 2]))
+    out.square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_timestep_embedding_is_sinusoidal():
+    emb = timestep_embedding(torch.tensor([0, 7]), 6)
+    assert emb.shape == (2, 6)
+    torch.testing.assert_close(emb[0], torch.tensor([1.0, 1, 1, 0, 0, 0]))
+    freqs = torch.tensor([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3)])
+    torch.testing.assert_close(emb[1], torch.cat([torch.cos(7 * freqs), torch.sin(7 * freqs)]))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(image_size=15), "divisible"),
+    (dict(image_size=18, channels=(16, 32, 32), attn_resolutions=()), "divisible"),
+    (dict(attn_resolutions=(4,)), "never occurs"),
+    (dict(head_dim=12), "head_dim"),
+    (dict(channels=()), "channels"),
+    (dict(num_res_blocks=0), "num_res_blocks"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_unet(**kwargs)
+
+
+def test_bad_forward_inputs():
+    model = tiny_unet()
+    x, t, text = torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), text_batch(2, 4, 24, [4, 4])
+    with pytest.raises(ValueError, match="x must be"):
+        model(torch.randn(2, 3, 32, 32), t, text)
+    with pytest.raises(ValueError, match="text.tokens"):
+        model(x, t, text_batch(2, 4, 25, [4, 4]))
+    with pytest.raises(ValueError, match="text.tokens"):
+        model(x, t, text_batch(3, 4, 24, [4, 4, 4]))
+    with pytest.raises(ValueError, match="t must be"):
+        model(x, torch.tensor([1, 2, 3]), text)

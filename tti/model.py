@@ -1,0 +1,135 @@
+"""The one model module that training, sampling, export and evaluation share.
+
+`TextToImage` = a text encoder + a generative model that keeps the two-method interface
+(`loss(images, text)`, `sample(text, generator, ...)`). Everything outside this file
+talks to captions and uint8/[-1, 1] images only, so the diffusion model and alignDRAW
+are interchangeable. `build(cfg)` makes one from a config; `load_for_inference(path)`
+rebuilds one from a checkpoint alone (EMA weights by default).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from tti.config import Config, from_dict
+from tti.text import TextBatch, TextEncoder
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] in [0, 255] -> float [B, 3, H, W] in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, 3, H, W] (values outside are clipped)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class TextToImage(nn.Module):
+    """Captions in, loss or images out. `forward` is the training loss (so DDP wraps it)."""
+
+    def __init__(self, text_encoder: nn.Module, generator: nn.Module):
+        super().__init__()
+        self.text = text_encoder
+        self.generator = generator
+
+    def forward(self, images: torch.Tensor, captions: list) -> torch.Tensor:
+        """images: float [B, 3, H, W] in [-1, 1]; captions: B strings -> scalar loss."""
+        return self.generator.loss(images, self.text(captions))
+
+    def encode(self, captions: list) -> TextBatch:
+        return self.text(captions)
+
+    @torch.no_grad()
+    def sample(self, captions: list, generator: torch.Generator | None = None,
+               return_trajectory: bool = False, **sampler_opts):
+        """B captions -> float [B, 3, H, W] in [-1, 1] (and the trajectory if asked)."""
+        text = self.text(captions)
+        null = self.text.null(1)
+        return self.generator.sample(text, generator, null_text=null,
+                                     return_trajectory=return_trajectory, **sampler_opts)
+
+    def sampler_options(self, cfg: Config) -> dict:
+        s = cfg.sample
+        return dict(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance=s.guidance)
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn.Module:
+    """The text side a config asks for. alignDRAW's word vocabulary needs the training
+    captions (fresh run) or the vocabulary saved in a checkpoint (`vocab_state`)."""
+    t = cfg.text
+    if cfg.model.kind == "aligndraw" or t.name == "vocab":
+        from tti.vocab import WordVocab, WordVocabEncoder
+
+        if vocab_state is not None:
+            vocab = WordVocab.from_dict(vocab_state)
+        elif train_captions is not None:
+            vocab = WordVocab.build(train_captions)
+        else:
+            raise ValueError("a word-vocabulary text encoder needs the training captions")
+        return WordVocabEncoder(vocab, max_length=t.max_length)
+    return TextEncoder(t.name, finetune=t.finetune, max_length=t.max_length, cache=t.cache)
+
+
+def build_generator(cfg: Config, text_encoder: nn.Module) -> nn.Module:
+    m = cfg.model
+    if m.kind == "diffusion":
+        from tti.diffusion import Diffusion
+        from tti.unet import UNet
+
+        u = m.unet
+        unet = UNet(image_channels=3, channels=tuple(u.channels),
+                    num_res_blocks=u.num_res_blocks, attn_resolutions=tuple(u.attn_resolutions),
+                    image_size=cfg.data.image_size, context_dim=text_encoder.dim,
+                    head_dim=u.head_dim, dropout=u.dropout, pooled_text=u.pooled_text)
+        d = m.diffusion
+        return Diffusion(unet, schedule=d.schedule, timesteps=d.timesteps,
+                         prediction=d.prediction, image_size=cfg.data.image_size,
+                         image_channels=3, min_snr_gamma=d.min_snr_gamma)
+    from tti.aligndraw import AlignDraw
+
+    return AlignDraw.from_preset(m.aligndraw.preset, vocab_size=len(text_encoder.vocab),
+                                 image_size=cfg.data.image_size, **m.aligndraw.overrides)
+
+
+def build(cfg: Config, train_captions=None, vocab_state=None) -> TextToImage:
+    text = build_text_encoder(cfg, train_captions, vocab_state)
+    return TextToImage(text, build_generator(cfg, text))
+
+
+# ---------------------------------------------------------------- checkpoint state
+
+
+def trainable_state(model: TextToImage) -> dict:
+    """The weights a checkpoint must carry: everything but a frozen pretrained encoder
+    (which `from_pretrained` rebuilds, and which would make each checkpoint 500 MB)."""
+    keep_text = any(p.requires_grad for p in model.text.parameters())
+    return {k: v for k, v in model.state_dict().items()
+            if keep_text or not k.startswith("text.")}
+
+
+def text_extra_state(model: TextToImage):
+    """What rebuilds a vocabulary encoder (None for pretrained encoders)."""
+    to_dict = getattr(getattr(model.text, "vocab", None), "to_dict", None)
+    return to_dict() if to_dict else None
+
+
+def load_for_inference(path: str, device="cpu", use_ema: bool = True):
+    """Checkpoint (file or run dir) -> (TextToImage in eval mode on `device`, Config)."""
+    from tti.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = from_dict(state["config"])
+    model = build(cfg, vocab_state=state.get("text_vocab"))
+    weights = dict(state["model"])
+    if use_ema and state.get("ema"):
+        weights.update(state["ema"]["shadow"])
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.startswith("text.")]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not match the model it describes "
+                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.to(device).eval(), cfg

@@ -1,0 +1,279 @@
+"""UNet denoiser conditioned on a timestep and on text token embeddings.
+
+Residual blocks (GroupNorm, SiLU, timestep scale-shift) at each resolution level, with a
+transformer block (self-attention, cross-attention to the text tokens, feed-forward; all
+attention through `F.scaled_dot_product_attention`) at the resolutions in
+`attn_resolutions`. The text padding mask is honoured everywhere: padding tokens never
+change the output. A masked mean of the text tokens is also added to the time embedding
+(cheap global conditioning).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tti.text import TextBatch
+
+
+def _groups(channels: int) -> int:
+    """Largest group count <= 32 that divides `channels` (GroupNorm needs a divisor)."""
+    return next(g for g in range(min(32, channels), 0, -1) if channels % g == 0)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    """Zero a layer's weights so its residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding. t: int or float [B] -> float [B, dim]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the time embedding as a scale and shift (FiLM)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(_groups(out_ch), out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """x: float [B, in_ch, H, W]; emb: float [B, emb_dim] already through SiLU."""
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class TextTransformerBlock(nn.Module):
+    """Self-attention over pixels, cross-attention to text tokens, feed-forward.
+
+    The pixels of a [B, C, H, W] map are H*W tokens of width C; every sub-layer is
+    pre-LayerNorm and residual, and the output projection is zero-initialised.
+    """
+
+    def __init__(self, channels: int, context_dim: int, head_dim: int, ff_mult: int = 2):
+        super().__init__()
+        self.heads = channels // head_dim
+        self.norm_in = nn.GroupNorm(_groups(channels), channels)
+        self.norm_self = nn.LayerNorm(channels)
+        self.qkv = nn.Linear(channels, 3 * channels, bias=False)
+        self.out_self = nn.Linear(channels, channels)
+        self.norm_cross = nn.LayerNorm(channels)
+        self.q_cross = nn.Linear(channels, channels, bias=False)
+        self.kv_cross = nn.Linear(context_dim, 2 * channels, bias=False)
+        self.out_cross = nn.Linear(channels, channels)
+        self.norm_ff = nn.LayerNorm(channels)
+        self.ff = nn.Sequential(nn.Linear(channels, ff_mult * channels), nn.GELU(),
+                                nn.Linear(ff_mult * channels, channels))
+        self.proj_out = _zero(nn.Linear(channels, channels))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, N, C] -> [B, heads, N, C / heads]
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor,
+                has_text: torch.Tensor) -> torch.Tensor:
+        """x: float [B, C, H, W]; context: float [B, L, D]; attn_mask: bool [B, 1, 1, L]
+        (True = attend); has_text: float [B, 1, 1], 0 for a caption with no real token."""
+        b, c, hgt, wid = x.shape
+        h = self.norm_in(x).flatten(2).transpose(1, 2)  # [B, HW, C]
+
+        q, k, v = self._split(self.qkv(self.norm_self(h))).chunk(3, dim=-1)
+        a = F.scaled_dot_product_attention(q, k, v)
+        h = h + self.out_self(a.transpose(1, 2).flatten(2))
+
+        q = self._split(self.q_cross(self.norm_cross(h)))
+        k, v = self._split(self.kv_cross(context)).chunk(2, dim=-1)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        # A caption with no real token contributes nothing (and its all-masked row is not NaN).
+        h = h + self.out_cross(a.transpose(1, 2).flatten(2)) * has_text
+
+        h = h + self.ff(self.norm_ff(h))
+        return x + self.proj_out(h).transpose(1, 2).reshape(b, c, hgt, wid)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.Module):
+    """A ResBlock optionally followed by a text transformer block."""
+
+    def __init__(self, res: ResBlock, attn: TextTransformerBlock | None):
+        super().__init__()
+        self.res = res
+        self.attn = attn
+
+    def forward(self, x, emb, context, attn_mask, has_text):
+        x = self.res(x, emb)
+        return x if self.attn is None else self.attn(x, context, attn_mask, has_text)
+
+
+class UNet(nn.Module):
+    """Text-conditioned UNet: (x, t, text) -> a tensor shaped like x.
+
+    image_channels: channels of x (3 for RGB).
+    channels: width of each resolution level; level i works at image_size / 2**i.
+    num_res_blocks: residual blocks per level on the way down (one more on the way up).
+    attn_resolutions: feature-map sizes (e.g. 16, 8) that get a self+cross-attention block.
+    context_dim: width D of the text token embeddings.
+    head_dim: channels per attention head (every attended level's width must divide by it).
+    pooled_text: add a masked mean of the text tokens to the time embedding.
+    """
+
+    def __init__(self, image_channels: int = 3, channels: tuple[int, ...] = (32, 64, 96),
+                 num_res_blocks: int = 1, attn_resolutions: tuple[int, ...] = (16, 8),
+                 image_size: int = 32, context_dim: int = 384, head_dim: int = 32,
+                 dropout: float = 0.0, pooled_text: bool = True):
+        super().__init__()
+        channels = tuple(int(c) for c in channels)
+        attn_resolutions = tuple(int(r) for r in attn_resolutions)
+        levels = len(channels)
+        sizes = [image_size // 2 ** i for i in range(levels)]
+        self._validate(image_channels, channels, num_res_blocks, attn_resolutions, image_size,
+                       context_dim, head_dim, dropout, sizes)
+        self.image_channels = image_channels
+        self.image_size = image_size
+        self.context_dim = context_dim
+        self.channels = channels
+
+        emb_dim = 4 * channels[0]
+        self.time_dim = channels[0]
+        self.time_mlp = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
+        self.text_pool = nn.Linear(context_dim, emb_dim) if pooled_text else None
+
+        def stage(in_ch: int, out_ch: int, size: int) -> Stage:
+            attn = (TextTransformerBlock(out_ch, context_dim, head_dim)
+                    if size in attn_resolutions else None)
+            return Stage(ResBlock(in_ch, out_ch, emb_dim, dropout), attn)
+
+        self.conv_in = nn.Conv2d(image_channels, channels[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        skip_channels = [channels[0]]
+        ch = channels[0]
+        for i, out_ch in enumerate(channels):
+            for _ in range(num_res_blocks):
+                self.down.append(stage(ch, out_ch, sizes[i]))
+                ch = out_ch
+                skip_channels.append(ch)
+            if i < levels - 1:
+                self.down.append(Downsample(ch))
+                skip_channels.append(ch)
+
+        self.mid = nn.ModuleList([stage(ch, ch, sizes[-1]),
+                                  Stage(ResBlock(ch, ch, emb_dim, dropout), None)])
+
+        self.up = nn.ModuleList()
+        for i, out_ch in reversed(list(enumerate(channels))):
+            for _ in range(num_res_blocks + 1):
+                self.up.append(stage(ch + skip_channels.pop(), out_ch, sizes[i]))
+                ch = out_ch
+            if i > 0:
+                self.up.append(Upsample(ch))
+
+        self.norm_out = nn.GroupNorm(_groups(ch), ch)
+        self.conv_out = _zero(nn.Conv2d(ch, image_channels, 3, padding=1))
+
+    @staticmethod
+    def _validate(image_channels, channels, num_res_blocks, attn_resolutions, image_size,
+                  context_dim, head_dim, dropout, sizes):
+        if image_channels < 1:
+            raise ValueError(f"UNet: image_channels must be >= 1, got {image_channels}")
+        if not channels or min(channels) < 1:
+            raise ValueError(f"UNet: channels must be a non-empty list of positive ints, got {channels}")
+        if num_res_blocks < 1:
+            raise ValueError(f"UNet: num_res_blocks must be >= 1, got {num_res_blocks}")
+        if image_size < 1 or image_size % 2 ** (len(channels) - 1):
+            raise ValueError(
+                f"UNet: image_size {image_size} must be divisible by 2**(len(channels)-1) = "
+                f"{2 ** (len(channels) - 1)} for {len(channels)} levels")
+        if context_dim < 1 or head_dim < 1:
+            raise ValueError(f"UNet: context_dim and head_dim must be >= 1, got {context_dim}, {head_dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"UNet: dropout must be in [0, 1), got {dropout}")
+        for r in attn_resolutions:
+            if r not in sizes:
+                raise ValueError(f"UNet: attention resolution {r} never occurs; the levels work at "
+                                 f"{sizes} for image_size {image_size}")
+            ch = channels[sizes.index(r)]
+            if ch % head_dim:
+                raise ValueError(f"UNet: level width {ch} at resolution {r} is not divisible by "
+                                 f"head_dim {head_dim}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """x: float [B, C, H, W] (H = W = image_size); t: int or float [B] (or a scalar);
+        text: TextBatch(tokens float [B, L, context_dim], mask bool [B, L]).
+        Returns float [B, C, H, W]."""
+        b = x.shape[0]
+        if x.dim() != 4 or x.shape[1] != self.image_channels or x.shape[2:] != (self.image_size,) * 2:
+            raise ValueError(f"UNet.forward: x must be [B, {self.image_channels}, {self.image_size}, "
+                             f"{self.image_size}], got {tuple(x.shape)}")
+        tokens, mask = text.tokens, text.mask
+        if tokens.dim() != 3 or tokens.shape[0] != b or tokens.shape[2] != self.context_dim:
+            raise ValueError(f"UNet.forward: text.tokens must be float [{b}, L, {self.context_dim}], "
+                             f"got {tuple(tokens.shape)}")
+        if mask.shape != tokens.shape[:2]:
+            raise ValueError(f"UNet.forward: text.mask must be bool {tuple(tokens.shape[:2])}, "
+                             f"got {tuple(mask.shape)}")
+        t = torch.as_tensor(t, device=x.device)
+        t = t.expand(b) if t.dim() == 0 else t
+        if t.shape != (b,):
+            raise ValueError(f"UNet.forward: t must be [B] = [{b}], got {tuple(t.shape)}")
+
+        mask = mask.bool()
+        tokens = tokens.to(x.dtype).masked_fill(~mask[..., None], 0.0)  # padding can hold anything
+        count = mask.sum(1, keepdim=True)
+        has_text = (count > 0).to(x.dtype)[:, :, None]  # [B, 1, 1]
+        attn_mask = mask[:, None, None, :] | (count == 0)[:, None, None, :]
+
+        emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype))
+        if self.text_pool is not None:
+            pooled = tokens.sum(1) / count.clamp(min=1).to(x.dtype)
+            emb = emb + self.text_pool(pooled)
+        emb = F.silu(emb)
+
+        h = self.conv_in(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h) if isinstance(block, Downsample) else block(h, emb, tokens, attn_mask, has_text)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, emb, tokens, attn_mask, has_text)
+        for block in self.up:
+            if isinstance(block, Upsample):
+                h = block(h)
+            else:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb, tokens, attn_mask, has_text)
+        return self.conv_out(F.silu(self.norm_out(h)))
