@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: tiny test models gain nothing from more, and on a shared machine two
+# threads per process oversubscribe the cores (a 10x slowdown was measured).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -12,11 +12,14 @@ Text comes from `tti.vocab.WordVocabEncoder` (int64 word ids), not a transformer
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from tti.diffusion import draw_noise
 from tti.draw_attention import FilterbankAttention, read_patches, write_patches
 from tti.text import TextBatch
 
@@ -130,6 +133,11 @@ class AlignDraw(nn.Module):
         if name not in PRESETS:
             raise ValueError(f"AlignDraw.from_preset: unknown preset {name!r}; "
                              f"choose from {sorted(PRESETS)}")
+        fields = set(inspect.signature(cls.__init__).parameters) - {"self", "vocab_size"}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"AlignDraw.from_preset: unknown field(s) {unknown}; "
+                             f"valid fields: {sorted(fields)}")
         return cls(vocab_size=vocab_size, **{**PRESETS[name], **overrides})
 
     @property
@@ -229,15 +237,17 @@ class AlignDraw(nn.Module):
 
     # ---------------------------------------------------------------- sampling
     @torch.no_grad()
-    def sample(self, text: TextBatch, generator: torch.Generator | None = None,
+    def sample(self, text: TextBatch, generator: torch.Generator | list | None = None,
                null_text: TextBatch | None = None, return_trajectory: bool = False,
                **sampler_opts):
         """Images for the captions: z_t from the learned prior, image = mean canvas sigma(c_T).
 
         text: TextBatch of word ids [B, L]. generator: seeds z_t (may live on CPU while the
-        model is on GPU). null_text and guidance / sampler / steps / eta / noise=None are
-        diffusion options, accepted so one sampling script drives every model, and ignored
-        (alignDRAW has no guidance; its T latents all come from `generator`).
+        model is on GPU); or a list of B generators, one per caption, so that image i
+        depends on generator i alone, not on its batch. null_text and guidance / sampler /
+        steps / eta / noise=None are diffusion options, accepted so one sampling script
+        drives every model, and ignored (alignDRAW has no guidance; its T latents all come
+        from `generator`).
         Returns images float [-1, 1] [B, 3, H, W]; with return_trajectory, also the list of
         the T canvases sigma(c_t), each float [-1, 1] [B, 3, H, W] on the CPU.
         """
@@ -253,12 +263,11 @@ class AlignDraw(nn.Module):
         batch, size = h_lang.shape[0], self.image_size
         dec_state = (h_lang.new_zeros(batch, self.dec_dim), h_lang.new_zeros(batch, self.dec_dim))
         canvas = h_lang.new_zeros(batch, self.channels, size, size)
-        noise_device = generator.device if generator is not None else self.device
         trajectory = []
         for step in range(self.draw_steps):
             mu_p, logsigma_p = self._prior(dec_state[0], step)
-            noise = torch.randn(batch, self.latent_dim, generator=generator, device=noise_device)
-            z = mu_p + torch.exp(logsigma_p) * noise.to(self.device)
+            noise = draw_noise((batch, self.latent_dim), generator, self.device)
+            z = mu_p + torch.exp(logsigma_p) * noise
             dec_state, canvas = self._generate_step(z, h_lang, keys, mask, dec_state, canvas)
             if return_trajectory:
                 trajectory.append((torch.sigmoid(canvas) * 2 - 1).cpu())

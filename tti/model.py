@@ -8,10 +8,12 @@ rebuilds one from a checkpoint alone (EMA weights by default).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
-from tti.config import Config, from_dict
+from tti.config import Config, ConfigError, from_dict
 from tti.text import TextBatch, TextEncoder
 
 
@@ -71,7 +73,13 @@ def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn
         else:
             raise ValueError("a word-vocabulary text encoder needs the training captions")
         return WordVocabEncoder(vocab, max_length=t.max_length)
-    return TextEncoder(t.name, finetune=t.finetune, max_length=t.max_length, cache=t.cache)
+    encoder = TextEncoder(t.name, finetune=t.finetune, max_length=t.max_length, cache=t.cache)
+    if encoder.use_cache:
+        # Next to the packed image cache: every run on this dataset reuses the embeddings.
+        cache_dir = cfg.data.cache_dir or os.path.join(cfg.data.root, "cache")
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in t.name)
+        encoder.cache_file = os.path.join(cache_dir, f"text_{safe}_{t.max_length}.pt")
+    return encoder
 
 
 def build_generator(cfg: Config, text_encoder: nn.Module) -> nn.Module:
@@ -91,8 +99,16 @@ def build_generator(cfg: Config, text_encoder: nn.Module) -> nn.Module:
                          image_channels=3, min_snr_gamma=d.min_snr_gamma)
     from tti.aligndraw import AlignDraw
 
-    return AlignDraw.from_preset(m.aligndraw.preset, vocab_size=len(text_encoder.vocab),
-                                 image_size=cfg.data.image_size, **m.aligndraw.overrides)
+    overrides = m.aligndraw.overrides
+    fixed = sorted({"image_size", "vocab_size"} & set(overrides))
+    if fixed:
+        raise ConfigError(f"model.aligndraw.overrides: {fixed} cannot be set here; they come "
+                          f"from data.image_size and the training captions' vocabulary")
+    try:
+        return AlignDraw.from_preset(m.aligndraw.preset, vocab_size=len(text_encoder.vocab),
+                                     image_size=cfg.data.image_size, **overrides)
+    except (TypeError, ValueError) as e:  # a bad field or value, named by the model
+        raise ConfigError(f"model.aligndraw.overrides: {e}") from None
 
 
 def build(cfg: Config, train_captions=None, vocab_state=None) -> TextToImage:

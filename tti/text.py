@@ -96,6 +96,7 @@ class TextEncoder(nn.Module):
         self.max_length = max_length
         self.use_cache = cache and not finetune
         self._cache: dict[str, torch.Tensor] = {}
+        self.cache_file: str | None = None  # set by tti.model.build_text_encoder
         self.cache_hits = 0
         self.cache_misses = 0
         if not finetune:
@@ -147,14 +148,20 @@ class TextEncoder(nn.Module):
         return TextBatch(tokens.to(self.device), mask.to(self.device))
 
     @torch.no_grad()
-    def warm(self, captions, chunk: int = 256, progress: bool = False) -> int:
+    def warm(self, captions, chunk: int = 256, progress: bool = False,
+             cache_file: str | None = "default") -> int:
         """Encode every distinct caption once, up front; returns how many were new.
 
         Chunks are formed from the sorted distinct captions, so the cached values do not
         depend on the order captions arrive in (a resumed run gets the same bits).
+        `cache_file` keeps the embeddings on disk between runs (loaded first, rewritten
+        atomically when new captions were encoded).
         """
         if not self.use_cache:
             return 0
+        cache_file = self.cache_file if cache_file == "default" else cache_file
+        if cache_file and os.path.isfile(cache_file):
+            self.load_cache(cache_file)
         todo = sorted({c for c in captions if c not in self._cache} | {""}, key=lambda c: (len(c), c))
         todo = [c for c in todo if c not in self._cache]
         from tqdm import tqdm
@@ -162,7 +169,29 @@ class TextEncoder(nn.Module):
         for start in tqdm(range(0, len(todo), chunk), desc="encoding captions",
                           disable=not progress, unit="chunk"):
             self._store(todo[start:start + chunk])
+        if cache_file and todo:
+            self.save_cache(cache_file)
         return len(todo)
+
+    def save_cache(self, path: str) -> None:
+        """All cached embeddings as one tensor + lengths (fast to load), written atomically."""
+        captions = list(self._cache)
+        state = {"encoder": self.name, "max_length": self.max_length, "captions": captions,
+                 "lengths": torch.tensor([self._cache[c].shape[0] for c in captions]),
+                 "tokens": torch.cat([self._cache[c] for c in captions])}
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_cache(self, path: str) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["encoder"] != self.name or state["max_length"] != self.max_length:
+            raise ValueError(f"{path}: caption cache of encoder {state['encoder']!r} "
+                             f"(max_length {state['max_length']}), not {self.name!r} "
+                             f"({self.max_length}); delete it or point elsewhere")
+        for caption, emb in zip(state["captions"], state["tokens"].split(state["lengths"].tolist())):
+            self._cache.setdefault(caption, emb)
 
     def _store(self, captions: list[str]) -> None:
         batch = self._run(captions)

@@ -1,0 +1,276 @@
+"""Training throughput: our UNet against diffusers' UNet2DConditionModel, and the text cache.
+
+One training step = forward + backward + AdamW step on a batch of noisy images with text
+tokens (fp32 on CPU; bf16 autocast on CUDA). The two UNets are measured in the same run,
+alternating step by step, so a shared machine slows both alike: compare the ratio.
+The diffusers model is the one, among a small grid of widths, whose parameter count is
+closest to ours (same levels, cross-attention at the same resolutions, one res block per
+level, cross_attention_dim = our context_dim, head width 32).
+
+Then, with the real frozen encoder (TextEncoder("packaged-minilm")), a full Diffusion.loss
+step with the caption-embedding cache on and off, and the encoder's share of the step.
+
+Run from the repository root (diffusers is a bench-only dependency, see requirements-dev.txt):
+    python -m bench.train_throughput                       # CPU default, about 3 minutes
+    python -m bench.train_throughput --device cuda --batch 256 --steps 20 --warmup 5 --compile
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import random
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from tti.diffusion import Diffusion
+from tti.text import PACKAGED_MINILM, TextBatch, TextEncoder
+from tti.unet import UNet
+
+HEAD_DIM = 32
+# Dense bf16 peak (TFLOP/s) of cards we may be lent, to turn img/s into utilisation.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def diffusers_unet(widths: tuple[int, ...], size: int, context_dim: int) -> nn.Module:
+    """UNet2DConditionModel shaped like ours: cross-attention on every level but the first."""
+    from diffusers import UNet2DConditionModel
+
+    groups = math.gcd(32, *widths)  # GroupNorm groups must divide every width
+
+    levels = len(widths)
+    return UNet2DConditionModel(
+        sample_size=size, in_channels=3, out_channels=3, block_out_channels=widths,
+        layers_per_block=1, cross_attention_dim=context_dim,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        # diffusers reads this legacy argument as the number of heads per block.
+        attention_head_dim=tuple(max(1, w // HEAD_DIM) for w in widths),
+        norm_num_groups=groups,
+    )
+
+
+def matched_diffusers_unet(target_params: int, first_width: int, levels: int, size: int,
+                           context_dim: int):
+    """The diffusers UNet whose parameter count is closest to target_params, searched over
+    widths in steps of 16 with the full-resolution width fixed to ours."""
+    best = None
+    for rest in itertools.product(range(32, 161, 16), repeat=levels - 1):
+        widths = (first_width,) + rest
+        if list(widths) != sorted(widths):
+            continue
+        with torch.device("meta"):  # count parameters without allocating them
+            n = count_params(diffusers_unet(widths, size, context_dim))
+        if best is None or abs(n - target_params) < abs(best[1] - target_params):
+            best = (widths, n)
+    if abs(best[1] - target_params) > 0.1 * target_params:
+        print(f"warning: no diffusers UNet within 10% of {target_params} params; "
+              f"closest has {best[1]}")
+    return diffusers_unet(best[0], size, context_dim), best[0]
+
+
+class Trainer:
+    """One model, its AdamW optimizer, and a fixed batch; `step()` is one timed training step."""
+
+    def __init__(self, name, model, call, batch, size, text_len, context_dim, device, amp):
+        self.name, self.model, self.call, self.device, self.amp = name, model, call, device, amp
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch, 3, size, size, generator=g).to(device)
+        self.target = torch.randn(batch, 3, size, size, generator=g).to(device)
+        self.t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        lengths = torch.randint(text_len // 2, text_len + 1, (batch,), generator=g)
+        self.text = TextBatch(torch.randn(batch, text_len, context_dim, generator=g),
+                              torch.arange(text_len)[None] < lengths[:, None]).to(device)
+        self.times: list[float] = []
+
+    def loss(self, model=None, n=None):
+        """MSE of the model's output on the first n images of the batch (all by default)."""
+        n = n or self.x.shape[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            out = self.call(model or self.model, self.x[:n], self.t[:n], self.text.index(slice(0, n)))
+        return (out.float() - self.target[:n]).square().mean()
+
+    def step(self, record: bool):
+        start = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        self.loss().backward()
+        self.opt.step()
+        sync(self.device)
+        if record:
+            self.times.append(time.perf_counter() - start)
+
+    def train_flops_per_image(self, raw_model: nn.Module, n: int = 4) -> float:
+        """Forward + backward FLOPs per image, counted on n images (FLOPs are linear in the
+        batch); attention runs through the math kernel, whose matmuls the counter sees."""
+        n = min(n, self.x.shape[0])
+        with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+            self.loss(raw_model, n).backward()
+        raw_model.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / n
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def call_ours(model, x, t, text):
+    return model(x, t, text)
+
+
+def call_diffusers(model, x, t, text):
+    return model(x, t, encoder_hidden_states=text.tokens,
+                 encoder_attention_mask=text.mask.to(x.dtype), return_dict=False)[0]
+
+
+def alternate(runs, steps: int, warmup: int):
+    """Interleave the runs' steps so slow phases of a shared machine hit all of them."""
+    for i in range(warmup + steps):
+        for run in runs:
+            run(i >= warmup)
+
+
+def shapes_captions(n: int, seed: int = 0) -> list[str]:
+    """Distinct short captions like the embedded dataset's (about 14 MiniLM tokens)."""
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "cyan"]
+    shapes = ["circle", "square", "triangle", "star"]
+    relations = ["to the left of", "to the right of", "above", "below"]
+    pool = [f"a {s1} {c1} {a} {r} a {s2} {c2} {b}" for s1, c1, a, r, s2, c2, b in
+            itertools.product(["small", "large"], colours, shapes, relations, ["small", "large"],
+                              colours, shapes) if c1 != c2]
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+def bench_unets(args, device, amp, ours):
+    theirs_raw, widths = matched_diffusers_unet(count_params(ours), ours.channels[0],
+                                               len(ours.channels), args.size, ours.context_dim)
+    theirs_raw = theirs_raw.to(device)
+    models = {"tti UNet": (ours, call_ours),
+              f"diffusers UNet2DConditionModel{widths}": (theirs_raw, call_diffusers)}
+    trainers = []
+    for name, (raw, call) in models.items():
+        model = torch.compile(raw) if args.compile else raw
+        trainers.append(Trainer(name, model, call, args.batch, args.size, args.text_len,
+                                ours.context_dim, device, amp))
+    flops = {tr.name: tr.train_flops_per_image(raw)
+             for tr, (raw, _) in zip(trainers, models.values())}
+    print(f"\n== UNet training step: batch {args.batch}, {args.size}x{args.size}, "
+          f"{args.text_len} text tokens of width {ours.context_dim}, "
+          f"{'bf16 autocast' if amp else 'fp32'}{', compiled' if args.compile else ''} ==")
+    alternate([tr.step for tr in trainers], args.steps, args.warmup)
+    rates = {}
+    for tr, (raw, _) in zip(trainers, models.values()):
+        med = statistics.median(tr.times)
+        rates[tr.name] = args.batch / med
+        achieved = flops[tr.name] * rates[tr.name] / 1e12
+        line = (f"{tr.name:48s} params {count_params(raw) / 1e6:6.3f}M  "
+                f"{rates[tr.name]:8.1f} img/s  (median {med * 1e3:7.1f} ms/step over "
+                f"{len(tr.times)})  train GFLOP/img {flops[tr.name] / 1e9:6.3f}  "
+                f"achieved {achieved:7.3f} TFLOP/s")
+        peak = peak_tflops(device)
+        if peak:
+            line += f" = {100 * achieved / peak:.1f}% of {peak:.0f} bf16 peak"
+        print(line)
+    names = list(rates)
+    print(f"ratio (tti / diffusers img/s): {rates[names[0]] / rates[names[1]]:.2f}x")
+    return trainers[0].model
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def bench_text_cache(args, device, amp, unet):
+    cached = TextEncoder(PACKAGED_MINILM, cache=True).to(device)
+    uncached = TextEncoder(PACKAGED_MINILM, cache=False, tokenizer=cached.tokenizer,
+                           model=cached.model)
+    diffusion = Diffusion(unet, image_size=args.size).to(device)
+    opt = torch.optim.AdamW(diffusion.parameters(), lr=1e-4)
+    pool = shapes_captions(4 * args.batch)
+    cached(pool)  # fill the cache, as after the first epoch of a frozen-encoder run
+    images = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
+    rng = random.Random(0)
+    results = {"on": ([], []), "off": ([], [])}
+
+    def run(key, encoder):
+        def step(record):
+            captions = rng.sample(pool, args.batch)
+            start = time.perf_counter()
+            text = encoder(captions)
+            sync(device)
+            encoded = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss = diffusion.loss(images, text)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sync(device)
+            if record:
+                results[key][0].append(time.perf_counter() - start)
+                results[key][1].append(encoded - start)
+        return step
+
+    alternate([run("on", cached), run("off", uncached)], args.steps, args.warmup)
+    tokens = cached.tokenizer(pool, padding=True, return_tensors="pt")["attention_mask"].sum(1)
+    print(f"\n== Diffusion.loss step with the frozen {PACKAGED_MINILM} encoder "
+          f"(captions of {tokens.float().mean():.1f} tokens on average) ==")
+    steps, encs = {}, {}
+    for key, (totals, enc_times) in results.items():
+        steps[key], encs[key] = statistics.median(totals), statistics.median(enc_times)
+        print(f"cache {key:3s}: {steps[key] * 1e3:7.1f} ms/step  {args.batch / steps[key]:7.1f} img/s  "
+              f"encoder {encs[key] * 1e3:6.1f} ms = {100 * encs[key] / steps[key]:4.1f}% of the step")
+    # The encoder time is measured inside each step, so this is robust to a noisy machine.
+    saved = encs["off"] - encs["on"]
+    print(f"cache saves {saved * 1e3:.1f} ms/step = {100 * saved / steps['off']:.1f}% of the uncached "
+          f"step; measured step-time ratio off/on {steps['off'] / steps['on']:.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per model")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both UNets")
+    parser.add_argument("--size", type=int, default=32, help="image resolution")
+    parser.add_argument("--text-len", type=int, default=14, help="text tokens per caption")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--skip-text", action="store_true", help="skip the encoder-cache part")
+    args = parser.parse_args()
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch and --steps must be >= 1 and --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    amp = device.type == "cuda"
+    if amp:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    print(f"device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    start = time.perf_counter()
+    ours = UNet(image_size=args.size).to(device)
+    trained_ours = bench_unets(args, device, amp, ours)
+    if not args.skip_text:
+        bench_text_cache(args, device, amp, ours if not args.compile else trained_ours)
+    print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
