@@ -37,6 +37,24 @@ def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
     raise ValueError(f"Diffusion: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
 
 
+def draw_noise(shape, generator, device) -> torch.Tensor:
+    """Standard normal float32 of `shape` on `device`.
+
+    generator: None (global RNG), one torch.Generator for the whole batch, or a list of
+    shape[0] generators, one per sample: row i then comes from generator i alone, so a
+    sample's noise does not depend on its batch. Noise is drawn on each generator's own
+    device and moved to `device` (a CPU generator gives the same noise for a GPU model).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"draw_noise: {len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device)
+                            for g in generator]).to(device)
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
+
+
 def _at(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     """values[t] shaped [B, 1, ..., 1] to broadcast over a [B, ...] tensor of ndim dims."""
     return values.to(t.device)[t].reshape(-1, *([1] * (ndim - 1)))
@@ -190,14 +208,16 @@ class Diffusion(nn.Module):
         return [round((i + 1) * self.timesteps / steps) - 1 for i in range(steps)][::-1]
 
     @torch.no_grad()
-    def sample(self, text: TextBatch, generator: torch.Generator | None = None,
+    def sample(self, text: TextBatch, generator: torch.Generator | list | None = None,
                null_text: TextBatch | None = None, guidance: float = 1.0, sampler: str = "ddim",
                steps: int = 50, eta: float = 0.0, return_trajectory: bool = False,
                noise: torch.Tensor | None = None):
         """Generate one image per caption.
 
         text: TextBatch of batch B (moved to the model's device).
-        generator: torch.Generator on the model's device; all noise comes from it.
+        generator: torch.Generator on the model's device; all noise comes from it. Or a list
+                   of B generators (any device), one per caption: image i then depends on
+                   generator i alone, not on the batch it is sampled in.
         null_text: the empty caption (batch 1 or B), needed when guidance != 1.
         guidance: classifier-free guidance scale g >= 0: uncond + g * (cond - uncond);
                   1 runs the conditional model alone.
@@ -227,7 +247,7 @@ class Diffusion(nn.Module):
             null_text = null_text.repeat(b) if len(null_text) == 1 and b > 1 else null_text
         shape = (b, self.image_channels, self.image_size, self.image_size)
         if noise is None:
-            x = torch.randn(shape, generator=generator, device=device)
+            x = draw_noise(shape, generator, device)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"Diffusion.sample: noise must be {list(shape)}, got {list(noise.shape)}")
         else:
@@ -255,7 +275,7 @@ class Diffusion(nn.Module):
                 trajectory.append(x0.cpu())
             if sampler == "ddpm":
                 mean, var = self.q_posterior(x0, x, t)
-                z = torch.randn(shape, generator=generator, device=device) if step > 0 else 0.0
+                z = draw_noise(shape, generator, device) if step > 0 else 0.0
                 x = mean + var.sqrt() * z
             else:
                 prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
@@ -264,7 +284,7 @@ class Diffusion(nn.Module):
         return (images, trajectory) if return_trajectory else images
 
     def _ddim_step(self, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, prev: int,
-                   eta: float, generator: torch.Generator | None) -> torch.Tensor:
+                   eta: float, generator) -> torch.Tensor:
         """One DDIM update from step t to `prev` (-1 = the clean image), Song et al. eq. 12."""
         eps = self.eps_from_x0(x, t, x0)  # consistent with the clipped x0
         ab = _at(self.alphas_cumprod, t, x.dim())
@@ -272,5 +292,5 @@ class Diffusion(nn.Module):
         sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
         x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if eta > 0 and prev >= 0:
-            x_prev = x_prev + sigma * torch.randn(x.shape, generator=generator, device=x.device)
+            x_prev = x_prev + sigma * draw_noise(x.shape, generator, x.device)
         return x_prev
