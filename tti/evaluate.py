@@ -1,0 +1,297 @@
+"""Metrics of an export: FID, CLIP score and caption accuracy -> metrics.json and a table.
+
+    python -m tti.export --checkpoint results/shapes32_diffusion/0 --out-dir eval_data_run_0
+    python -m tti.evaluate eval_data_run_0 [--metrics fid,clip,judge] [--device cuda]
+
+Reads <dir>/{gt,tti}/images/*.png with {gt,tti}/*_captions.json (as `tti.export` writes them;
+ids = file stems, one to one) and export_info.json (the Model column and the data root).
+Writes <dir>/metrics.json with
+    fid, fid_n                     gt vs tti images (Inception-2015-12-05, clean resize)
+    clip_score_gt, clip_score_tti  clipscore's CLIP-S (ViT-B/32) of each folder vs its captions
+    caption_accuracy_gt, caption_accuracy_tti
+                                   the exact judge (embedded shapes dataset only): per fact
+                                   (colour/shape/size/relation), all-correct, seen/held-out
+    n, model, and `<metric>_unavailable`: why a metric is missing (weights not installed,
+    not a shapes dataset, not requested)
+and prints a markdown table in the layout of the original README's results table.
+A metric left out with --metrics keeps its value from an earlier metrics.json of the same images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+METRICS = ("fid", "clip", "judge")
+RESULT_KEYS = {"fid": ("fid", "fid_n"), "clip": ("clip_score_gt", "clip_score_tti"),
+               "judge": ("caption_accuracy_gt", "caption_accuracy_tti")}
+UNAVAILABLE_KEY = {"fid": "fid_unavailable", "clip": "clip_score_unavailable",
+                   "judge": "caption_accuracy_unavailable"}
+
+
+def export_folders(eval_dir: str) -> dict:
+    """Image folders, captions JSONs and matched ids of an export; ValueError if they disagree.
+
+    Returns {"gt": (image_dir, captions_json), "tti": (...), "ids": sorted ids, "captions":
+    {id: caption} of tti, "paths": {"gt": [...], "tti": [...]} in id order}.
+    """
+    from tti.metrics.clip_score import match_images_to_captions
+
+    out = {"paths": {}}
+    for kind in ("gt", "tti"):
+        image_dir = os.path.join(eval_dir, kind, "images")
+        captions_json = os.path.join(eval_dir, kind, f"{kind}_captions.json")
+        if not os.path.isfile(captions_json):
+            raise FileNotFoundError(f"{captions_json} not found: is {eval_dir} a finished "
+                                    f"`python -m tti.export` output?")
+        ids, paths, captions = match_images_to_captions(image_dir, captions_json)
+        out[kind] = (image_dir, captions_json)
+        out["paths"][kind] = paths
+        if kind == "gt":
+            out["ids"] = ids
+        elif ids != out["ids"]:
+            raise ValueError(f"{eval_dir}: gt and tti hold different ids "
+                             f"({len(out['ids'])} gt, {len(ids)} tti)")
+        out[f"{kind}_captions"] = dict(zip(ids, captions))
+    return out
+
+
+def read_export_info(eval_dir: str) -> dict:
+    path = os.path.join(eval_dir, "export_info.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def model_label(info: dict, eval_dir: str) -> str:
+    """The Model column: image size, encoder (frozen / fine-tuned), sampler, step."""
+    cfg = info.get("config")
+    if not cfg:
+        return os.path.basename(os.path.normpath(eval_dir))
+    s = cfg["image_size"]
+    text = f"{cfg['text_encoder']} {'fine-tuned' if cfg['text_finetuned'] else 'frozen'}"
+    o = info.get("sampler_options", {})
+    sampler = f"DDPM {cfg.get('timesteps', '')}".strip() if o.get("sampler") == "ddpm" \
+        else f"DDIM {o.get('steps')}"
+    guide = f", g={o['guidance']:g}" if cfg["model"] == "diffusion" and "guidance" in o else ""
+    kind = "" if cfg["model"] == "diffusion" else f" {cfg['model']}"
+    return (f"{cfg['dataset']}: {s}x{s}{kind} ({text}), {sampler}{guide}, "
+            f"step {info.get('checkpoint_step', '?')}")
+
+
+def load_images(paths: list[str]) -> list[np.ndarray]:
+    """uint8 [H, W, 3] arrays of image files."""
+    out = []
+    for path in paths:
+        with Image.open(path) as image:
+            out.append(np.asarray(image.convert("RGB")))
+    return out
+
+
+class _LazyImages:
+    """A sized sequence of uint8 [H, W, 3] images read on iteration, with a tqdm bar."""
+
+    def __init__(self, paths: list[str], desc: str, progress: bool):
+        self.paths, self.desc, self.progress = paths, desc, progress
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __iter__(self):
+        for path in tqdm(self.paths, desc=self.desc, unit="img", disable=not self.progress):
+            yield load_images([path])[0]
+
+
+# ---------------------------------------------------------------- the metrics
+
+
+def compute_fid(folders: dict, device: str, batch_size: int, cache_dir, progress: bool) -> dict:
+    from tti.metrics import fid
+
+    fid.inception_path()  # a clear RuntimeError (-> fid_unavailable) when it is not installed
+    n = len(folders["ids"])
+    if n < 2:
+        raise ValueError(f"FID needs at least 2 images per side, the export has {n}")
+    if progress:
+        print(f"FID: Inception features of 2 x {n} images (cached per folder), then a "
+              f"2048 x 2048 matrix square root (~40 s on a CPU)")
+    value = fid.fid_from_folders(folders["gt"][0], folders["tti"][0], batch_size=batch_size,
+                                 device=device, cache_dir=cache_dir, progress=progress)
+    return {"fid": value, "fid_n": n}
+
+
+def compute_clip(folders: dict, clip_model: str, device: str, batch_size: int,
+                 progress: bool) -> dict:
+    from tti.metrics.clip_score import clip_score, load_clip
+
+    loaded, reason = load_clip(clip_model, device)
+    if loaded is None:
+        raise RuntimeError(reason)
+    out = {}
+    for kind in ("gt", "tti"):
+        paths, ids = folders["paths"][kind], folders["ids"]
+        captions = [folders[f"{kind}_captions"][i] for i in ids]
+        scores = []
+        for start in tqdm(range(0, len(paths), batch_size), desc=f"CLIP score {kind}",
+                          unit="batch", disable=not progress):
+            images = [Image.fromarray(a) for a in load_images(paths[start:start + batch_size])]
+            scores.append(clip_score(images, captions[start:start + batch_size], loaded.model,
+                                     loaded.processor, batch_size=batch_size,
+                                     device=device)["per_image"])
+        out[f"clip_score_{kind}"] = float(np.concatenate(scores).mean())
+    return out
+
+
+def compute_judge(folders: dict, data_root: str | None, progress: bool) -> dict:
+    from tti.in_loop import is_shapes_dataset
+    from tti.metrics.judge import judge_batch
+
+    if not data_root:
+        raise RuntimeError("no data root known (no export_info.json); pass --data-root")
+    if not is_shapes_dataset(data_root):
+        raise RuntimeError(f"not the embedded shapes dataset (no held_out_pairs.json in "
+                           f"{data_root}): the caption judge only reads shapes captions")
+    out = {}
+    for kind in ("gt", "tti"):
+        captions = [folders[f"{kind}_captions"][i] for i in folders["ids"]]
+        images = _LazyImages(folders["paths"][kind], f"judge {kind}", progress)
+        out[f"caption_accuracy_{kind}"] = judge_batch(images, captions)
+    return out
+
+
+def images_key(folders: dict) -> str:
+    """Changes when any exported image or caption changes (names, sizes, mtimes)."""
+    from tti.metrics.fid import image_set_key
+
+    key = image_set_key(folders["paths"]["gt"] + folders["paths"]["tti"])
+    return f"{key[:24]}-{len(folders['ids'])}"
+
+
+def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: str | None = None,
+             data_root: str | None = None, batch_size: int = 50,
+             fid_cache_dir: str | None = "default", progress: bool = True) -> dict:
+    """Run the requested metrics on an export; write and return <eval_dir>/metrics.json.
+
+    metrics: any of "fid", "clip", "judge". A metric that fails for a known reason (weights
+    not installed, not a shapes dataset) gets `<name>_unavailable` instead of a value.
+    """
+    from tti.metrics import fid as fid_module
+    from tti.metrics.clip_score import CLIP_NAME
+
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"evaluate: unknown metrics {sorted(unknown)}; choose from {METRICS}")
+    folders = export_folders(eval_dir)
+    info = read_export_info(eval_dir)
+    if info and info.get("status") != "complete":
+        print(f"evaluate: warning: {eval_dir}/export_info.json says the export did not finish")
+    data_root = data_root or info.get("data_root")
+    cache_dir = fid_module.DEFAULT_CACHE_DIR if fid_cache_dir == "default" else fid_cache_dir
+    key = images_key(folders)
+    out_path = os.path.join(eval_dir, "metrics.json")
+    previous = {}
+    if os.path.isfile(out_path):
+        with open(out_path, encoding="utf-8") as f:
+            previous = json.load(f)
+    result = {"eval_dir": os.path.abspath(eval_dir), "model": model_label(info, eval_dir),
+              "n": len(folders["ids"]), "images_key": key, "seconds": {}}
+    runners = {
+        "fid": lambda: compute_fid(folders, device, batch_size, cache_dir, progress),
+        "clip": lambda: compute_clip(folders, clip_model or CLIP_NAME, device, batch_size, progress),
+        "judge": lambda: compute_judge(folders, data_root, progress),
+    }
+    for name in METRICS:
+        if name not in metrics:
+            old_reason = previous.get(UNAVAILABLE_KEY[name], "")
+            if previous.get("images_key") == key and not old_reason.startswith("not requested"):
+                # Same images: keep what an earlier run measured (or why it could not).
+                for k in RESULT_KEYS[name] + (UNAVAILABLE_KEY[name],):
+                    if k in previous:
+                        result[k] = previous[k]
+                if name in previous.get("seconds", {}):
+                    result["seconds"][name] = previous["seconds"][name]
+            else:
+                result[UNAVAILABLE_KEY[name]] = f"not requested (--metrics {','.join(metrics)})"
+            continue
+        start = time.perf_counter()
+        try:
+            result.update(runners[name]())
+        except (RuntimeError, ValueError, OSError) as error:
+            result[UNAVAILABLE_KEY[name]] = str(error) or type(error).__name__
+        result["seconds"][name] = round(time.perf_counter() - start, 2)
+    tmp = os.path.join(eval_dir, ".metrics.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, out_path)
+    return result
+
+
+# ---------------------------------------------------------------- the table
+
+
+def _number(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(result: dict) -> str:
+    """The original README's results table (Model | FID | GT CLIP | TTI CLIP) plus the
+    judge's all-correct accuracy on gt and tti images and tti's seen / held-out split;
+    n/a cells are explained under the table."""
+    acc_gt = result.get("caption_accuracy_gt") or {}
+    acc_tti = result.get("caption_accuracy_tti") or {}
+    fid = result.get("fid")
+    cells = [result.get("model", "?"),
+             f"{fid:.3f} (n={result['fid_n']})" if fid is not None else "n/a",
+             _number(result.get("clip_score_gt"), 4), _number(result.get("clip_score_tti"), 4),
+             _number(acc_gt.get("all"), 3), _number(acc_tti.get("all"), 3),
+             _number((acc_tti.get("seen") or {}).get("all"), 3),
+             _number((acc_tti.get("held_out") or {}).get("all"), 3)]
+    header = ["Model", "FID (↓)", "GT CLIP Score (↑)", "TTI CLIP Score (↑)",
+              "GT caption acc. (↑)", "TTI caption acc. (↑)", "TTI seen", "TTI held-out"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " ----------- |" * len(header),
+             "| " + " | ".join(cells) + " |", "",
+             f"n = {result.get('n')} image pairs; caption accuracy = share of images the judge "
+             f"finds fully correct (colour, shape, size, relation, no extra object)."]
+    for name, key in UNAVAILABLE_KEY.items():
+        if key in result:
+            lines.append(f"- {key}: {result[key]}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m tti.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("eval_dir", help="an export folder, e.g. eval_data_run_0")
+    p.add_argument("--metrics", default=",".join(METRICS), help="comma-separated: fid,clip,judge")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--clip-model", default=None,
+                   help="CLIP folder or HF id in the local cache (default openai/clip-vit-base-patch32)")
+    p.add_argument("--data-root", default=None, help="default: data_root in export_info.json")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--fid-cache-dir", default="default",
+                   help="where FID folder statistics are cached (default ~/.cache/tti/fid)")
+    p.add_argument("--no-fid-cache", action="store_true")
+    args = p.parse_args(argv)
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    bad = sorted(set(metrics) - set(METRICS))
+    if bad:
+        p.error(f"--metrics: unknown {bad}; choose from {','.join(METRICS)}")
+    if not os.path.isdir(args.eval_dir):
+        p.error(f"{args.eval_dir} is not a folder (run python -m tti.export first)")
+    result = evaluate(args.eval_dir, metrics, device=args.device, clip_model=args.clip_model,
+                      data_root=args.data_root, batch_size=args.batch_size,
+                      fid_cache_dir=None if args.no_fid_cache else args.fid_cache_dir)
+    print(markdown_table(result))
+    print(f"\nwrote {os.path.join(args.eval_dir, 'metrics.json')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
