@@ -4,8 +4,9 @@ A checkpoint is one dict: model, ema, optimizer, scaler, step, rng states, confi
 text encoder's weights or vocabulary when they are trained). It rebuilds the model with no
 other file and resumes training exactly.
 
-Layout: <run_dir>/checkpoints/0001500.pt plus latest.pt (a full copy, so that deleting old
-step files never breaks `latest`).
+Layout: <run_dir>/checkpoints/0001500.pt plus latest.pt, a hard link to the newest step
+file (one write per checkpoint; deleting old step files never breaks `latest`). Where the
+filesystem has no hard links, latest.pt is a copy.
 """
 from __future__ import annotations
 
@@ -35,6 +36,24 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _disk_full(error: BaseException) -> bool:
+    """True if `error`, or an error it wraps, is ENOSPC/EDQUOT (torch.save turns the
+    OSError of a failed write into a RuntimeError whose __context__ is the OSError)."""
+    for _ in range(8):
+        if error is None:
+            return False
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def atomic_save(obj, path: str) -> None:
     """torch.save to a temp file in the same folder, fsync, then rename over `path`.
 
@@ -46,6 +65,7 @@ def atomic_save(obj, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; others may sample
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -54,10 +74,11 @@ def atomic_save(obj, path: str) -> None:
     except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if _disk_full(e):
             raise CheckpointError(
-                f"disk full while writing checkpoint {path}; the previous checkpoint is intact "
-                f"(free space: {shutil.disk_usage(folder).free // 2**20} MiB)") from e
+                f"disk full (or quota exceeded) while writing checkpoint {path}; the previous "
+                f"checkpoint is intact (free space: {shutil.disk_usage(folder).free // 2**20} "
+                f"MiB)") from e
         if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError):
             raise CheckpointError(f"could not write checkpoint {path}: {e}") from e
         raise
@@ -73,14 +94,53 @@ def step_checkpoints(run_dir: str) -> list:
 
 
 def save_checkpoint(state: dict, run_dir: str, step: int, keep_last: int = 3) -> str:
-    """Write <step>.pt and latest.pt atomically, then prune all but the last `keep_last`."""
+    """Write <step>.pt atomically, point latest.pt at it atomically, keep the last `keep_last`.
+
+    Temp files left by a save that was killed (SIGKILL, power loss) are removed first; only
+    one process (rank 0) may save into a run directory.
+    """
     folder = checkpoint_dir(run_dir)
+    remove_stale_temp_files(run_dir)
     path = os.path.join(folder, f"{step:07d}.pt")
     atomic_save(state, path)
-    atomic_save(state, os.path.join(folder, "latest.pt"))
+    _atomic_link(path, os.path.join(folder, "latest.pt"))
     for old in step_checkpoints(run_dir)[:-keep_last]:
         os.remove(old)
     return path
+
+
+def _atomic_link(source: str, target: str) -> None:
+    """Make `target` the same file as `source` by rename, so a reader sees old or new only."""
+    folder = os.path.dirname(os.path.abspath(target))
+    tmp = os.path.join(folder, f".tmp-link-{os.getpid()}.pt")
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError as e:  # no hard links here (some network/FUSE filesystems): copy
+            if _disk_full(e):
+                raise
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(folder)
+    except OSError as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        why = "disk full" if _disk_full(e) else str(e)
+        raise CheckpointError(f"could not point {target} at {source} ({why}); "
+                              f"the previous {os.path.basename(target)} is intact") from e
+
+
+def remove_stale_temp_files(run_dir: str) -> list:
+    """Delete the temp files of interrupted saves in <run_dir>/checkpoints; returns their paths."""
+    stale = glob.glob(os.path.join(checkpoint_dir(run_dir), ".tmp-*"))
+    for path in stale:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+    return stale
 
 
 def latest_checkpoint(run_dir: str):
@@ -105,7 +165,15 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         # weights_only=False: the checkpoint holds numpy/python RNG states and the config dict.
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises many types for a damaged file
-        raise CheckpointError(f"could not load checkpoint {path}: {type(e).__name__}: {e}") from e
+        size = os.path.getsize(path)
+        others = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                               "[0-9]" * 7 + ".pt")))
+        others = [os.path.basename(p) for p in others if not os.path.samefile(p, path)]
+        hint = f"; other checkpoints in its folder: {', '.join(others[-3:])}" if others else ""
+        raise CheckpointError(f"could not load checkpoint {path} ({size} bytes; truncated or "
+                              f"damaged?): {type(e).__name__}: {e}{hint}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a tti checkpoint (holds a {type(state).__name__})")
     missing = [k for k in ("model", "config", "step") if k not in state]
     if missing:
         raise CheckpointError(f"{path} is not a tti checkpoint (missing {', '.join(missing)})")

@@ -2,25 +2,31 @@
 
 CPU or a single GPU (the embedded default):
     python -m tti.train --config configs/shapes32.yaml
-One node, 8 GPUs:
+One node, 8 GPUs (one process per GPU; each picks its GPU by LOCAL_RANK):
     torchrun --standalone --nproc_per_node=8 -m tti.train --config configs/coco64_ft_roberta.yaml
-Two nodes, 8 GPUs each (run on every node; MASTER is node 0's address):
+Two nodes, 8 GPUs each: run this on every node (MASTER = node 0's address; the run
+directory, under run.results_dir, must be on storage every node sees):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=MASTER:29500 \
         --rdzv-id=tti-coco64 -m tti.train --config configs/coco64_ft_roberta.yaml
-Survive worker failures (the group restarts and resumes from the last checkpoint):
-    torchrun --max-restarts=3 --nproc_per_node=8 -m tti.train --config ...
+Survive worker failures: torchrun restarts the whole group (up to 3 times here) and every
+rank resumes from the last checkpoint:
+    torchrun --standalone --max-restarts=3 --nproc_per_node=8 -m tti.train --config ...
 
 Any config field can be overridden: `--set train.steps=200 --set run.run_idx=3`.
 A run lives in results/<dataset>_<model>/<run_idx>/ and resumes automatically from its
-checkpoints/latest.pt: model, EMA, optimizer, LR schedule, step, data order and RNGs.
+checkpoints/latest.pt: model, EMA, optimizer, LR schedule, step, data order and every
+rank's RNGs (bitwise on CPU with train.deterministic=true). Only rank 0 writes logs,
+samples and checkpoints. A NaN/inf loss skips the step on all ranks, and stops the run
+(NonFiniteLossError) once more than train.max_bad_steps steps were bad. Debug and test
+switches (TTI_CHECK_REPLICAS, TTI_FAULT_AT_STEP) are described in tti/distributed.py.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -29,12 +35,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from tti import distributed
-from tti.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                            set_rng_state)
+from tti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, rng_state,
+                            save_checkpoint, set_rng_state)
 from tti.config import Config, ConfigError, load_config, save_config, validate
-from tti.data.sampler import ResumableSampler
+from tti.data.sampler import ResumableSampler, resumable_batches
 from tti.ema import EMA
 from tti.model import build, text_extra_state, to_model_range, trainable_state
+from tti.run_log import RunLog, describe_data
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,23 +71,25 @@ def lr_lambda(cfg: Config):
 
 
 def open_datasets(cfg: Config, info):
-    """Generate the embedded dataset if asked, pack the image cache (rank 0), open splits."""
+    """Generate the embedded dataset if asked, pack the image caches, open both splits.
+
+    One process per node (local rank 0) does the work, so nodes need not share a disk.
+    """
     from tti.data.coco import load_split
 
     d = cfg.data
-    if info.is_main:
+    open_split = lambda split: load_split(d.root, split, d.image_size, cache_dir=d.cache_dir,
+                                          num_workers=max(1, d.num_workers),
+                                          max_bad_fraction=d.max_bad_fraction,
+                                          seed=cfg.train.seed)
+    if info.local_rank == 0:
         if d.generate_shapes:
             from tti.data.shapes import write_coco
             write_coco(d.root, n_train=d.shapes_train, n_val=d.shapes_val,
                        image_size=d.image_size, seed=0)
         for split in (d.train_split, d.val_split):
-            load_split(d.root, split, d.image_size, cache_dir=d.cache_dir,
-                       num_workers=max(1, d.num_workers), max_bad_fraction=d.max_bad_fraction)
-    distributed.barrier()  # other ranks open the cache rank 0 finished
-    open_split = lambda split: load_split(d.root, split, d.image_size, cache_dir=d.cache_dir,
-                                          num_workers=max(1, d.num_workers),
-                                          max_bad_fraction=d.max_bad_fraction,
-                                          seed=cfg.train.seed)
+            open_split(split)
+    distributed.barrier()  # the other ranks open the caches local rank 0 finished
     return open_split(d.train_split), open_split(d.val_split)
 
 
@@ -96,26 +105,35 @@ def autocast_dtype(cfg: Config, device: torch.device):
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     # ------------------------------------------------------------ setup
     info = distributed.setup(args.device)
     cfg = load_config(args.config, args.set)
-    validate(cfg, world_size=info.world_size)
+    validate(cfg, world_size=info.world_size)  # fails before any file is written
     tr = cfg.train
     run_dir = cfg.run_dir()
     if tr.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
         torch.use_deterministic_algorithms(True)
-    # Same seed on every rank for the model's initial weights; per-rank streams after that.
-    torch.manual_seed(tr.seed)
+    check_replicas = os.environ.get("TTI_CHECK_REPLICAS") == "1"
+    torch.manual_seed(tr.seed)  # same initial weights on every rank; per-rank streams later
     log = RunLog(run_dir, info.is_main)
     if info.is_main:
-        os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
     log.print(f"run directory: {run_dir}  (world size {info.world_size}, device {info.device})")
 
     # ------------------------------------------------------------ data
     train_set, val_set = open_datasets(cfg, info)
+    if info.is_main:  # images kept, and what prepare skipped and why
+        for split in (train_set, val_set):
+            log.print(describe_data(split))
     micro = tr.batch_size // (info.world_size * tr.grad_accum)
     sampler = ResumableSampler(train_set, num_replicas=info.world_size, rank=info.rank,
                                seed=tr.seed)
@@ -131,7 +149,11 @@ def main(argv=None) -> str:
                           f"({len(train_set)} images)")
 
     # ------------------------------------------------------------ model
-    resume_path = latest_checkpoint(run_dir)
+    # Rank 0 picks the checkpoint, so every rank resumes from the same one.
+    resume_path = distributed.broadcast_object(latest_checkpoint(run_dir))
+    if resume_path and not os.path.isfile(resume_path):
+        raise CheckpointError(f"rank {info.rank} cannot see {resume_path}, which rank 0 resumes "
+                              f"from: run.results_dir must be on storage shared by all nodes")
     resume = load_checkpoint(resume_path) if resume_path else None
     all_captions = [c for i in range(len(train_set)) for c in train_set.captions(i)]
     model = build(cfg, train_captions=all_captions,
@@ -148,6 +170,7 @@ def main(argv=None) -> str:
     text_params = [p for p in model.text.parameters() if p.requires_grad]
     if text_params:
         groups.append({"params": text_params, "lr": cfg.text.lr})
+    trained = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=tr.weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     amp_dtype = autocast_dtype(cfg, info.device)
@@ -162,12 +185,15 @@ def main(argv=None) -> str:
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         step, bad_steps = resume["step"], resume.get("bad_steps", 0)
-        set_rng_state(resume["rng"][info.rank])
+        if len(resume["rng"]) == info.world_size:
+            set_rng_state(resume["rng"][info.rank])
+        else:  # another world size: per-rank random streams cannot continue
+            seed_everything(tr.seed + 1_000_003 * step + info.rank)
+            log.print(f"warning: the checkpoint was written by {len(resume['rng'])} ranks, this "
+                      f"run has {info.world_size}: random streams re-seeded")
         log.print(f"resumed from {resume_path} at step {step}")
     else:
-        torch.manual_seed(tr.seed + info.rank)
-        np.random.seed(tr.seed + info.rank)
-        random.seed(tr.seed + info.rank)
+        seed_everything(tr.seed + info.rank)
     del resume
 
     ddp_model = DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None) \
@@ -190,127 +216,75 @@ def main(argv=None) -> str:
     from tti.in_loop import InLoopMonitor
 
     monitor = InLoopMonitor(cfg, run_dir, val_set, info) if info.is_main else None
-    batches = iterate_batches(loader, sampler, train_set, steps_per_epoch, tr.grad_accum, step,
-                              micro)
+    batches = resumable_batches(loader, sampler, train_set, steps_per_epoch, tr.grad_accum,
+                                micro, start_step=step)
     model.train()
     progress = log.progress(step, tr.steps)
-    t_last, seen = time.time(), 0
-    while step < tr.steps:
-        # Caption dropout from its own stream keyed by (seed, step, rank): identical after resume.
-        drop_gen = torch.Generator().manual_seed((tr.seed * 1_000_003 + step) * 4099 + info.rank)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, ok = 0.0, True
-        for i, (images, captions) in enumerate(next(batches)):
-            images = to_model_range(images.to(info.device, non_blocking=True))
-            keep = torch.rand(len(captions), generator=drop_gen) >= cfg.text.caption_dropout
-            captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-            last = i == tr.grad_accum - 1
-            sync = last or not info.enabled  # no all-reduce on inner accumulation steps
-            with (ddp_model.no_sync() if not sync else _null()):
-                with torch.autocast(info.device.type, dtype=amp_dtype or torch.float32,
-                                    enabled=amp_dtype is not None):
-                    loss = fwd(images, captions) / tr.grad_accum
-                ok = distributed.all_ranks_true(bool(torch.isfinite(loss)), info.device) and ok
-                if not ok:
-                    break
-                scaler.scale(loss).backward()
-            loss_sum += loss.item()
-            seen += len(captions) * info.world_size
-        if ok:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in groups for p in g["params"]], tr.grad_clip if tr.grad_clip > 0 else float("inf"))
-            ok = bool(torch.isfinite(grad_norm))
-        if not ok:
-            bad_steps += 1
-            log.print(f"step {step}: non-finite loss or gradient ({bad_steps} so far, "
-                      f"{tr.max_bad_steps} allowed); this step is skipped")
-            if bad_steps > tr.max_bad_steps:
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step}; stopping. The last good checkpoint is "
-                    f"{latest_checkpoint(run_dir) or '(none yet)'}; lower train.lr, or raise "
-                    f"train.max_bad_steps to skip a bounded number of bad steps")
+    t_last, seen, data_wait = time.perf_counter(), 0, 0.0
+    try:
+        while step < tr.steps:
+            t_fetch = time.perf_counter()
+            micro_batches = next(batches)
+            data_wait += time.perf_counter() - t_fetch
+            # Caption dropout from its own stream keyed by (seed, step, rank): same after resume.
+            drop_gen = torch.Generator().manual_seed((tr.seed * 1_000_003 + step) * 4099 + info.rank)
             optimizer.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=info.device)
+            for i, (images, captions) in enumerate(micro_batches):
+                images = to_model_range(images.to(info.device, non_blocking=True))
+                keep = torch.rand(len(captions), generator=drop_gen) >= cfg.text.caption_dropout
+                captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+                inner = info.enabled and i < tr.grad_accum - 1  # no all-reduce until the last
+                with ddp_model.no_sync() if inner else contextlib.nullcontext():
+                    with torch.autocast(info.device.type, dtype=amp_dtype or torch.float32,
+                                        enabled=amp_dtype is not None):
+                        loss = fwd(images, captions) / tr.grad_accum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+                seen += len(captions) * info.world_size
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, tr.grad_clip or float("inf"))
+            # A NaN/inf loss on any rank (or NaN/inf gradients, unless the fp16 scaler is on,
+            # which skips those steps itself) skips this step on every rank.
+            finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | scaler.is_enabled())
             step += 1
+            if distributed.all_ranks_true(finite, info.device):
+                scaler.step(optimizer)
+                ema.update(model)
+            else:
+                bad_steps += 1
+                log.print(f"step {step}: non-finite loss or gradient, step skipped "
+                          f"({bad_steps} bad so far, train.max_bad_steps={tr.max_bad_steps})")
+                if bad_steps > tr.max_bad_steps:
+                    raise NonFiniteLossError(
+                        f"non-finite loss or gradient at step {step} ({bad_steps} bad steps, "
+                        f"train.max_bad_steps={tr.max_bad_steps}); stopping. The last good "
+                        f"checkpoint is {latest_checkpoint(run_dir) or '(none yet)'}; lower "
+                        f"train.lr, or raise train.max_bad_steps to skip a few bad steps")
+            scaler.update()
             scheduler.step()
-            continue
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        ema.update(model)
-        step += 1
-        progress.update(1)
-        if step % tr.log_every == 0 or step == tr.steps:
-            dt = time.time() - t_last
-            log.scalars(step, {"loss": loss_sum, "grad_norm": float(grad_norm),
-                               "lr": scheduler.get_last_lr()[0], "img_per_s": seen / max(dt, 1e-9)})
-            progress.set_postfix(loss=f"{loss_sum:.4f}", img_s=f"{seen / max(dt, 1e-9):.0f}")
-            t_last, seen = time.time(), 0
-        if step % tr.ckpt_every == 0 or step == tr.steps:
-            checkpoint(step)
-        if monitor is not None and (step % tr.sample_every == 0 or step == tr.steps):
-            monitor.run(model, ema, step, log)
-    progress.close()
-    log.close()
+            progress.update(1)
+            if check_replicas:
+                distributed.assert_replicas_equal(model, step)
+            if step % tr.log_every == 0 or step == tr.steps:
+                dt = time.perf_counter() - t_last
+                loss_mean = distributed.mean_over_ranks(loss_sum)
+                log.scalars(step, {"loss": loss_mean, "grad_norm": float(grad_norm),
+                                   "lr": scheduler.get_last_lr()[0],
+                                   "img_per_s": seen / max(dt, 1e-9),
+                                   "data_wait": data_wait / max(dt, 1e-9)})
+                progress.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{seen / max(dt, 1e-9):.0f}")
+                t_last, seen, data_wait = time.perf_counter(), 0, 0.0
+            if step % tr.ckpt_every == 0 or step == tr.steps:
+                checkpoint(step)
+            if monitor is not None and (step % tr.sample_every == 0 or step == tr.steps):
+                monitor.run(model, ema, step, log)
+            distributed.maybe_inject_fault(step, info.rank, info.world_size, run_dir)
+    finally:
+        progress.close()
+        log.close()
     distributed.cleanup()
     return run_dir
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def iterate_batches(loader, sampler, dataset, steps_per_epoch, accum, start_step, micro):
-    """Yield lists of `accum` micro-batches forever, starting exactly at `start_step`."""
-    epoch, offset = divmod(start_step, steps_per_epoch)
-    while True:
-        sampler.set_epoch(epoch, start=offset * accum * micro)
-        dataset.set_epoch(epoch)
-        it = iter(loader)
-        for _ in range(steps_per_epoch - offset):
-            yield [next(it) for _ in range(accum)]
-        epoch, offset = epoch + 1, 0
-
-
-class RunLog:
-    """log.txt + tensorboard + tqdm, all on rank 0 only."""
-
-    def __init__(self, run_dir: str, is_main: bool):
-        self.is_main = is_main
-        self.file = self.writer = None
-        if is_main:
-            os.makedirs(run_dir, exist_ok=True)
-            self.file = open(os.path.join(run_dir, "log.txt"), "a")
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
-
-    def print(self, message: str) -> None:
-        if self.is_main:
-            from tqdm import tqdm
-            tqdm.write(message)
-            self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-            self.file.flush()
-
-    def scalars(self, step: int, values: dict) -> None:
-        if self.is_main:
-            for k, v in values.items():
-                self.writer.add_scalar(f"train/{k}", v, step)
-            self.file.write(f"step {step} " + " ".join(f"{k}={v:.5g}" for k, v in values.items()) + "\n")
-            self.file.flush()
-
-    def progress(self, start: int, total: int):
-        from tqdm import tqdm
-        return tqdm(total=total, initial=start, disable=not self.is_main, desc="train",
-                    unit="step", dynamic_ncols=True, file=sys.stderr)
-
-    def close(self) -> None:
-        if self.is_main:
-            self.writer.close()
-            self.file.close()
 
 
 if __name__ == "__main__":

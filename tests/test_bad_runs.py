@@ -1,0 +1,127 @@
+"""Bad runs: a NaN loss stops training naming the step and keeps the last good checkpoint,
+train.max_bad_steps skips a bounded number of bad steps, unreadable images are counted in
+the training log, and a bad config fails before any file or data is touched."""
+import os
+import re
+
+import pytest
+import torch
+from test_train import TINY
+
+from tti import distributed, train
+from tti.checkpoint import load_checkpoint
+from tti.config import ConfigError
+from tti.data.shapes import write_coco
+from tti.model import TextToImage
+
+NAN_AT_STEP = 4  # 1-based, as the log counts steps
+
+
+@pytest.fixture(scope="module")
+def shapes_with_a_bad_image(tmp_path_factory):
+    """The tiny shapes set with one training PNG cut in half."""
+    root = tmp_path_factory.mktemp("shapes_bad")
+    write_coco(str(root), n_train=96, n_val=16, image_size=32, seed=0)
+    victim = sorted((root / "train2014").iterdir())[5]
+    victim.write_bytes(victim.read_bytes()[:200])
+    return str(root), str(victim)
+
+
+def inject_nan(monkeypatch, at_step):
+    """The training loss becomes NaN (and so do its gradients) at optimizer step `at_step`."""
+    calls = {"n": 0}
+    forward = TextToImage.forward
+
+    def nan_once(self, images, captions):
+        calls["n"] += 1
+        loss = forward(self, images, captions)
+        return loss * float("nan") if calls["n"] == at_step else loss
+    monkeypatch.setattr(TextToImage, "forward", nan_once)
+
+
+def run(root, results, *extra):
+    args = ["--config", "configs/shapes32.yaml", "--device", "cpu", "--set", f"data.root={root}",
+            "--set", f"run.results_dir={results}", "--set", "data.max_bad_fraction=0.05"]
+    for item in TINY + list(extra):
+        args += ["--set", item]
+    return train.main(args)
+
+
+def finite(weights: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(
+        shapes_with_a_bad_image, tmp_path, monkeypatch):
+    inject_nan(monkeypatch, NAN_AT_STEP)
+    with pytest.raises(train.NonFiniteLossError, match=f"at step {NAN_AT_STEP}") as info:
+        run(shapes_with_a_bad_image[0], tmp_path, "train.steps=6", "train.ckpt_every=3")
+    run_dir = os.path.join(tmp_path, "shapes32_diffusion", "0")
+    latest = os.path.join(run_dir, "checkpoints", "latest.pt")
+    assert latest in str(info.value)
+    state = load_checkpoint(latest)
+    assert state["step"] == 3 and finite(state["model"]) and finite(state["ema"]["shadow"])
+    assert sorted(os.listdir(os.path.dirname(latest))) == ["0000003.pt", "latest.pt"]
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert f"step {NAN_AT_STEP}: non-finite loss" in log
+
+
+@pytest.fixture(scope="module")
+def run_skipping_one_bad_step(shapes_with_a_bad_image, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        inject_nan(monkeypatch, NAN_AT_STEP)
+        return run(shapes_with_a_bad_image[0], tmp_path_factory.mktemp("skip"), "train.steps=6",
+                   "train.ckpt_every=6", "train.max_bad_steps=1")
+
+
+def test_max_bad_steps_skips_the_step_and_completes(run_skipping_one_bad_step):
+    state = load_checkpoint(run_skipping_one_bad_step)
+    assert state["step"] == 6 and state["bad_steps"] == 1
+    assert state["ema"]["updates"] == 5  # the bad step changed nothing
+    assert finite(state["model"]) and finite(state["ema"]["shadow"])
+    log = open(os.path.join(run_skipping_one_bad_step, "log.txt")).read()
+    assert f"step {NAN_AT_STEP}: non-finite loss or gradient, step skipped" in log
+    losses = dict(re.findall(r"^step (\d+) loss=(\S+)", log, re.M))
+    assert losses[str(NAN_AT_STEP)] == "nan" and losses["6"] != "nan"
+
+
+def test_unreadable_images_are_counted_in_the_training_log(shapes_with_a_bad_image,
+                                                            run_skipping_one_bad_step):
+    log = open(os.path.join(run_skipping_one_bad_step, "log.txt")).read()
+    assert "data train2014: 95 images at 32px, skipped 1 unreadable images" in log
+    assert f"unreadable: {shapes_with_a_bad_image[1]}" in log
+    assert "data val2014: 16 images at 32px, nothing skipped" in log
+
+
+@pytest.mark.parametrize("override, world_size, words", [
+    ("train.bogus=1", 1, "unknown config key 'train.bogus'"),
+    ("train.steps=ten", 1, "train.steps: expected an integer"),
+    ("model.unet.channels=[8, 8, 8, 8, 8, 8, 8]", 1, "not divisible by the UNet's downsampling"),
+    ("sample.guidance=-1", 1, "sample.guidance: must be >= 0"),
+    ("train.batch_size=16", 3, "not divisible by world size 3"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, monkeypatch, override, world_size, words):
+    monkeypatch.setattr(distributed, "setup", lambda device=None: distributed.DistInfo(
+        0, 0, world_size, torch.device("cpu")))  # as if torchrun had started `world_size` ranks
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was built before the config was checked")
+    monkeypatch.setattr(train, "build", no_work)
+    root, results = tmp_path / "data", tmp_path / "results"
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        train.main(["--config", "configs/shapes32.yaml", "--device", "cpu",
+                    "--set", f"data.root={root}", "--set", f"run.results_dir={results}",
+                    "--set", override])
+    assert not results.exists() and not root.exists()  # no run directory, no dataset written
+
+
+def test_text_encoder_truncates_a_10000_character_caption():
+    from tti.text import TextEncoder
+
+    encoder = TextEncoder("packaged-minilm", max_length=16)
+    long_caption = ("a very long caption " * 500)[:9_999] + "."
+    assert len(encoder.tokenizer(long_caption)["input_ids"]) > 2000  # what it would be
+    text = encoder([long_caption, "a red circle", "Ein Hund läuft über die Straße — 犬 🐕 café"])
+    assert tuple(text.tokens.shape) == (3, 16, encoder.dim) and text.tokens.dtype == torch.float32
+    assert text.mask.sum(1).tolist()[0] == 16 and 2 < text.mask.sum(1).tolist()[1] < 16
+    assert torch.isfinite(text.tokens).all()
