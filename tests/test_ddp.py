@@ -301,6 +301,7 @@ def test_device_is_chosen_by_local_rank(monkeypatch):
     ("0,1,2", "2", "torchrun --standalone --nproc_per_node=3 --max-restarts=2 cuda"),
     ("4,5", "", "torchrun --standalone --nproc_per_node=2 --max-restarts=0 cuda"),
     ("cpu", "", "python cpu"),
+    ("0", "1", "torchrun --standalone --nproc_per_node=1 --max-restarts=1 cuda"),
 ])
 def test_launchers_start_one_process_per_listed_gpu(tmp_path, gpu_ids, restarts, expected):
     script = (f'source {REPO}/scripts/launch_common.sh "$1"; '
@@ -311,3 +312,16 @@ def test_launchers_start_one_process_per_listed_gpu(tmp_path, gpu_ids, restarts,
                          capture_output=True, text=True, check=True).stdout.split()
     assert " ".join(out[:len(expected.split())]) == expected
     assert out[len(expected.split()):] == ([] if gpu_ids == "cpu" else [gpu_ids])
+
+
+def test_launcher_multi_node_switches(tmp_path):
+    script = (f'source {REPO}/scripts/launch_common.sh "$1"; echo "${{LAUNCH[@]}}"')
+    env = dict(os.environ, TTI_NNODES="2", TTI_RDZV_ENDPOINT="node0:29500", TTI_RDZV_ID="job7")
+    out = subprocess.run(["bash", "-c", script, "bash", "0,1,2,3"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["torchrun", "--nnodes=2", "--nproc_per_node=4", "--rdzv-backend=c10d",
+                   "--rdzv-endpoint=node0:29500", "--rdzv-id=job7", "--max-restarts=0"]
+    env.pop("TTI_RDZV_ENDPOINT")
+    bad = subprocess.run(["bash", "-c", script, "bash", "0"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "TTI_RDZV_ENDPOINT" in bad.stderr

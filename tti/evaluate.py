@@ -78,11 +78,13 @@ def model_label(info: dict, eval_dir: str) -> str:
     s = cfg["image_size"]
     text = f"{cfg['text_encoder']} {'fine-tuned' if cfg['text_finetuned'] else 'frozen'}"
     o = info.get("sampler_options", {})
+    if cfg["model"] != "diffusion":  # alignDRAW has no sampler options: prior + mean canvas
+        return (f"{cfg['dataset']}: {s}x{s} {cfg['model']} (word embeddings + BiLSTM), "
+                f"step {info.get('checkpoint_step', '?')}")
     sampler = f"DDPM {cfg.get('timesteps', '')}".strip() if o.get("sampler") == "ddpm" \
         else f"DDIM {o.get('steps')}"
-    guide = f", g={o['guidance']:g}" if cfg["model"] == "diffusion" and "guidance" in o else ""
-    kind = "" if cfg["model"] == "diffusion" else f" {cfg['model']}"
-    return (f"{cfg['dataset']}: {s}x{s}{kind} ({text}), {sampler}{guide}, "
+    guide = f", g={o['guidance']:g}" if "guidance" in o else ""
+    return (f"{cfg['dataset']}: {s}x{s} ({text}), {sampler}{guide}, "
             f"step {info.get('checkpoint_step', '?')}")
 
 
