@@ -48,8 +48,9 @@ class InLoopMonitor:
                 samples = generate(model, self.eval_captions, n=1, seed=1, **fast)
                 acc = judge_batch(samples, self.eval_captions)
                 log.scalars(step, {f"judge/{k}": v for k, v in flat_accuracy(acc).items()})
+                how = "DDIM 25" if self.cfg.model.kind == "diffusion" else "prior samples"
                 log.print(f"step {step}: judge on {len(self.eval_captions)} val captions "
-                          f"(DDIM 25): " + ", ".join(f"{k}={v:.3f}" for k, v in
+                          f"({how}): " + ", ".join(f"{k}={v:.3f}" for k, v in
                                                      flat_accuracy(acc).items()))
                 with open(self.history_path, "a") as f:
                     f.write(json.dumps({"step": step, **flat_accuracy(acc)}) + "\n")
