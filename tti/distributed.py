@@ -78,7 +78,10 @@ def _join_group(backend: str, rank: int, world_size: int) -> None:
 
 
 def cleanup() -> None:
+    """Leave together: a rank that tears its group down while rank 0 still samples or
+    saves can abort in gloo's destructor ("terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
