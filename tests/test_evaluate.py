@@ -16,31 +16,18 @@ import pytest
 from PIL import Image
 from scipy import linalg
 
-from tti import evaluate, export, train
-from tti.data.shapes import write_coco
+from tti import evaluate, export
 from tti.metrics import fid as fid_module
 from tti.metrics.judge import judge_batch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "data.shapes_train=96", "data.shapes_val=16", "data.num_workers=0",
-    "model.unet.channels=[16, 32]", "model.unet.attn_resolutions=[16]", "model.unet.head_dim=16",
-    "model.diffusion.timesteps=100", "sample.steps=4", "sample.guidance=2.0",
-    "train.batch_size=16", "train.warmup_steps=2", "train.log_every=1", "train.steps=2",
-    "train.ckpt_every=2", "train.sample_every=1000", "train.eval_samples=0",
-]
+from tiny_run import REPO, train_tiny_run  # tests/ is on sys.path under pytest
+
 N = 8
 
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_coco(str(root), n_train=96, n_val=16, image_size=32, seed=0)
-    args = ["--config", os.path.join(REPO, "configs", "shapes32.yaml"), "--device", "cpu",
-            "--set", f"data.root={root}", "--set", f"run.results_dir={tmp_path_factory.mktemp('results')}"]
-    for item in TINY:
-        args += ["--set", item]
-    run_dir = train.main(args)
+    run_dir = train_tiny_run(tmp_path_factory)
     out = str(tmp_path_factory.mktemp("eval") / "eval_data_run_0")
     export.main(["--checkpoint", run_dir, "--out-dir", out, "--n", str(N), "--device", "cpu"])
     return out
