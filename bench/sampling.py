@@ -15,6 +15,10 @@ Default grid, 28k UNet evaluations at n=200 (0.72 GFLOP each for the shapes32 UN
 DDIM 10 steps at guidance 1/2/3/5, DDIM 25 at guidance 2, and DDPM (all T steps) at guidance 2
 on only --ddpm-n images (default 2: its speed, not its accuracy). --full: DDPM and DDIM
 10/25/50/100, each at guidance 1/2/3/5, DDPM on all n images (hours on a CPU; use a GPU).
+--settings picks rows instead, e.g. `--settings ddim:50:2 ddpm:all:2` (sampler:steps:guidance);
+every later row is then also compared with the first on the same captions and noise: the
+all-correct difference with a 95% paired-bootstrap interval (this is how "DDIM 50 is within
+2 points of DDPM" is checked).
 FID is off unless --fid: on CPU the Inception runs at ~3-6 img/s (about a minute per row at
 n=200, plus ~40 s of sqrtm per row). With n far below 2048 FID is strongly biased upwards:
 compare rows with each other, never with published numbers.
@@ -49,6 +53,29 @@ def grid(full: bool, n: int, ddpm_n: int | None) -> list[dict]:
     return rows
 
 
+def parse_setting(text: str, n: int) -> dict:
+    """"ddim:50:2" / "ddpm:all:2" -> a grid row (DDPM always runs all T steps)."""
+    try:
+        sampler, steps, guidance = text.split(":")
+        if sampler not in ("ddim", "ddpm"):
+            raise ValueError
+        row = dict(sampler=sampler, steps=None if sampler == "ddpm" else int(steps),
+                   guidance=float(guidance), n=n)
+    except ValueError:
+        raise SystemExit(f"--settings: {text!r} is not sampler:steps:guidance, e.g. ddim:50:2 "
+                         "or ddpm:all:2") from None
+    return row
+
+
+def paired_difference(a: list[bool], b: list[bool], seed: int = 0, draws: int = 10000):
+    """Mean of b - a over the same items, and its 95% bootstrap interval (resampling items)."""
+    diff = torch.tensor(b, dtype=torch.float64) - torch.tensor(a, dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(diff), (draws, len(diff)), generator=g)
+    means = diff[idx].mean(1)
+    return diff.mean().item(), means.quantile(0.025).item(), means.quantile(0.975).item()
+
+
 def unet_evaluations(row: dict, timesteps: int) -> int:
     steps = timesteps if row["sampler"] == "ddpm" else row["steps"]
     return row["n"] * steps * (1 if row["guidance"] == 1.0 else 2)
@@ -71,6 +98,24 @@ def fid_against(reference_stats, images: torch.Tensor, device: str) -> float:
 
     mu, sigma = stats(inception_features(images, device=device, progress=False))
     return frechet_distance(*reference_stats, mu, sigma)
+
+
+def row_name(r: dict) -> str:
+    return f"{r['sampler'].upper()} {r['steps']} g={r['guidance']:g}"
+
+
+def comparisons(rows: list[dict]) -> str:
+    """Each later row against the first, on the items both sampled: all-correct difference
+    and speed ratio."""
+    first, lines = rows[0], []
+    for r in rows[1:]:
+        m = min(len(first["correct"]), len(r["correct"]))
+        mean, lo, hi = paired_difference(first["correct"][:m], r["correct"][:m])
+        lines.append(f"{row_name(r)} vs {row_name(first)} on the same {m} captions and noise: "
+                     f"all-correct {100 * mean:+.1f} points (95% paired bootstrap "
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}]), "
+                     f"{r['images_per_s'] / first['images_per_s']:.2f}x the speed")
+    return "\n".join(lines)
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -102,21 +147,25 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--full", action="store_true", help="the whole grid (hours on a CPU)")
     p.add_argument("--ddpm-n", type=int, default=None,
                    help="images for the DDPM rows (default 2, or n with --full)")
+    p.add_argument("--settings", nargs="+", default=None, metavar="SAMPLER:STEPS:GUIDANCE",
+                   help="run these rows instead of the grid, compared pairwise with the first")
     p.add_argument("--fid", action="store_true", help="also FID against the n gt images (slow on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--data-root", default=None, help="default: data.root of the checkpoint's config")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast dtype for the network (auto: bf16 on CUDA and bf16-capable CPUs)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is fastest on a busy shared machine)")
     p.add_argument("--out", default=None, help="also write the table here (and a .json next to it)")
     args = p.parse_args(argv)
     from tti.data.coco import load_split
-    from tti.metrics.judge import judge_batch
+    from tti.metrics.judge import judge_batch, judge_image
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, cfg = load_for_inference(args.checkpoint, args.device)
+    model, cfg = load_for_inference(args.checkpoint, args.device, precision=args.precision)
     if cfg.model.kind != "diffusion":
         raise SystemExit("bench.sampling compares diffusion samplers; this checkpoint is "
                          f"{cfg.model.kind}")
@@ -131,7 +180,8 @@ def main(argv=None) -> list[dict]:
     for caption in dict.fromkeys(it.caption for it in items):
         model.encode([caption])  # fill the caption cache now, so it is not timed below
     timesteps = cfg.model.diffusion.timesteps
-    rows = grid(args.full, n, args.ddpm_n)
+    rows = ([parse_setting(t, n) for t in args.settings] if args.settings
+            else grid(args.full, n, args.ddpm_n))
 
     # A short probe (2 DDIM steps, guided) turns UNet evaluations into an expected duration.
     probe = items[:min(n, args.batch_size)]
@@ -163,6 +213,8 @@ def main(argv=None) -> list[dict]:
         reference = stats(inception_features(gt_images, device=args.device, progress=False))
     for result, images in sampled:
         result["accuracy"] = judge_batch(images, captions[:len(images)]) if shapes else None
+        if shapes:
+            result["correct"] = [judge_image(img, c)["all"] for img, c in zip(images, captions)]
         if args.fid and len(images) == n:  # FID only against the same number of gt images
             result["fid"] = fid_against(reference, images, args.device)
         results.append(result)
@@ -175,6 +227,8 @@ def main(argv=None) -> list[dict]:
             f"{device_name}, batch {args.batch_size}, seed {args.seed}. "
             f"All correct = the judge finds colour, shape, size, relation right and no extra "
             f"object; img/s = sampling only.\n\n" + table(results, args.fid))
+    if args.settings and shapes and len(sampled) > 1:
+        text += "\n\n" + comparisons(results[1:])
     print("\n" + text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

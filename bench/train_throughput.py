@@ -1,7 +1,9 @@
 """Training throughput: our UNet against diffusers' UNet2DConditionModel, and the text cache.
 
 One training step = forward + backward + AdamW step on a batch of noisy images with text
-tokens (fp32 on CPU; bf16 autocast on CUDA). The two UNets are measured in the same run,
+tokens, under the same precision for both (fp32, or bf16 autocast: what `train.precision:
+auto` picks on CUDA and on bf16-capable CPUs). Ours is the UNet of configs/shapes32.yaml
+(or --config). The two UNets are measured in the same run,
 alternating step by step, so a shared machine slows both alike: compare the ratio.
 The diffusers model is the one, among a small grid of widths, whose parameter count is
 closest to ours (same levels, cross-attention at the same resolutions, one res block per
@@ -11,7 +13,7 @@ Then, with the real frozen encoder (TextEncoder("packaged-minilm")), a full Diff
 step with the caption-embedding cache on and off, and the encoder's share of the step.
 
 Run from the repository root (diffusers is a bench-only dependency, see requirements-dev.txt):
-    python -m bench.train_throughput                       # CPU default, about 3 minutes
+    python -m bench.train_throughput                       # CPU: fp32 and bf16, ~4 minutes
     python -m bench.train_throughput --device cuda --batch 256 --steps 20 --warmup 5 --compile
 """
 from __future__ import annotations
@@ -28,7 +30,9 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from tti.config import load_config
 from tti.diffusion import Diffusion
+from tti.model import amp_dtype
 from tti.text import PACKAGED_MINILM, TextBatch, TextEncoder
 from tti.unet import UNet
 
@@ -82,6 +86,7 @@ class Trainer:
     """One model, its AdamW optimizer, and a fixed batch; `step()` is one timed training step."""
 
     def __init__(self, name, model, call, batch, size, text_len, context_dim, device, amp):
+        """amp: autocast dtype (torch.bfloat16 / torch.float16) or None for fp32."""
         self.name, self.model, self.call, self.device, self.amp = name, model, call, device, amp
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(0)
@@ -96,7 +101,7 @@ class Trainer:
     def loss(self, model=None, n=None):
         """MSE of the model's output on the first n images of the batch (all by default)."""
         n = n or self.x.shape[0]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+        with autocast(self.device, self.amp):
             out = self.call(model or self.model, self.x[:n], self.t[:n], self.text.index(slice(0, n)))
         return (out.float() - self.target[:n]).square().mean()
 
@@ -117,6 +122,10 @@ class Trainer:
             self.loss(raw_model, n).backward()
         raw_model.zero_grad(set_to_none=True)
         return counter.get_total_flops() / n
+
+
+def autocast(device: torch.device, amp):
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def sync(device: torch.device):
@@ -167,7 +176,7 @@ def bench_unets(args, device, amp, ours):
              for tr, (raw, _) in zip(trainers, models.values())}
     print(f"\n== UNet training step: batch {args.batch}, {args.size}x{args.size}, "
           f"{args.text_len} text tokens of width {ours.context_dim}, "
-          f"{'bf16 autocast' if amp else 'fp32'}{', compiled' if args.compile else ''} ==")
+          f"{precision_name(amp)}{', compiled' if args.compile else ''} ==")
     alternate([tr.step for tr in trainers], args.steps, args.warmup)
     rates = {}
     for tr, (raw, _) in zip(trainers, models.values()):
@@ -183,8 +192,13 @@ def bench_unets(args, device, amp, ours):
             line += f" = {100 * achieved / peak:.1f}% of {peak:.0f} bf16 peak"
         print(line)
     names = list(rates)
-    print(f"ratio (tti / diffusers img/s): {rates[names[0]] / rates[names[1]]:.2f}x")
+    print(f"ratio (tti / diffusers img/s, {precision_name(amp)}): "
+          f"{rates[names[0]] / rates[names[1]]:.2f}x")
     return trainers[0].model
+
+
+def precision_name(amp) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp]
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -213,7 +227,7 @@ def bench_text_cache(args, device, amp, unet):
             text = encoder(captions)
             sync(device)
             encoded = time.perf_counter()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            with autocast(device, amp):
                 loss = diffusion.loss(images, text)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -250,6 +264,11 @@ def main():
     parser.add_argument("--text-len", type=int, default=14, help="text tokens per caption")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--skip-text", action="store_true", help="skip the encoder-cache part")
+    parser.add_argument("--precision", default="fp32,auto",
+                        help="comma-separated: fp32, bf16, fp16, auto (what training uses); "
+                             "the UNet comparison runs once per entry")
+    parser.add_argument("--config", default="configs/shapes32.yaml",
+                        help="our UNet is model.unet of this config")
     args = parser.parse_args()
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be >= 1 and --warmup >= 0")
@@ -257,18 +276,28 @@ def main():
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    amp = device.type == "cuda"
-    if amp:
+    precisions = list(dict.fromkeys(amp_dtype(p.strip(), device)
+                                    for p in args.precision.split(",")))
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     print(f"device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     start = time.perf_counter()
-    ours = UNet(image_size=args.size).to(device)
-    trained_ours = bench_unets(args, device, amp, ours)
+    u = load_config(args.config).model.unet
+    ours = UNet(channels=tuple(u.channels), num_res_blocks=u.num_res_blocks,
+                attn_resolutions=tuple(u.attn_resolutions), image_size=args.size,
+                head_dim=u.head_dim, pooled_text=u.pooled_text,
+                self_attn_resolutions=(None if u.self_attn_resolutions is None
+                                       else tuple(u.self_attn_resolutions)),
+                position_embedding=u.position_embedding, text_layers=u.text_layers,
+                text_width=u.text_width).to(device)
+    print(f"ours: model.unet of {args.config}: {u}")
+    for amp in precisions:
+        trained_ours = bench_unets(args, device, amp, ours)
     if not args.skip_text:
-        bench_text_cache(args, device, amp, ours if not args.compile else trained_ours)
+        bench_text_cache(args, device, precisions[-1], ours if not args.compile else trained_ours)
     print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")
 
 

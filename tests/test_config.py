@@ -17,7 +17,7 @@ def test_every_shipped_config_loads():
 
 def test_overrides_are_typed_and_nested():
     cfg = load_config("configs/shapes32.yaml", ["train.lr=3e-4", "train.steps=7",
-                                                "model.unet.channels=[16, 32]", "model.unet.attn_resolutions=[16]",
+                                                "model.unet.channels=[16, 32]", "model.unet.attn_resolutions=[16]", "model.unet.self_attn_resolutions=[16]",
                                                 "text.finetune=true"])
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.steps == 7
@@ -34,6 +34,7 @@ def test_overrides_are_typed_and_nested():
     ("data.image_size=48", ["data.image_size"]),
     ("model.unet.channels=[8, 8, 8, 8, 8, 8, 8]", ["data.image_size", "divisible"]),
     ("model.unet.attn_resolutions=[4]", ["attn_resolutions", "never occurs"]),
+    ("model.unet.self_attn_resolutions=[32]", ["model.unet.self_attn_resolutions", "[32]"]),
     ("sample.guidance=-1", ["sample.guidance", ">= 0"]),
     ("model.diffusion.schedule=quadratic", ["model.diffusion.schedule"]),
     ("model.kind=gan", ["model.kind"]),

@@ -67,6 +67,19 @@ def test_cosine_schedule_matches_closed_form_alpha_bar():
         assert ab[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_shift_moves_log_snr_down_by_two_log_s(schedule):
+    T = 200
+    base = torch.cumprod(1 - make_betas(schedule, T), 0)
+    assert torch.equal(make_betas(schedule, T, 1.0), make_betas(schedule, T))
+    for s in (2.0, 4.0):
+        ab = torch.cumprod(1 - make_betas(schedule, T, s), 0)
+        # SNR = ab / (1 - ab) divided by s^2 at every step the 0.999 beta clip leaves alone.
+        snr_ratio = (ab / (1 - ab)) / (base / (1 - base))
+        torch.testing.assert_close(snr_ratio[:150], torch.full((150,), 1 / s ** 2, dtype=torch.float64))
+        assert (ab[1:] < ab[:-1]).all() and ab[0] < 1 and ab[-1] > 0
+
+
 # ------------------------------------------------------------------ forward process
 
 
@@ -305,6 +318,7 @@ def test_loss_is_a_scalar_and_huge_gamma_is_no_weighting_for_eps():
     (dict(prediction="noise"), "prediction"),
     (dict(timesteps=0), "timesteps"),
     (dict(min_snr_gamma=0.0), "min_snr_gamma"),
+    (dict(shift=0.0), "shift"),
     (dict(image_size=32), "image_size"),
 ])
 def test_bad_constructor_arguments(kwargs, message):

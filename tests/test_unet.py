@@ -57,9 +57,12 @@ def test_default_model_shape_and_single_channel():
                 text_batch(2, 3, 24, [3, 3])).shape == (2, 1, 16, 16)
 
 
-@pytest.mark.parametrize("pooled_text", [True, False])
-def test_padding_tokens_never_change_the_output(pooled_text):
-    model = randomize(tiny_unet(pooled_text=pooled_text)).eval()
+@pytest.mark.parametrize("pooled_text,self_attn,pos,text_layers", [
+    (True, None, False, 0), (False, None, False, 0), (True, (8,), True, 0), (True, (8,), True, 2)])
+def test_padding_tokens_never_change_the_output(pooled_text, self_attn, pos, text_layers):
+    model = randomize(tiny_unet(pooled_text=pooled_text, self_attn_resolutions=self_attn,
+                                position_embedding=pos, text_layers=text_layers,
+                                text_width=32)).eval()
     real = torch.randn(2, 6, 24)
     short = TextBatch(torch.cat([real, torch.randn(2, 2, 24)], 1),
                       torch.arange(8)[None].expand(2, 8) < torch.tensor([[6], [4]]))
@@ -131,6 +134,7 @@ def test_timestep_embedding_is_sinusoidal():
     (dict(channels=()), "channels"),
     (dict(num_res_blocks=0), "num_res_blocks"),
     (dict(dropout=1.0), "dropout"),
+    (dict(self_attn_resolutions=(32,)), "subset"),
 ])
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -148,3 +152,46 @@ def test_bad_forward_inputs():
         model(x, t, text_batch(3, 4, 24, [4, 4, 4]))
     with pytest.raises(ValueError, match="t must be"):
         model(x, torch.tensor([1, 2, 3]), text)
+
+
+def test_self_attention_only_where_asked():
+    """A cross-attention-only block has no self-attention weights and computes exactly what
+    a full block computes when its self-attention's output projection is zero."""
+    full = randomize(tiny_unet(self_attn_resolutions=None)).eval()
+    cross_only = tiny_unet(self_attn_resolutions=(8,)).eval()
+    names = {n for n, _ in cross_only.named_parameters()}
+    assert {n for n, _ in full.named_parameters()} - names  # the 16x16 blocks lost qkv/out_self
+    assert any("qkv" in n for n in names)  # the 8x8 blocks kept theirs
+    cross_only.load_state_dict({k: v for k, v in full.state_dict().items() if k in names})
+    text = text_batch(2, 5, 24, [5, 2])
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([9, 400])
+    with torch.no_grad():
+        differs = (full(x, t, text) - cross_only(x, t, text)).abs().max()
+        for name, p in full.named_parameters():
+            if "out_self" in name and name not in names:
+                p.zero_()
+        torch.testing.assert_close(cross_only(x, t, text), full(x, t, text))
+    assert differs > 1e-3  # the removed self-attention did matter before it was zeroed
+
+
+def test_position_embedding_breaks_translation_symmetry():
+    """Without position embeddings, a net of circular convs and attention is translation
+    equivariant: rolling the input rolls the output. A learned per-pixel embedding is the
+    only thing that can break that, so with one the rolled output differs."""
+    def circular(model):
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.padding == (1, 1) and m.stride == (1, 1):
+                m.padding_mode = "circular"
+        return model
+
+    # One level: no stride-2 downsampling, whose grid alignment would break equivariance.
+    kwargs = dict(channels=(16,), attn_resolutions=(16,))
+    plain = circular(randomize(tiny_unet(**kwargs))).eval()
+    with_pos = circular(randomize(tiny_unet(position_embedding=True, **kwargs))).eval()
+    assert tuple(with_pos.down[0].attn.pos.shape) == (1, 16 * 16, 16)
+    x, t, text = torch.randn(1, 3, 16, 16), torch.tensor([50]), text_batch(1, 4, 24, [4])
+    with torch.no_grad():
+        for model, equivariant in ((plain, True), (with_pos, False)):
+            rolled_out = model(x, t, text).roll(3, dims=-1)
+            out_of_rolled = model(x.roll(3, dims=-1), t, text)
+            assert torch.allclose(rolled_out, out_of_rolled, atol=1e-4) == equivariant

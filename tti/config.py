@@ -55,6 +55,10 @@ class UNetConfig:
     channels: list = field(default_factory=lambda: [32, 64, 96])
     num_res_blocks: int = 1
     attn_resolutions: list = field(default_factory=lambda: [16, 8])
+    self_attn_resolutions: Optional[list] = None  # subset of attn_resolutions; None = all
+    position_embedding: bool = False  # learned per-pixel embedding in each attention block
+    text_layers: int = 0             # trainable transformer layers over the text tokens
+    text_width: int = 128            # their width (the encoder's tokens are projected to it)
     head_dim: int = 32
     dropout: float = 0.0
     pooled_text: bool = True
@@ -66,6 +70,7 @@ class DiffusionConfig:
     timesteps: int = 1000
     prediction: str = "v"            # eps | v | x0
     min_snr_gamma: Optional[float] = None
+    shift: float = 1.0               # > 1: more noise at every t (log-SNR - 2 log shift)
 
 
 @dataclass
@@ -93,7 +98,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995
-    precision: str = "auto"          # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"          # auto (bf16 on CUDA and bf16-capable CPUs, else fp32) | fp32 | bf16 | fp16
     seed: int = 0
     deterministic: bool = False      # torch deterministic algorithms (exact resume on CPU)
     log_every: int = 25
@@ -280,6 +285,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         for r in u.attn_resolutions:
             _check(r in levels, "model.unet.attn_resolutions",
                    f"resolution {r} never occurs (levels: {sorted(levels, reverse=True)})")
+        if u.self_attn_resolutions is not None:
+            extra = sorted(set(u.self_attn_resolutions) - set(u.attn_resolutions))
+            _check(not extra, "model.unet.self_attn_resolutions",
+                   f"{extra} not in model.unet.attn_resolutions {u.attn_resolutions} "
+                   "(self-attention lives inside the attention blocks)")
         attn_channels = [c for i, c in enumerate(u.channels)
                          if d.image_size // 2 ** i in u.attn_resolutions]
         _check(u.head_dim > 0 and all(c % u.head_dim == 0 for c in attn_channels),
@@ -290,6 +300,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _check(m.diffusion.prediction in ("eps", "v", "x0"), "model.diffusion.prediction",
                f"must be eps, v or x0, got {m.diffusion.prediction!r}")
         _check(m.diffusion.timesteps >= 2, "model.diffusion.timesteps", "must be >= 2")
+        _check(m.diffusion.shift > 0, "model.diffusion.shift", f"must be > 0, got {m.diffusion.shift}")
         _check(s.sampler in ("ddim", "ddpm"), "sample.sampler",
                f"must be 'ddim' or 'ddpm', got {s.sampler!r}")
         _check(1 <= s.steps <= m.diffusion.timesteps, "sample.steps",

@@ -20,12 +20,27 @@ PREDICTIONS = ("eps", "v", "x0")
 SAMPLERS = ("ddpm", "ddim")
 
 
-def make_betas(schedule: str, timesteps: int) -> torch.Tensor:
+def make_betas(schedule: str, timesteps: int, shift: float = 1.0) -> torch.Tensor:
     """float64 [T] noise variances beta_t for t = 0..T-1.
 
     linear: DDPM's 1e-4..0.02 for T = 1000, both ends scaled by 1000 / T so that other T
             keep the same total noise. cosine: Nichol & Dhariwal 2021, betas clipped at 0.999.
+    shift: s > 1 adds noise at every t by moving the log-SNR down by 2 log s (Hoogeboom et
+           al. 2023, "simple diffusion"), as for an image of s times the resolution.
+           Flat-coloured objects stay visible under much noise, so their layout is decided
+           in the last few % of an unshifted schedule; a shift gives that phase more steps.
     """
+    if not shift > 0:
+        raise ValueError(f"Diffusion: schedule shift must be > 0, got {shift}")
+    betas = _base_betas(schedule, timesteps)
+    if shift == 1.0:
+        return betas
+    log_snr = torch.logit(torch.cumprod(1 - betas, dim=0)) - 2 * math.log(shift)
+    alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.sigmoid(log_snr)])
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+
+
+def _base_betas(schedule: str, timesteps: int) -> torch.Tensor:
     if schedule == "linear":
         scale = 1000.0 / timesteps
         return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
@@ -67,13 +82,14 @@ class Diffusion(nn.Module):
     schedule: "linear" or "cosine"; timesteps: T, the number of noise levels.
     prediction: what the unet outputs: "eps" (the noise), "v" (sqrt(ab) eps - sqrt(1-ab) x0)
                 or "x0" (the clean image).
+    shift: noise-schedule shift s >= 1 (see make_betas); 1 = the schedule as published.
     min_snr_gamma: if set, weight each sample's loss by min(SNR, gamma) (Hang et al. 2023),
                    normalised to the chosen target.
     """
 
     def __init__(self, unet: nn.Module, schedule: str = "cosine", timesteps: int = 1000,
                  prediction: str = "v", image_size: int = 32, image_channels: int = 3,
-                 min_snr_gamma: float | None = None):
+                 min_snr_gamma: float | None = None, shift: float = 1.0):
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"Diffusion: unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
@@ -93,7 +109,8 @@ class Diffusion(nn.Module):
         self.image_channels = image_channels
         self.min_snr_gamma = min_snr_gamma
 
-        betas = make_betas(schedule, self.timesteps)
+        betas = make_betas(schedule, self.timesteps, shift)
+        self.shift = shift
         alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         posterior_variance = betas * (1 - prev) / (1 - alphas_cumprod)

@@ -100,13 +100,16 @@ def main(argv=None):
     p.add_argument("--gif", default=None, help="also write the denoising GIF here")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast dtype for the network (auto: bf16 on CUDA and bf16-capable CPUs)")
     args = p.parse_args(argv)
 
     captions = list(args.caption)
     if args.captions_file:
         with open(args.captions_file, encoding="utf-8") as f:
             captions += [line.strip() for line in f if line.strip()]
-    model, cfg = load_for_inference(args.checkpoint, args.device, use_ema=not args.no_ema)
+    model, cfg = load_for_inference(args.checkpoint, args.device, use_ema=not args.no_ema,
+                                    precision=args.precision)
     if not captions:
         captions = cfg.sample.captions or ["a photo"]
     opts = model.sampler_options(cfg)

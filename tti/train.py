@@ -40,7 +40,7 @@ from tti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
 from tti.config import Config, ConfigError, load_config, save_config, validate
 from tti.data.sampler import ResumableSampler, resumable_batches
 from tti.ema import EMA
-from tti.model import build, text_extra_state, to_model_range, trainable_state
+from tti.model import amp_dtype, build, text_extra_state, to_model_range, trainable_state
 from tti.run_log import RunLog, describe_data
 
 
@@ -96,13 +96,6 @@ def open_datasets(cfg: Config, info):
 def collate(batch):
     images = torch.stack([b[0] for b in batch])
     return images, [b[1] for b in batch]
-
-
-def autocast_dtype(cfg: Config, device: torch.device):
-    p = cfg.train.precision
-    if p == "auto":
-        p = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
 def seed_everything(seed: int) -> None:
@@ -173,8 +166,9 @@ def main(argv=None) -> str:
     trained = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=tr.weight_decay, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    amp_dtype = autocast_dtype(cfg, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp_dtype is torch.float16)
+    amp = amp_dtype(tr.precision, info.device)
+    model.sample_dtype = amp  # in-loop grids sample at the training precision
+    scaler = torch.amp.GradScaler(info.device.type, enabled=amp is torch.float16)
     ema = EMA(model, tr.ema_decay)
 
     step, bad_steps = 0, 0
@@ -236,8 +230,8 @@ def main(argv=None) -> str:
                 captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
                 inner = info.enabled and i < tr.grad_accum - 1  # no all-reduce until the last
                 with ddp_model.no_sync() if inner else contextlib.nullcontext():
-                    with torch.autocast(info.device.type, dtype=amp_dtype or torch.float32,
-                                        enabled=amp_dtype is not None):
+                    with torch.autocast(info.device.type, dtype=amp or torch.float32,
+                                        enabled=amp is not None):
                         loss = fwd(images, captions) / tr.grad_accum
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach().float()

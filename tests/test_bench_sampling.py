@@ -1,0 +1,29 @@
+"""bench/sampling.py's row parsing and paired comparison (the sampler study's statistics)."""
+import random
+
+import pytest
+
+from bench.sampling import paired_difference, parse_setting
+
+
+def test_parse_setting():
+    assert parse_setting("ddim:50:2", 10) == dict(sampler="ddim", steps=50, guidance=2.0, n=10)
+    assert parse_setting("ddpm:all:3.5", 4) == dict(sampler="ddpm", steps=None, guidance=3.5, n=4)
+    for bad in ("ddim:50", "euler:10:2", "ddim:ten:2"):
+        with pytest.raises(SystemExit, match="sampler:steps:guidance"):
+            parse_setting(bad, 1)
+
+
+def test_paired_difference_closed_cases_and_coverage():
+    a = [True, False] * 50
+    assert paired_difference(a, a) == (0.0, 0.0, 0.0)  # identical verdicts: no spread at all
+    mean, lo, hi = paired_difference([False] * 40, [True] * 40)
+    assert (mean, lo, hi) == (1.0, 1.0, 1.0)
+    # b flips 10 of 200 of a's verdicts to True: +5 points, interval around it and not 0.
+    rng = random.Random(0)
+    a = [rng.random() < 0.4 for _ in range(200)]
+    false_idx = [i for i, v in enumerate(a) if not v][:10]
+    b = [v or i in false_idx for i, v in enumerate(a)]
+    mean, lo, hi = paired_difference(a, b)
+    assert mean == pytest.approx(0.05)
+    assert 0.0 < lo < 0.05 < hi < 0.1
