@@ -35,6 +35,7 @@ def test_overrides_are_typed_and_nested():
     ("model.unet.channels=[8, 8, 8, 8, 8, 8, 8]", ["data.image_size", "divisible"]),
     ("model.unet.attn_resolutions=[4]", ["attn_resolutions", "never occurs"]),
     ("model.unet.self_attn_resolutions=[32]", ["model.unet.self_attn_resolutions", "[32]"]),
+    ("model.unet.text_width=100", ["model.unet.text_width", "head_dim"]),
     ("sample.guidance=-1", ["sample.guidance", ">= 0"]),
     ("model.diffusion.schedule=quadratic", ["model.diffusion.schedule"]),
     ("model.kind=gan", ["model.kind"]),

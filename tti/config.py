@@ -290,6 +290,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             _check(not extra, "model.unet.self_attn_resolutions",
                    f"{extra} not in model.unet.attn_resolutions {u.attn_resolutions} "
                    "(self-attention lives inside the attention blocks)")
+        _check(u.text_layers >= 0, "model.unet.text_layers", f"must be >= 0, got {u.text_layers}")
+        if u.text_layers:
+            _check(u.text_width > 0 and u.text_width % u.head_dim == 0, "model.unet.text_width",
+                   f"{u.text_width} must be a positive multiple of model.unet.head_dim {u.head_dim}")
         attn_channels = [c for i, c in enumerate(u.channels)
                          if d.image_size // 2 ** i in u.attn_resolutions]
         _check(u.head_dim > 0 and all(c % u.head_dim == 0 for c in attn_channels),

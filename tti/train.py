@@ -168,6 +168,8 @@ def main(argv=None) -> str:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     amp = amp_dtype(tr.precision, info.device)
     model.sample_dtype = amp  # in-loop grids sample at the training precision
+    log.print(f"precision: {'fp32' if amp is None else str(amp).replace('torch.', '') + ' autocast'}"
+              f" (train.precision={tr.precision})")
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp is torch.float16)
     ema = EMA(model, tr.ema_decay)
 
