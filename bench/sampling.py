@@ -35,7 +35,7 @@ import torch
 
 from tti.export import choose_items, generate_items
 from tti.in_loop import is_shapes_dataset
-from tti.model import load_for_inference
+from tti.model import PRECISIONS, load_for_inference
 
 GUIDANCES = (1.0, 2.0, 3.0, 5.0)
 FULL_STEPS = (10, 25, 50, 100)
@@ -154,7 +154,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--data-root", default=None, help="default: data.root of the checkpoint's config")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype for the network (auto: bf16 on CUDA and bf16-capable CPUs)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is fastest on a busy shared machine)")

@@ -220,6 +220,8 @@ def check_settings(info_path: str, settings: dict, overwrite: bool) -> None:
 
 
 def parse_args(argv=None):
+    from tti.model import PRECISIONS
+
     p = argparse.ArgumentParser(prog="python -m tti.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
@@ -239,7 +241,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     # fp32 by default: reduced-precision kernels pick their blocking by batch size, so an
     # image would then depend on the batch it was made in, not on its id alone.
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="autocast dtype for the network; anything but fp32 is ~1.5x faster on "
                         "bf16-capable hardware but only deterministic per id up to a few pixel levels")
     args = p.parse_args(argv)

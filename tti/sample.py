@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tti.model import load_for_inference, to_uint8
+from tti.model import PRECISIONS, load_for_inference, to_uint8
 
 LABEL_WIDTH = 240
 
@@ -100,7 +100,7 @@ def main(argv=None):
     p.add_argument("--gif", default=None, help="also write the denoising GIF here")
     p.add_argument("--no-ema", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype for the network (auto: bf16 on CUDA and bf16-capable CPUs)")
     args = p.parse_args(argv)
 
