@@ -32,9 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tti.config import load_config
 from tti.diffusion import Diffusion
-from tti.model import amp_dtype
+from tti.model import amp_dtype, build_unet
 from tti.text import PACKAGED_MINILM, TextBatch, TextEncoder
-from tti.unet import UNet
 
 HEAD_DIM = 32
 # Dense bf16 peak (TFLOP/s) of cards we may be lent, to turn img/s into utilisation.
@@ -286,13 +285,7 @@ def main():
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     start = time.perf_counter()
     u = load_config(args.config).model.unet
-    ours = UNet(channels=tuple(u.channels), num_res_blocks=u.num_res_blocks,
-                attn_resolutions=tuple(u.attn_resolutions), image_size=args.size,
-                head_dim=u.head_dim, pooled_text=u.pooled_text,
-                self_attn_resolutions=(None if u.self_attn_resolutions is None
-                                       else tuple(u.self_attn_resolutions)),
-                position_embedding=u.position_embedding, text_layers=u.text_layers,
-                text_width=u.text_width).to(device)
+    ours = build_unet(u, args.size, context_dim=384).to(device)  # MiniLM's token width
     print(f"ours: model.unet of {args.config}: {u}")
     for amp in precisions:
         trained_ours = bench_unets(args, device, amp, ours)

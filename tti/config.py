@@ -50,6 +50,9 @@ class TextConfig:
     caption_dropout: float = 0.1     # share of captions replaced by "" (classifier-free guidance)
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.precision and the CLIs' --precision
+
+
 @dataclass
 class UNetConfig:
     channels: list = field(default_factory=lambda: [32, 64, 96])
@@ -326,8 +329,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"must be 'constant' or 'cosine', got {tr.lr_decay!r}")
     _check(0 <= tr.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     _check(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    _check(tr.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
-           f"must be auto, fp32, bf16 or fp16, got {tr.precision!r}")
+    _check(tr.precision in PRECISIONS, "train.precision",
+           f"must be one of {', '.join(PRECISIONS)}, got {tr.precision!r}")
     for k in ("log_every", "sample_every", "ckpt_every", "keep_last"):
         _check(getattr(tr, k) >= 1, f"train.{k}", "must be >= 1")
     _check(tr.eval_samples >= 0, "train.eval_samples", "must be >= 0")

@@ -13,16 +13,13 @@ import os
 import torch
 import torch.nn as nn
 
-from tti.config import Config, ConfigError, from_dict
+from tti.config import PRECISIONS, Config, ConfigError, UNetConfig, from_dict
 from tti.text import TextBatch, TextEncoder
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B, 3, H, W] in [0, 255] -> float [B, 3, H, W] in [-1, 1]."""
     return images.float().div_(127.5).sub_(1.0)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def amp_dtype(precision: str, device) -> torch.dtype | None:
@@ -108,21 +105,27 @@ def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn
     return encoder
 
 
+def build_unet(u: UNetConfig, image_size: int, context_dim: int) -> nn.Module:
+    """The UNet that `model.unet` describes, for RGB images of `image_size` and text tokens of
+    width `context_dim`."""
+    from tti.unet import UNet
+
+    return UNet(image_channels=3, channels=tuple(u.channels), num_res_blocks=u.num_res_blocks,
+                attn_resolutions=tuple(u.attn_resolutions), image_size=image_size,
+                context_dim=context_dim, head_dim=u.head_dim, dropout=u.dropout,
+                pooled_text=u.pooled_text,
+                self_attn_resolutions=(None if u.self_attn_resolutions is None
+                                       else tuple(u.self_attn_resolutions)),
+                position_embedding=u.position_embedding, text_layers=u.text_layers,
+                text_width=u.text_width)
+
+
 def build_generator(cfg: Config, text_encoder: nn.Module) -> nn.Module:
     m = cfg.model
     if m.kind == "diffusion":
         from tti.diffusion import Diffusion
-        from tti.unet import UNet
 
-        u = m.unet
-        unet = UNet(image_channels=3, channels=tuple(u.channels),
-                    num_res_blocks=u.num_res_blocks, attn_resolutions=tuple(u.attn_resolutions),
-                    image_size=cfg.data.image_size, context_dim=text_encoder.dim,
-                    head_dim=u.head_dim, dropout=u.dropout, pooled_text=u.pooled_text,
-                    self_attn_resolutions=(None if u.self_attn_resolutions is None
-                                           else tuple(u.self_attn_resolutions)),
-                    position_embedding=u.position_embedding, text_layers=u.text_layers,
-                    text_width=u.text_width)
+        unet = build_unet(m.unet, cfg.data.image_size, text_encoder.dim)
         d = m.diffusion
         return Diffusion(unet, schedule=d.schedule, timesteps=d.timesteps,
                          prediction=d.prediction, image_size=cfg.data.image_size,
