@@ -87,7 +87,7 @@ class Trainer:
     def __init__(self, name, model, call, batch, size, text_len, context_dim, device, amp):
         """amp: autocast dtype (torch.bfloat16 / torch.float16) or None for fp32."""
         self.name, self.model, self.call, self.device, self.amp = name, model, call, device, amp
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         g = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch, 3, size, size, generator=g).to(device)
         self.target = torch.randn(batch, 3, size, size, generator=g).to(device)
@@ -212,7 +212,7 @@ def bench_text_cache(args, device, amp, unet):
     uncached = TextEncoder(PACKAGED_MINILM, cache=False, tokenizer=cached.tokenizer,
                            model=cached.model)
     diffusion = Diffusion(unet, image_size=args.size).to(device)
-    opt = torch.optim.AdamW(diffusion.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(diffusion.parameters(), lr=1e-4, fused=True)
     pool = shapes_captions(4 * args.batch)
     cached(pool)  # fill the cache, as after the first epoch of a frozen-encoder run
     images = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
