@@ -9,6 +9,9 @@ The diffusers model is the one, among a small grid of widths, whose parameter co
 closest to ours (same levels, cross-attention at the same resolutions, one res block per
 level, cross_attention_dim = our context_dim, head width 32).
 
+On CPU a third row times our UNet with attention left to SDPA's default kernel instead of
+the math path that tti.unet.attention picks when training on CPU (the ablation of that choice).
+
 Then, with the real frozen encoder (TextEncoder("packaged-minilm")), a full Diffusion.loss
 step with the caption-embedding cache on and off, and the encoder's share of the step.
 
@@ -19,6 +22,7 @@ Run from the repository root (diffusers is a bench-only dependency, see requirem
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import random
@@ -30,6 +34,7 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import tti.unet
 from tti.config import load_config
 from tti.diffusion import Diffusion
 from tti.model import amp_dtype, build_unet
@@ -141,6 +146,15 @@ def call_diffusers(model, x, t, text):
                  encoder_attention_mask=text.mask.to(x.dtype), return_dict=False)[0]
 
 
+def call_ours_default_kernel(model, x, t, text):
+    """Our UNet with attention left to SDPA's default CPU kernel (flash), for the ablation."""
+    tti.unet.MATH_SDPA_FOR_CPU_TRAINING = False
+    try:
+        return model(x, t, text)
+    finally:
+        tti.unet.MATH_SDPA_FOR_CPU_TRAINING = True
+
+
 def alternate(runs, steps: int, warmup: int):
     """Interleave the runs' steps so slow phases of a shared machine hit all of them."""
     for i in range(warmup + steps):
@@ -166,6 +180,9 @@ def bench_unets(args, device, amp, ours):
     theirs_raw = theirs_raw.to(device)
     models = {"tti UNet": (ours, call_ours),
               f"diffusers UNet2DConditionModel{widths}": (theirs_raw, call_diffusers)}
+    if device.type == "cpu":  # the math-path choice only exists on CPU
+        models["tti UNet, default SDPA kernel (ablation)"] = (copy.deepcopy(ours),
+                                                              call_ours_default_kernel)
     trainers = []
     for name, (raw, call) in models.items():
         model = torch.compile(raw) if args.compile else raw
@@ -193,6 +210,9 @@ def bench_unets(args, device, amp, ours):
     names = list(rates)
     print(f"ratio (tti / diffusers img/s, {precision_name(amp)}): "
           f"{rates[names[0]] / rates[names[1]]:.2f}x")
+    if len(names) > 2:
+        print(f"ratio (tti with the math attention path / default SDPA kernel): "
+              f"{rates[names[0]] / rates[names[2]]:.2f}x")
     return trainers[0].model
 
 

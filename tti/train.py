@@ -165,7 +165,7 @@ def main(argv=None) -> str:
         groups.append({"params": text_params, "lr": cfg.text.lr})
     trained = [p for g in groups for p in g["params"]]
     # The fused kernel updates all parameters in one call; the per-parameter loop was ~5% of
-    # a shapes32 CPU step (same update rule, bench/train_throughput.py uses it for both UNets).
+    # a shapes32 CPU step in torch.profiler (same update rule; the throughput bench uses it too).
     optimizer = torch.optim.AdamW(groups, weight_decay=tr.weight_decay, betas=(0.9, 0.999),
                                   fused=info.device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
