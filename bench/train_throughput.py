@@ -9,8 +9,9 @@ The diffusers model is the one, among a small grid of widths, whose parameter co
 closest to ours (same levels, cross-attention at the same resolutions, one res block per
 level, cross_attention_dim = our context_dim, head width 32).
 
-On CPU a third row times our UNet with attention left to SDPA's default kernel instead of
-the math path that tti.unet.attention picks when training on CPU (the ablation of that choice).
+On CPU in bf16, a third row times our UNet with attention left to SDPA's default kernel
+instead of the math path that tti.unet.attention picks when training on CPU in bf16/fp16
+(the ablation of that choice).
 
 Then, with the real frozen encoder (TextEncoder("packaged-minilm")), a full Diffusion.loss
 step with the caption-embedding cache on and off, and the encoder's share of the step.
@@ -180,7 +181,7 @@ def bench_unets(args, device, amp, ours):
     theirs_raw = theirs_raw.to(device)
     models = {"tti UNet": (ours, call_ours),
               f"diffusers UNet2DConditionModel{widths}": (theirs_raw, call_diffusers)}
-    if device.type == "cpu":  # the math-path choice only exists on CPU
+    if device.type == "cpu" and amp is not None:  # the math-path choice: CPU, bf16/fp16 only
         models["tti UNet, default SDPA kernel (ablation)"] = (copy.deepcopy(ours),
                                                               call_ours_default_kernel)
     trainers = []

@@ -198,10 +198,11 @@ def test_position_embedding_breaks_translation_symmetry():
 
 
 def test_training_attention_path_matches_the_flash_kernel():
-    """attention() forces the math backend when training on CPU: same values and gradients
-    as the default kernel, with and without a padding mask."""
+    """attention() forces the math backend when training on CPU in bf16: same values and
+    gradients as the default kernel, with and without a padding mask."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 16, 8, generator=g, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 2, 16, 8, generator=g).bfloat16().requires_grad_()
+               for _ in range(3))
     mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
     mask[0, ..., 10:] = False
     for m in (None, mask):
@@ -212,6 +213,6 @@ def test_training_attention_path_matches_the_flash_kernel():
         ref_grads = torch.autograd.grad(
             torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m).square().sum(),
             (q, k, v))
-        torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.detach(), ref, rtol=2e-2, atol=2e-2)
         for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)

@@ -50,14 +50,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     q: [B, heads, N, d]; k, v: [B, heads, L, d]; attn_mask: bool broadcastable to
     [B, heads, N, L] (True = attend). Returns [B, heads, N, d].
-    On CPU with autograd recording, the math backend is forced: for these short sequences
-    (<= 256 queries, <= 64 keys) the CPU flash kernel's backward was 19% of a shapes32
-    training step and the math path made the whole step ~15% faster, while for sampling
-    (no grad) the flash kernel was ~12% faster at batch 200 (bench/train_throughput.py times
-    the training step both ways).
+    When training on CPU in bf16/fp16 (autograd recording), the math backend is forced: for
+    these short sequences (<= 256 queries, <= 64 keys) the CPU flash kernel's bf16 backward
+    was 19% of a shapes32 training step, and the math path made the whole step 1.16x faster.
+    In fp32 the two were level (0.96x), and for sampling (no grad) the flash kernel was ~12%
+    faster at batch 200, so both keep the default (bench/train_throughput.py times the
+    training step both ways).
     """
-    if (MATH_SDPA_FOR_CPU_TRAINING and q.device.type == "cpu" and torch.is_grad_enabled()
-            and q.requires_grad):
+    if (MATH_SDPA_FOR_CPU_TRAINING and q.device.type == "cpu" and q.dtype != torch.float32
+            and torch.is_grad_enabled() and q.requires_grad):
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
