@@ -161,7 +161,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", default=None, help="also write the table here (and a .json next to it)")
     args = p.parse_args(argv)
     from tti.data.coco import load_split
-    from tti.metrics.judge import judge_batch, judge_image
+    from tti.metrics.judge import judge_batch, judge_image, summarize_verdicts
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -212,9 +212,11 @@ def main(argv=None) -> list[dict]:
         from tti.metrics.fid import inception_features, stats
         reference = stats(inception_features(gt_images, device=args.device, progress=False))
     for result, images in sampled:
-        result["accuracy"] = judge_batch(images, captions[:len(images)]) if shapes else None
-        if shapes:
-            result["correct"] = [judge_image(img, c)["all"] for img, c in zip(images, captions)]
+        result["accuracy"] = None
+        if shapes:  # judged once: the summary and the per-image verdicts for the comparisons
+            verdicts = [judge_image(img, c) for img, c in zip(images, captions)]
+            result["accuracy"] = summarize_verdicts(verdicts, captions[:len(images)])
+            result["correct"] = [v["all"] for v in verdicts]
         if args.fid and len(images) == n:  # FID only against the same number of gt images
             result["fid"] = fid_against(reference, images, args.device)
         results.append(result)

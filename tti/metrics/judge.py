@@ -211,7 +211,15 @@ def judge_batch(images, captions: Sequence[str]) -> dict:
     """
     if len(images) != len(captions):
         raise ValueError(f"judge_batch: {len(images)} images but {len(captions)} captions")
-    verdicts = [judge_image(img, cap) for img, cap in zip(images, captions)]
+    return summarize_verdicts([judge_image(img, cap) for img, cap in zip(images, captions)],
+                              captions)
+
+
+def summarize_verdicts(verdicts: Sequence[dict], captions: Sequence[str]) -> dict:
+    """judge_batch's result from judge_image verdicts already made for these captions (for
+    callers that also need the per-image verdicts, without judging twice)."""
+    if len(verdicts) != len(captions):
+        raise ValueError(f"summarize_verdicts: {len(verdicts)} verdicts but {len(captions)} captions")
     held = [is_held_out(c) for c in captions]
     out = _accuracies(verdicts)
     out["seen"] = _accuracies([v for v, h in zip(verdicts, held) if not h])
