@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import tti.unet
 from tti.config import load_config
 from tti.diffusion import Diffusion
-from tti.model import amp_dtype, build_unet
+from tti.model import amp_dtype, build_unet, precision_name
 from tti.text import PACKAGED_MINILM, TextBatch, TextEncoder
 
 HEAD_DIM = 32
@@ -215,10 +215,6 @@ def bench_unets(args, device, amp, ours):
         print(f"ratio (tti with the math attention path / default SDPA kernel): "
               f"{rates[names[0]] / rates[names[2]]:.2f}x")
     return trainers[0].model
-
-
-def precision_name(amp) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp]
 
 
 def peak_tflops(device: torch.device) -> float | None:

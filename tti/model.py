@@ -40,6 +40,12 @@ def amp_dtype(precision: str, device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def precision_name(amp: torch.dtype | None) -> str:
+    """What amp_dtype returned, for logs and tables: "fp32" (None), "bf16 autocast" or
+    "fp16 autocast"."""
+    return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp]
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float [B, 3, H, W] in [-1, 1] -> uint8 [B, 3, H, W] (values outside are clipped)."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -40,7 +40,8 @@ from tti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
 from tti.config import Config, ConfigError, load_config, save_config, validate
 from tti.data.sampler import ResumableSampler, resumable_batches
 from tti.ema import EMA
-from tti.model import amp_dtype, build, text_extra_state, to_model_range, trainable_state
+from tti.model import (amp_dtype, build, precision_name, text_extra_state, to_model_range,
+                       trainable_state)
 from tti.run_log import RunLog, describe_data
 
 
@@ -171,8 +172,7 @@ def main(argv=None) -> str:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     amp = amp_dtype(tr.precision, info.device)
     model.sample_dtype = amp  # in-loop grids sample at the training precision
-    log.print(f"precision: {'fp32' if amp is None else str(amp).replace('torch.', '') + ' autocast'}"
-              f" (train.precision={tr.precision})")
+    log.print(f"precision: {precision_name(amp)} (train.precision={tr.precision})")
     scaler = torch.amp.GradScaler(info.device.type, enabled=amp is torch.float16)
     ema = EMA(model, tr.ema_decay)
 
