@@ -38,6 +38,7 @@ def test_overrides_are_typed_and_nested():
     ("model.unet.text_width=100", ["model.unet.text_width", "head_dim"]),
     ("sample.guidance=-1", ["sample.guidance", ">= 0"]),
     ("model.diffusion.schedule=quadratic", ["model.diffusion.schedule"]),
+    ("model.unet.position_init=learned", ["model.unet.position_init", "sinusoidal"]),
     ("model.kind=gan", ["model.kind"]),
     ("sample.steps=5000", ["sample.steps"]),
     ("train.batch_size=63", ["train.batch_size", "divisible"]),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tti.text import TextBatch
-from tti.unet import UNet, attention, timestep_embedding
+from tti.unet import UNet, attention, coordinate_channels, sinusoidal_positions, timestep_embedding
 
 
 def tiny_unet(**overrides) -> UNet:
@@ -135,6 +135,7 @@ def test_timestep_embedding_is_sinusoidal():
     (dict(num_res_blocks=0), "num_res_blocks"),
     (dict(dropout=1.0), "dropout"),
     (dict(self_attn_resolutions=(32,)), "subset"),
+    (dict(position_init="learned"), "position_init"),
 ])
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -188,13 +189,40 @@ def test_position_embedding_breaks_translation_symmetry():
     kwargs = dict(channels=(16,), attn_resolutions=(16,))
     plain = circular(randomize(tiny_unet(**kwargs))).eval()
     with_pos = circular(randomize(tiny_unet(position_embedding=True, **kwargs))).eval()
+    with_coords = circular(randomize(tiny_unet(coord_channels=True, **kwargs))).eval()
     assert tuple(with_pos.down[0].attn.pos.shape) == (1, 16 * 16, 16)
+    assert with_coords.conv_in.in_channels == 5
     x, t, text = torch.randn(1, 3, 16, 16), torch.tensor([50]), text_batch(1, 4, 24, [4])
     with torch.no_grad():
-        for model, equivariant in ((plain, True), (with_pos, False)):
+        for model, equivariant in ((plain, True), (with_pos, False), (with_coords, False)):
             rolled_out = model(x, t, text).roll(3, dims=-1)
             out_of_rolled = model(x.roll(3, dims=-1), t, text)
             assert torch.allclose(rolled_out, out_of_rolled, atol=1e-4) == equivariant
+
+
+def test_coordinate_channels_are_pixel_centres():
+    c = coordinate_channels(4)
+    assert c.shape == (1, 2, 4, 4)
+    torch.testing.assert_close(c[0, 0, 2], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # x along a row
+    torch.testing.assert_close(c[0, 1, :, 3], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # y down a column
+    assert "coords" not in tiny_unet(coord_channels=True).state_dict()  # rebuilt, never stored
+
+
+def test_sinusoidal_positions_tell_every_pixel_apart():
+    """Amplitude ~1 (like the normalised features it joins), every pixel a distinct code, and
+    mirrored pixels (left/right, top/bottom) distinct too: "left of" must be readable."""
+    size, channels = 8, 32
+    code = sinusoidal_positions(size, channels)[0]  # [64, 32]
+    assert code.shape == (size * size, channels)
+    assert code.abs().max() <= 1.0 and 0.5 < code.std() < 1.0
+    dist = torch.cdist(code, code) + torch.eye(size * size) * 1e3
+    assert dist.min() > 0.1
+    grid = code.reshape(size, size, channels)
+    assert (grid[:, 0] - grid[:, -1]).abs().max() > 1.0  # left column vs right column
+    assert (grid[0] - grid[-1]).abs().max() > 1.0  # top row vs bottom row
+    model = tiny_unet(position_embedding=True, position_init="sinusoidal")
+    torch.testing.assert_close(model.down[0].attn.pos.data, sinusoidal_positions(16, 16))
+    assert model.down[0].attn.pos.requires_grad  # an initialisation, still learned
 
 
 def test_training_attention_path_matches_the_flash_kernel():

@@ -46,6 +46,7 @@ class TextConfig:
     finetune: bool = False
     lr: float = 1e-5                 # encoder learning rate when fine-tuned
     max_length: int = 32
+    hidden_layer: int = -1           # encoder hidden state the UNet reads: -1 = last, k = layer k
     cache: bool = True               # frozen encoder: encode each caption once
     caption_dropout: float = 0.1     # share of captions replaced by "" (classifier-free guidance)
 
@@ -60,6 +61,8 @@ class UNetConfig:
     attn_resolutions: list = field(default_factory=lambda: [16, 8])
     self_attn_resolutions: Optional[list] = None  # subset of attn_resolutions; None = all
     position_embedding: bool = False  # learned per-pixel embedding in each attention block
+    position_init: str = "random"    # random (N(0, 0.02)) | sinusoidal (2-D sin/cos, amplitude 1)
+    coord_channels: bool = False     # (x, y) of each pixel as 2 extra input channels (CoordConv)
     text_layers: int = 0             # trainable transformer layers over the text tokens
     text_width: int = 128            # their width (the encoder's tokens are projected to it)
     head_dim: int = 32
@@ -297,6 +300,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         if u.text_layers:
             _check(u.text_width > 0 and u.text_width % u.head_dim == 0, "model.unet.text_width",
                    f"{u.text_width} must be a positive multiple of model.unet.head_dim {u.head_dim}")
+        _check(u.position_init in ("random", "sinusoidal"), "model.unet.position_init",
+               f"must be 'random' or 'sinusoidal', got {u.position_init!r}")
         attn_channels = [c for i, c in enumerate(u.channels)
                          if d.image_size // 2 ** i in u.attn_resolutions]
         _check(u.head_dim > 0 and all(c % u.head_dim == 0 for c in attn_channels),

@@ -102,12 +102,14 @@ def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn
         else:
             raise ValueError("a word-vocabulary text encoder needs the training captions")
         return WordVocabEncoder(vocab, max_length=t.max_length)
-    encoder = TextEncoder(t.name, finetune=t.finetune, max_length=t.max_length, cache=t.cache)
+    encoder = TextEncoder(t.name, finetune=t.finetune, max_length=t.max_length, cache=t.cache,
+                          hidden_layer=t.hidden_layer)
     if encoder.use_cache:
         # Next to the packed image cache: every run on this dataset reuses the embeddings.
         cache_dir = cfg.data.cache_dir or os.path.join(cfg.data.root, "cache")
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in t.name)
-        encoder.cache_file = os.path.join(cache_dir, f"text_{safe}_{t.max_length}.pt")
+        layer = "" if t.hidden_layer == -1 else f"_layer{encoder.hidden_layer}"
+        encoder.cache_file = os.path.join(cache_dir, f"text_{safe}_{t.max_length}{layer}.pt")
     return encoder
 
 
@@ -123,7 +125,8 @@ def build_unet(u: UNetConfig, image_size: int, context_dim: int) -> nn.Module:
                 self_attn_resolutions=(None if u.self_attn_resolutions is None
                                        else tuple(u.self_attn_resolutions)),
                 position_embedding=u.position_embedding, text_layers=u.text_layers,
-                text_width=u.text_width)
+                text_width=u.text_width, position_init=u.position_init,
+                coord_channels=u.coord_channels)
 
 
 def build_generator(cfg: Config, text_encoder: nn.Module) -> nn.Module:

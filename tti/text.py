@@ -81,10 +81,15 @@ class TextEncoder(nn.Module):
     name: a hub id ("roberta-base"), a local folder, or "packaged-minilm".
     finetune: False freezes the encoder (eval mode, no grad, per-caption cache).
     max_length: captions are truncated to this many tokens (a 10k-character caption is fine).
+    hidden_layer: which hidden state to return: -1 = the last layer (default), k >= 1 = the
+        output of layer k (0 = the input embeddings), negative counts from the end. A middle
+        layer can keep more of the sentence's structure than a last layer trained for
+        sentence similarity; when fine-tuning, the layers above it are dropped (they would
+        get no gradient).
     """
 
     def __init__(self, name: str, finetune: bool = False, max_length: int = 32,
-                 cache: bool = True, tokenizer=None, model=None):
+                 cache: bool = True, tokenizer=None, model=None, hidden_layer: int = -1):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -94,6 +99,19 @@ class TextEncoder(nn.Module):
         self.model = model if model is not None else AutoModel.from_pretrained(path)
         self.finetune = finetune
         self.max_length = max_length
+        layers = self.model.config.num_hidden_layers
+        if not -(layers + 1) <= hidden_layer <= layers:
+            raise ValueError(f"TextEncoder: hidden_layer {hidden_layer} out of range for {name!r}, "
+                             f"which has {layers} layers (use 0..{layers} or -1..-{layers + 1})")
+        self.hidden_layer = hidden_layer % (layers + 1)  # 0..layers
+        if finetune and self.hidden_layer < layers:
+            blocks = getattr(getattr(self.model, "encoder", None), "layer", None)
+            if blocks is None:
+                raise ValueError(f"TextEncoder: cannot drop the layers above hidden_layer "
+                                 f"{hidden_layer} of {name!r} for fine-tuning (no encoder.layer)")
+            self.model.encoder.layer = blocks[:self.hidden_layer]
+        # After dropping layers for fine-tuning, the wanted state is the model's last one.
+        self._wanted_is_last = finetune or self.hidden_layer == layers
         self.use_cache = cache and not finetune
         self._cache: dict[str, torch.Tensor] = {}
         self.cache_file: str | None = None  # set by tti.model.build_text_encoder
@@ -120,7 +138,10 @@ class TextEncoder(nn.Module):
         enc = self.tokenizer(list(captions), padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items()}
-        out = self.model(**enc).last_hidden_state
+        if self._wanted_is_last:
+            out = self.model(**enc).last_hidden_state
+        else:
+            out = self.model(**enc, output_hidden_states=True).hidden_states[self.hidden_layer]
         return TextBatch(out, enc["attention_mask"].bool())
 
     def forward(self, captions: list[str]) -> TextBatch:
@@ -176,7 +197,8 @@ class TextEncoder(nn.Module):
     def save_cache(self, path: str) -> None:
         """All cached embeddings as one tensor + lengths (fast to load), written atomically."""
         captions = list(self._cache)
-        state = {"encoder": self.name, "max_length": self.max_length, "captions": captions,
+        state = {"encoder": self.name, "max_length": self.max_length,
+                 "hidden_layer": self.hidden_layer, "captions": captions,
                  "lengths": torch.tensor([self._cache[c].shape[0] for c in captions]),
                  "tokens": torch.cat([self._cache[c] for c in captions])}
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -186,10 +208,12 @@ class TextEncoder(nn.Module):
 
     def load_cache(self, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["encoder"] != self.name or state["max_length"] != self.max_length:
-            raise ValueError(f"{path}: caption cache of encoder {state['encoder']!r} "
-                             f"(max_length {state['max_length']}), not {self.name!r} "
-                             f"({self.max_length}); delete it or point elsewhere")
+        last = self.model.config.num_hidden_layers
+        theirs = (state["encoder"], state["max_length"], state.get("hidden_layer", last))
+        if theirs != (self.name, self.max_length, self.hidden_layer):
+            raise ValueError(f"{path}: caption cache of encoder {theirs[0]!r} (max_length "
+                             f"{theirs[1]}, hidden_layer {theirs[2]}), not {self.name!r} "
+                             f"({self.max_length}, {self.hidden_layer}); delete it or point elsewhere")
         for caption, emb in zip(state["captions"], state["tokens"].split(state["lengths"].tolist())):
             self._cache.setdefault(caption, emb)
 

@@ -31,6 +31,29 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
+def sinusoidal_positions(size: int, channels: int) -> torch.Tensor:
+    """2-D sinusoidal position code for a size x size map -> float [1, size*size, channels].
+
+    Half the channels encode the column, half the row, each as sin/cos pairs at geometric
+    frequencies from one period per image side up; amplitude 1, like the features it is
+    added to (a learned embedding initialised near zero takes long to matter)."""
+    quarter = max(channels // 4, 1)
+    freqs = math.pi * 2.0 ** torch.linspace(0, math.log2(size), quarter)  # rad per unit side
+    coord = (torch.arange(size) + 0.5) / size  # pixel centres in (0, 1)
+    angles = coord[:, None] * freqs[None]  # [size, quarter]
+    per_axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # [size, 2 * quarter]
+    rows = per_axis[:, None, :].expand(size, size, -1)
+    cols = per_axis[None, :, :].expand(size, size, -1)
+    code = torch.cat([cols, rows], dim=-1).reshape(1, size * size, -1)
+    return F.pad(code, (0, channels - code.shape[-1]))[..., :channels]
+
+
+def coordinate_channels(size: int) -> torch.Tensor:
+    """float [1, 2, size, size]: each pixel centre's x then y, in (-1, 1)."""
+    coord = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
+    return torch.stack([coord[None, :].expand(size, size), coord[:, None].expand(size, size)])[None]
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding. t: int or float [B] -> float [B, dim]."""
     half = dim // 2
@@ -96,13 +119,18 @@ class TextTransformerBlock(nn.Module):
     """
 
     def __init__(self, channels: int, context_dim: int, head_dim: int, ff_mult: int = 2,
-                 self_attention: bool = True, positions: int = 0):
+                 self_attention: bool = True, positions: int = 0, position_init: str = "random"):
         super().__init__()
         self.heads = channels // head_dim
         self.norm_in = nn.GroupNorm(_groups(channels), channels)
         # A learned embedding per pixel position (positions = H*W; 0 = none). Attention is
         # otherwise blind to where a pixel is, and "A to the left of B" needs exactly that.
-        self.pos = nn.Parameter(0.02 * torch.randn(1, positions, channels)) if positions else None
+        self.pos = None
+        if positions:
+            side = math.isqrt(positions)
+            init = (sinusoidal_positions(side, channels) if position_init == "sinusoidal"
+                    else 0.02 * torch.randn(1, positions, channels))
+            self.pos = nn.Parameter(init)
         self.self_attention = self_attention
         if self_attention:
             self.norm_self = nn.LayerNorm(channels)
@@ -236,6 +264,9 @@ class UNet(nn.Module):
         (TextAdapter, at width text_width); 0 = use the encoder's tokens as they are.
     position_embedding: a learned embedding of each pixel's position in every transformer
         block (tied to image_size: the model then only runs at that size).
+    position_init: "random" (N(0, 0.02)) or "sinusoidal" (a 2-D sin/cos code of amplitude 1).
+    coord_channels: feed each pixel's (x, y) as two extra input channels (CoordConv), so the
+        convolutions, not only attention, know where they are.
     """
 
     def __init__(self, image_channels: int = 3, channels: tuple[int, ...] = (32, 64, 96),
@@ -243,7 +274,8 @@ class UNet(nn.Module):
                  image_size: int = 32, context_dim: int = 384, head_dim: int = 32,
                  dropout: float = 0.0, pooled_text: bool = True,
                  self_attn_resolutions: tuple[int, ...] | None = None,
-                 position_embedding: bool = False, text_layers: int = 0, text_width: int = 128):
+                 position_embedding: bool = False, text_layers: int = 0, text_width: int = 128,
+                 position_init: str = "random", coord_channels: bool = False):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
@@ -276,11 +308,16 @@ class UNet(nn.Module):
         def stage(in_ch: int, out_ch: int, size: int) -> Stage:
             attn = (TextTransformerBlock(out_ch, cross_dim, head_dim,
                                          self_attention=size in self_attn_resolutions,
-                                         positions=size * size if position_embedding else 0)
+                                         positions=size * size if position_embedding else 0,
+                                         position_init=position_init)
                     if size in attn_resolutions else None)
             return Stage(ResBlock(in_ch, out_ch, emb_dim, dropout), attn)
 
-        self.conv_in = nn.Conv2d(image_channels, channels[0], 3, padding=1)
+        if position_init not in ("random", "sinusoidal"):
+            raise ValueError(f"UNet: position_init must be 'random' or 'sinusoidal', got {position_init!r}")
+        self.register_buffer("coords", coordinate_channels(image_size) if coord_channels else None,
+                             persistent=False)
+        self.conv_in = nn.Conv2d(image_channels + 2 * coord_channels, channels[0], 3, padding=1)
         self.down = nn.ModuleList()
         skip_channels = [channels[0]]
         ch = channels[0]
@@ -368,6 +405,8 @@ class UNet(nn.Module):
             emb = emb + self.text_pool(pooled)
         emb = F.silu(emb)
 
+        if self.coords is not None:
+            x = torch.cat([x, self.coords.to(x.dtype).expand(b, -1, -1, -1)], dim=1)
         h = self.conv_in(x)
         skips = [h]
         for block in self.down:
