@@ -27,3 +27,21 @@ def test_paired_difference_closed_cases_and_coverage():
     mean, lo, hi = paired_difference(a, b)
     assert mean == pytest.approx(0.05)
     assert 0.0 < lo < 0.05 < hi < 0.1
+
+
+def test_relation_bench_tables_add_up():
+    """bench.relation on real renders: every two-object caption lands in one outcome, and the
+    true captions of real renders are all "correct"."""
+    from bench.relation import layout_outcomes, names_left_first, two_object_captions
+    from tti.data.shapes import generate_examples, render_example
+
+    captions = two_object_captions(30)
+    examples = [e for e in generate_examples(120, "val", seed=0) if len(e.scene.objects) == 2][:30]
+    images = [render_example(e) for e in examples]
+    table = layout_outcomes(images, captions)
+    assert table["all"] == {"correct": 30}
+    assert sum(table["left/top named first"].values()) + sum(table["left/top named second"].values()) == 30
+    assert names_left_first("a small red circle to the left of a large blue square")
+    assert not names_left_first("a small red circle to the right of a large blue square")
+    assert names_left_first("below a large blue square there is a small red circle")  # blue is on top
+    assert not names_left_first("a large blue square with a small red circle above it")

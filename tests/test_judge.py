@@ -7,7 +7,7 @@ import torch
 
 from tti.data.shapes import (COLOURS, SHAPES, Scene, ShapeObject, caption_variants, generate_examples, is_held_out,
                              render, render_example)
-from tti.metrics.judge import judge_batch, judge_image
+from tti.metrics.judge import RELATION_OUTCOMES, judge_batch, judge_image, relation_outcome
 
 
 def _val(n, seed, size=32):
@@ -163,3 +163,26 @@ def test_blank_and_unrelated_images_fail():
     giant = render([ShapeObject("red", "circle", "large")], [(0.5, 0.5)], image_size=64)[16:48, 16:48]
     assert giant.shape == (32, 32, 3)  # the centre crop shows the circle at 86% of the side
     assert judge_image(giant, "a large red circle")["size"] is False
+
+
+def test_relation_outcome_names_what_went_wrong():
+    """On real two-object renders: the true caption is "correct", the objects' order reversed
+    is "swapped", the relation moved to the other axis is "other axis", an absent colour is
+    "missing"; a one-object caption has no relation outcome."""
+    other_axis = {"left of": "above", "above": "left of"}
+    examples, images = _val(120, seed=25)
+    checked = 0
+    for e, img in zip(examples, images):
+        if len(e.scene.objects) == 1:
+            assert relation_outcome(judge_image(img, e.captions[0]), e.captions[0]) is None
+            continue
+        a, b = e.scene.objects
+        absent = next(c for c in COLOURS if c not in (a.colour, b.colour))
+        cases = {"correct": e.scene, "swapped": Scene((b, a), e.scene.relation),
+                 "other axis": Scene((a, b), other_axis[e.scene.relation]),
+                 "missing": Scene((dataclasses.replace(a, colour=absent), b), e.scene.relation)}
+        for want, scene in cases.items():
+            caption = caption_variants(scene)[checked % 14]
+            assert relation_outcome(judge_image(img, caption), caption) == want, (caption, want)
+        checked += 1
+    assert checked > 60 and set(RELATION_OUTCOMES) >= {"correct", "swapped", "other axis", "missing"}

@@ -164,6 +164,33 @@ def _relation_holds(a: dict, b: dict, relation: str) -> bool:
     return main > abs(cross) and main >= 0.5 * touch
 
 
+RELATION_OUTCOMES = ("correct", "swapped", "other axis", "too close", "missing")
+
+
+def relation_outcome(verdict: dict, caption: str) -> str | None:
+    """What a two-object image did with its caption's relation, from judge_image's verdict.
+
+    "correct": the relation holds; "swapped": the two objects stand on the stated axis in the
+    opposite order (the model knows "left of" is horizontal, not which object goes where);
+    "other axis": the objects are apart mainly along the other axis; "too close": right
+    direction, but not clearly apart; "missing": an object of a stated colour was not found.
+    None for a one-object caption.
+    """
+    scene = parse_caption(caption)
+    if scene.relation is None:
+        return None
+    a, b = verdict["objects"]
+    if a is None or b is None:
+        return "missing"
+    if verdict["relation"]:
+        return "correct"
+    main, cross = ("cx", "cy") if scene.relation == "left of" else ("cy", "cx")
+    d_main, d_cross = b[main] - a[main], b[cross] - a[cross]
+    if abs(d_cross) >= abs(d_main):
+        return "other axis"
+    return "too close" if d_main > 0 else "swapped"
+
+
 def judge_image(image, caption: str) -> dict:
     """Judge one image against one shapes caption.
 
