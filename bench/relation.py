@@ -12,16 +12,28 @@
    about a third of the image side; a model that ignores the order gives ~0.
 
     python -m bench.relation --checkpoint results/shapes32_long_diffusion/0 --n 200
+
+For the "oracle" training run of the README's relation study, `--write-canonical SRC OUT`
+copies a shapes dataset's annotations with one caption per image in canonical order ("A to
+the left of B" / "A above B": the first-named object is the left/top one) and links its
+image folders, so that the order is plain word order:
+
+    python -m bench.relation --write-canonical data/shapes data/shapes_canonical
+    python -m tti.train --config configs/shapes32.yaml --set data.root=data/shapes_canonical \
+        --set data.generate_shapes=false --set text.hidden_layer=-1 --set run.dataset=canonical
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import json
+import os
+import shutil
 import time
 
 import torch
 
-from tti.data.shapes import COLOURS, generate_examples, parse_caption
+from tti.data.shapes import COLOURS, RELATION_PHRASES, generate_examples, parse_caption
 from tti.metrics.judge import RELATION_OUTCOMES, judge_image, relation_outcome
 from tti.model import PRECISIONS, load_for_inference
 from tti.sample import generate
@@ -91,15 +103,53 @@ def data_separation(image_size: int, n: int = 2000) -> float:
     return sum(gaps) / len(gaps)
 
 
+def canonical_caption(caption: str) -> str:
+    """The caption's facts as "a A" or "a A <left of | above> a B" (A = the left/top object)."""
+    scene = parse_caption(caption)
+    if scene.relation is None:
+        return f"a {scene.objects[0].phrase()}"
+    a, b = scene.objects
+    return f"a {a.phrase()} {RELATION_PHRASES[scene.relation]} a {b.phrase()}"
+
+
+def write_canonical(src: str, out: str) -> None:
+    """Copy a shapes dataset at `src` to `out` with one canonical caption per image; the image
+    folders are symlinked, the metadata files copied."""
+    os.makedirs(os.path.join(out, "annotations"), exist_ok=True)
+    for name in os.listdir(src):
+        path = os.path.join(src, name)
+        if name.endswith("2014") and os.path.isdir(path) and not os.path.exists(os.path.join(out, name)):
+            os.symlink(os.path.abspath(path), os.path.join(out, name))
+        elif name.endswith(".json"):
+            shutil.copy(path, out)
+    for split in ("train2014", "val2014"):
+        with open(os.path.join(src, "annotations", f"captions_{split}.json"), encoding="utf-8") as f:
+            data = json.load(f)
+        first = {}
+        for ann in data["annotations"]:
+            first.setdefault(ann["image_id"], dict(ann, caption=canonical_caption(ann["caption"])))
+        data["annotations"] = list(first.values())
+        with open(os.path.join(out, "annotations", f"captions_{split}.json"), "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        print(f"{split}: {len(first)} images, one canonical caption each -> {out}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--checkpoint", help="checkpoint file or run directory")
+    p.add_argument("--write-canonical", nargs=2, metavar=("SRC", "OUT"),
+                   help="only write the canonical-caption copy of a shapes dataset (see above)")
     p.add_argument("--n", type=int, default=200, help="two-object val captions to sample")
     p.add_argument("--timesteps", type=int, nargs="+", default=None,
                    help="noise levels for the separation probe (default: 99.9%%, 90%%, 70%% of T)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     args = p.parse_args(argv)
+    if args.write_canonical:
+        write_canonical(*args.write_canonical)
+        return
+    if not args.checkpoint:
+        p.error("--checkpoint is required (or --write-canonical SRC OUT)")
 
     model, cfg = load_for_inference(args.checkpoint, args.device, precision=args.precision)
     start = time.time()

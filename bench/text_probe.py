@@ -12,6 +12,15 @@ the binding and the weak, noisy signal the diffusion loss sends to the text laye
 is slow; if it does not, the encoder is the bottleneck.
 
     python -m bench.text_probe --threads 1          # ~5 minutes on one core
+
+`--linear-role` asks a narrower question of every hidden state of the frozen encoder (0 =
+embeddings ... 6 = last): is "this colour word's object is the left/top one" *linearly*
+readable from that one token? (L2-regularised logistic regression on the colour word's first
+sub-token, fitted on train captions, scored on val.) That is the role a pixel's query must
+find in the keys to put each object on its side, and a linear readout is what one
+cross-attention layer has.
+
+    python -m bench.text_probe --linear-role --threads 1   # ~2 minutes on one core
 """
 from __future__ import annotations
 
@@ -60,6 +69,57 @@ def encode(encoder: TextEncoder, captions: list[str], layer: int, length: int):
     return torch.cat(tokens), torch.cat(masks)
 
 
+@torch.no_grad()
+def role_features(encoder: TextEncoder, captions: list[str], targets: torch.Tensor):
+    """Hidden states of every layer at the first sub-token of each object's colour word.
+
+    Returns float [layers + 1, 2N, D] and float [2N] labels (1 = the left/top object)."""
+    colours = list(COLOURS)
+    first_piece = {c: encoder.tokenizer.convert_tokens_to_ids(encoder.tokenizer.tokenize(c)[0]) for c in colours}
+    feats, labels = [], []
+    for i in range(0, len(captions), 256):
+        enc = encoder.tokenizer(captions[i:i + 256], padding=True, return_tensors="pt")
+        states = torch.stack(encoder.model(**enc, output_hidden_states=True).hidden_states)  # [layers+1, B, L, D]
+        for j, ids in enumerate(enc["input_ids"].tolist()):
+            y = targets[i + j]
+            for colour_index, label in ((y[0], 1.0), (y[3], 0.0)):
+                pos = ids.index(first_piece[colours[colour_index]])
+                feats.append(states[:, j, pos])
+                labels.append(label)
+    return torch.stack(feats, 1), torch.tensor(labels)
+
+
+def linear_accuracy(x_train, y_train, x_val, y_val, l2: float = 1e-3) -> tuple[float, float]:
+    """Train and val accuracy of an L2-regularised logistic regression (LBFGS, standardised inputs)."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-5
+    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    w = torch.zeros(x_train.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x_train @ w + b, y_train) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return tuple(((x @ w + b > 0).float() == y).float().mean().item()
+                     for x, y in ((x_train, y_train), (x_val, y_val)))
+
+
+def linear_role_table(encoder: TextEncoder, train_images: int, val_images: int) -> None:
+    train_x, train_y = role_features(encoder, *two_object_captions(train_images, "train"))
+    val_x, val_y = role_features(encoder, *two_object_captions(val_images, "val"))
+    print(f"linear role probe: {len(train_y)} train / {len(val_y)} val colour tokens of two-object captions")
+    print("| hidden state | train | val |\n|---|---|---|")
+    for layer in range(len(train_x)):
+        acc_train, acc_val = linear_accuracy(train_x[layer], train_y, val_x[layer], val_y)
+        name = "0 (embeddings)" if layer == 0 else f"{layer}" + (" (last)" if layer == len(train_x) - 1 else "")
+        print(f"| {name} | {acc_train:.3f} | {acc_val:.3f} |", flush=True)
+
+
 class Probe(nn.Module):
     """TextAdapter (as in the UNet), then one learned query per target attends to its output."""
 
@@ -90,12 +150,18 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--linear-role", action="store_true",
+                        help="only the per-layer linear probe of the left/top role (see the docstring)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
     encoder = TextEncoder(PACKAGED_MINILM)
+    if args.linear_role:
+        linear_role_table(encoder, args.train_images // 2, args.val_images)
+        print(f"total {time.perf_counter() - start:.0f} s")
+        return
     train_caps, train_y = two_object_captions(args.train_images, "train")
     val_caps, val_y = two_object_captions(args.val_images, "val")
     length = 2 + max(len(encoder.tokenizer(c)["input_ids"]) for c in train_caps + val_caps)

@@ -45,3 +45,16 @@ def test_relation_bench_tables_add_up():
     assert not names_left_first("a small red circle to the right of a large blue square")
     assert names_left_first("below a large blue square there is a small red circle")  # blue is on top
     assert not names_left_first("a large blue square with a small red circle above it")
+
+
+def test_canonical_captions_state_the_same_facts_left_or_top_first():
+    from bench.relation import canonical_caption
+    from tti.data.shapes import caption_variants, generate_examples, parse_caption
+
+    for e in generate_examples(40, "val", seed=3):
+        for caption in caption_variants(e.scene):
+            canonical = canonical_caption(caption)
+            assert parse_caption(canonical) == e.scene
+            if e.scene.relation is not None:  # the left/top object is named first
+                assert canonical.index(e.scene.objects[0].colour) < canonical.index(e.scene.objects[1].colour)
+                assert "right of" not in canonical and "below" not in canonical
