@@ -25,6 +25,11 @@ def test_hidden_layer_returns_that_state(reference, layer, index):
     assert torch.equal(text.mask, mask)
 
 
+def test_frozen_encoder_below_the_top_runs_only_the_layers_it_needs():
+    assert len(TextEncoder(PACKAGED_MINILM, hidden_layer=3).model.encoder.layer) == 3
+    assert len(TextEncoder(PACKAGED_MINILM).model.encoder.layer) == 6
+
+
 def test_fine_tuning_below_the_top_drops_the_unused_layers(reference):
     states, _ = reference
     encoder = TextEncoder(PACKAGED_MINILM, finetune=True, hidden_layer=3)

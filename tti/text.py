@@ -84,8 +84,7 @@ class TextEncoder(nn.Module):
     hidden_layer: which hidden state to return: -1 = the last layer (default), k >= 1 = the
         output of layer k (0 = the input embeddings), negative counts from the end. A middle
         layer can keep more of the sentence's structure than a last layer trained for
-        sentence similarity; when fine-tuning, the layers above it are dropped (they would
-        get no gradient).
+        sentence similarity. The layers above it are dropped where the model allows.
     """
 
     def __init__(self, name: str, finetune: bool = False, max_length: int = 32,
@@ -104,14 +103,18 @@ class TextEncoder(nn.Module):
             raise ValueError(f"TextEncoder: hidden_layer {hidden_layer} out of range for {name!r}, "
                              f"which has {layers} layers (use 0..{layers} or -1..-{layers + 1})")
         self.hidden_layer = hidden_layer % (layers + 1)  # 0..layers
-        if finetune and self.hidden_layer < layers:
+        # The layers above the wanted one are dropped: they would cost time for nothing, and
+        # when fine-tuning they would get no gradient. BERT-style models (RoBERTa, MiniLM)
+        # keep their blocks in encoder.layer; others run whole and return the wanted state.
+        self._wanted_is_last = self.hidden_layer == layers
+        if not self._wanted_is_last:
             blocks = getattr(getattr(self.model, "encoder", None), "layer", None)
-            if blocks is None:
+            if isinstance(blocks, nn.ModuleList):
+                self.model.encoder.layer = blocks[:self.hidden_layer]
+                self._wanted_is_last = True
+            elif finetune:
                 raise ValueError(f"TextEncoder: cannot drop the layers above hidden_layer "
                                  f"{hidden_layer} of {name!r} for fine-tuning (no encoder.layer)")
-            self.model.encoder.layer = blocks[:self.hidden_layer]
-        # After dropping layers for fine-tuning, the wanted state is the model's last one.
-        self._wanted_is_last = finetune or self.hidden_layer == layers
         self.use_cache = cache and not finetune
         self._cache: dict[str, torch.Tensor] = {}
         self.cache_file: str | None = None  # set by tti.model.build_text_encoder
