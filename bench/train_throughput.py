@@ -13,7 +13,8 @@ On CPU in bf16, a third row times our UNet with attention left to SDPA's default
 instead of the math path that tti.unet.attention picks when training on CPU in bf16/fp16
 (the ablation of that choice).
 
-Then, with the real frozen encoder (TextEncoder("packaged-minilm")), a full Diffusion.loss
+Then, with the real frozen encoder (TextEncoder("packaged-minilm") at the config's
+text.hidden_layer), a full Diffusion.loss
 step with the caption-embedding cache on and off, and the encoder's share of the step.
 
 Run from the repository root (diffusers is a bench-only dependency, see requirements-dev.txt):
@@ -224,8 +225,8 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def bench_text_cache(args, device, amp, unet):
-    cached = TextEncoder(PACKAGED_MINILM, cache=True).to(device)
+def bench_text_cache(args, device, amp, unet, hidden_layer: int = -1):
+    cached = TextEncoder(PACKAGED_MINILM, cache=True, hidden_layer=hidden_layer).to(device)
     uncached = TextEncoder(PACKAGED_MINILM, cache=False, tokenizer=cached.tokenizer,
                            model=cached.model)
     diffusion = Diffusion(unet, image_size=args.size).to(device)
@@ -256,7 +257,8 @@ def bench_text_cache(args, device, amp, unet):
 
     alternate([run("on", cached), run("off", uncached)], args.steps, args.warmup)
     tokens = cached.tokenizer(pool, padding=True, return_tensors="pt")["attention_mask"].sum(1)
-    print(f"\n== Diffusion.loss step with the frozen {PACKAGED_MINILM} encoder "
+    print(f"\n== Diffusion.loss step with the frozen {PACKAGED_MINILM} encoder, hidden state "
+          f"{cached.hidden_layer} of {cached.model.config.num_hidden_layers} "
           f"(captions of {tokens.float().mean():.1f} tokens on average) ==")
     steps, encs = {}, {}
     for key, (totals, enc_times) in results.items():
@@ -301,13 +303,15 @@ def main():
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     start = time.perf_counter()
-    u = load_config(args.config).model.unet
+    cfg = load_config(args.config)
+    u = cfg.model.unet
     ours = build_unet(u, args.size, context_dim=384).to(device)  # MiniLM's token width
     print(f"ours: model.unet of {args.config}: {u}")
     for amp in precisions:
         trained_ours = bench_unets(args, device, amp, ours)
     if not args.skip_text:
-        bench_text_cache(args, device, precisions[-1], ours if not args.compile else trained_ours)
+        bench_text_cache(args, device, precisions[-1], ours if not args.compile else trained_ours,
+                         hidden_layer=cfg.text.hidden_layer)
     print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")
 
 
