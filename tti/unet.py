@@ -35,7 +35,8 @@ def sinusoidal_positions(size: int, channels: int) -> torch.Tensor:
     """2-D sinusoidal position code for a size x size map -> float [1, size*size, channels].
 
     Half the channels encode the column, half the row, each as sin/cos pairs at geometric
-    frequencies from one period per image side up; amplitude 1, like the features it is
+    frequencies from half a period across the map (cos is then monotonic: left differs from
+    right) up to one period per two pixels; amplitude 1, like the normalised features it is
     added to (a learned embedding initialised near zero takes long to matter)."""
     quarter = max(channels // 4, 1)
     freqs = math.pi * 2.0 ** torch.linspace(0, math.log2(size), quarter)  # rad per unit side
