@@ -58,3 +58,17 @@ def test_canonical_captions_state_the_same_facts_left_or_top_first():
             if e.scene.relation is not None:  # the left/top object is named first
                 assert canonical.index(e.scene.objects[0].colour) < canonical.index(e.scene.objects[1].colour)
                 assert "right of" not in canonical and "below" not in canonical
+
+
+def test_order_separation_is_positive_on_the_data_and_zero_on_a_symmetric_image():
+    import torch
+
+    from bench.relation import colour_separation, data_separation
+
+    assert data_separation(32, draws=64) > 4.0  # real layouts: A well to the left of B
+    half = torch.zeros(3, 32, 32)
+    half[0, :, :16], half[2, :, 16:] = 0.9, 0.9  # red left half, blue right half
+    assert colour_separation(half, "red", "blue") > 8.0
+    assert colour_separation(half, "blue", "red") < -8.0
+    both = half + half.flip(-1)  # mirror-symmetric: no side preferred
+    assert abs(colour_separation(both, "red", "blue")) < 1e-4

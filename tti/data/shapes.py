@@ -179,7 +179,7 @@ def _sample_object(rng: np.random.Generator, pairs: list[tuple[str, str]],
     return ShapeObject(colour, shape, ("small", "large")[rng.integers(2)])
 
 
-def _sample_centres(rng: np.random.Generator, scene: Scene) -> tuple[tuple[float, float], ...]:
+def sample_centres(rng: np.random.Generator, scene: Scene) -> tuple[tuple[float, float], ...]:
     """Centres in [0, 1] (fractions of the side) that keep every object inside the margin
     and, for two objects, make scene.relation hold with a clear gap."""
     halves = [SIZES[o.size] / 2 for o in scene.objects]
@@ -217,7 +217,7 @@ def _sample_example(rng: np.random.Generator, held_out: bool, captions_per_image
     variants = caption_variants(scene)
     order = rng.permutation(len(variants))
     captions = tuple(variants[order[i % len(variants)]] for i in range(captions_per_image))
-    return Example(scene, _sample_centres(rng, scene), captions)
+    return Example(scene, sample_centres(rng, scene), captions)
 
 
 def generate_examples(n: int, split: str = "train", seed: int = 0, captions_per_image: int = 3) -> list[Example]:
