@@ -20,7 +20,10 @@ image folders, so that the order is plain word order:
 
     python -m bench.relation --write-canonical data/shapes data/shapes_canonical
     python -m tti.train --config configs/shapes32.yaml --set data.root=data/shapes_canonical \
-        --set data.generate_shapes=false --set text.hidden_layer=-1 --set run.dataset=canonical
+        --set data.generate_shapes=false --set text.hidden_layer=-1 --set run.dataset=canonical \
+        --set model.unet.coord_channels=true --set model.unet.position_init=sinusoidal \
+        --set train.sample_every=625
+    python -m bench.relation --checkpoint results/canonical_diffusion/0 --n 200
 """
 from __future__ import annotations
 
