@@ -105,7 +105,8 @@ def stated_order_separation(model, t: int, draws: int = 64, seed: int = 0) -> li
         for relation, sign in (("to the left of", 1.0), ("to the right of", -1.0)):
             x = torch.randn(draws, 3, size, size, generator=gen).to(device)
             tt = torch.full((draws,), t, device=device)
-            output = diffusion.unet(x, tt, model.encode([caption_for(a, b, relation)] * draws))
+            text = model.encode([caption_for(a, b, relation)]).repeat(draws)  # encoded once
+            output = diffusion.unet(x, tt, text)
             x0, _ = diffusion.x0_eps_from_output(x, tt, output)
             mean = ((x0.float().mean(0) + 1) / 2).clamp(0, 1)  # [3, H, W] in [0, 1]
             out.append(sign * colour_separation(mean, a, b))

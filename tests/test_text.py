@@ -1,4 +1,6 @@
 """Text encoder: which hidden state it returns, fine-tuning below the top, the cache's key."""
+import os
+
 import pytest
 import torch
 
@@ -56,3 +58,15 @@ def test_cache_of_another_layer_is_refused(tmp_path):
     same = TextEncoder(PACKAGED_MINILM)
     same.load_cache(path)
     torch.testing.assert_close(same(CAPTIONS[:1]).tokens, last(CAPTIONS[:1]).tokens)
+
+
+def test_cache_file_is_named_by_the_layer_it_holds():
+    from tti.config import load_config
+    from tti.model import build_text_encoder
+
+    def name(layer):
+        cfg = load_config("configs/shapes32.yaml", [f"text.hidden_layer={layer}"])
+        return os.path.basename(build_text_encoder(cfg).cache_file)
+
+    assert name(-1) == name(6) == "text_packaged-minilm_32.pt"  # the last layer, either way
+    assert name(3) == name(-4) == "text_packaged-minilm_32_layer3.pt"

@@ -108,7 +108,7 @@ def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn
         # Next to the packed image cache: every run on this dataset reuses the embeddings.
         cache_dir = cfg.data.cache_dir or os.path.join(cfg.data.root, "cache")
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in t.name)
-        layer = "" if t.hidden_layer == -1 else f"_layer{encoder.hidden_layer}"
+        layer = "" if encoder.hidden_layer == encoder.depth else f"_layer{encoder.hidden_layer}"
         encoder.cache_file = os.path.join(cache_dir, f"text_{safe}_{t.max_length}{layer}.pt")
     return encoder
 

@@ -98,7 +98,9 @@ class TextEncoder(nn.Module):
         self.model = model if model is not None else AutoModel.from_pretrained(path)
         self.finetune = finetune
         self.max_length = max_length
-        layers = self.model.config.num_hidden_layers
+        # Layers of the pretrained model, before any are dropped below (the HF config is left
+        # as it was loaded, so it stays the depth the name refers to).
+        self.depth = layers = self.model.config.num_hidden_layers
         if not -(layers + 1) <= hidden_layer <= layers:
             raise ValueError(f"TextEncoder: hidden_layer {hidden_layer} out of range for {name!r}, "
                              f"which has {layers} layers (use 0..{layers} or -1..-{layers + 1})")
@@ -211,8 +213,8 @@ class TextEncoder(nn.Module):
 
     def load_cache(self, path: str) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
-        last = self.model.config.num_hidden_layers
-        theirs = (state["encoder"], state["max_length"], state.get("hidden_layer", last))
+        # A cache from before hidden_layer existed holds the last layer's states.
+        theirs = (state["encoder"], state["max_length"], state.get("hidden_layer", self.depth))
         if theirs != (self.name, self.max_length, self.hidden_layer):
             raise ValueError(f"{path}: caption cache of encoder {theirs[0]!r} (max_length "
                              f"{theirs[1]}, hidden_layer {theirs[2]}), not {self.name!r} "
