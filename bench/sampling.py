@@ -15,7 +15,8 @@ Default grid, 28k UNet evaluations at n=200 (0.72 GFLOP each for the shapes32 UN
 DDIM 10 steps at guidance 1/2/3/5, DDIM 25 at guidance 2, and DDPM (all T steps) at guidance 2
 on only --ddpm-n images (default 2: its speed, not its accuracy). --full: DDPM and DDIM
 10/25/50/100, each at guidance 1/2/3/5, DDPM on all n images (hours on a CPU; use a GPU).
---settings picks rows instead, e.g. `--settings ddim:50:2 ddpm:all:2` (sampler:steps:guidance);
+--settings picks rows instead, e.g. `--settings ddim:50:2 ddpm:all:2` (sampler:steps:guidance,
+and for DDIM an optional :eta, 0 = deterministic);
 every later row is then also compared with the first on the same captions and noise: the
 all-correct difference with a 95% paired-bootstrap interval (this is how "DDIM 50 is within
 2 points of DDPM" is checked).
@@ -54,16 +55,20 @@ def grid(full: bool, n: int, ddpm_n: int | None) -> list[dict]:
 
 
 def parse_setting(text: str, n: int) -> dict:
-    """"ddim:50:2" / "ddpm:all:2" -> a grid row (DDPM always runs all T steps)."""
+    """"ddim:50:2" / "ddim:50:2:0.5" / "ddpm:all:2" -> a grid row (DDPM always runs all T
+    steps; the optional fourth field is DDIM's eta, 0 by default)."""
     try:
-        sampler, steps, guidance = text.split(":")
-        if sampler not in ("ddim", "ddpm"):
+        sampler, steps, guidance, *rest = text.split(":")
+        if sampler not in ("ddim", "ddpm") or len(rest) > 1 or (rest and sampler == "ddpm"):
+            raise ValueError
+        eta = float(rest[0]) if rest else 0.0
+        if eta < 0:
             raise ValueError
         row = dict(sampler=sampler, steps=None if sampler == "ddpm" else int(steps),
-                   guidance=float(guidance), n=n)
+                   guidance=float(guidance), n=n, eta=eta)
     except ValueError:
-        raise SystemExit(f"--settings: {text!r} is not sampler:steps:guidance, e.g. ddim:50:2 "
-                         "or ddpm:all:2") from None
+        raise SystemExit(f"--settings: {text!r} is not sampler:steps:guidance[:eta], e.g. "
+                         "ddim:50:2, ddim:50:2:0.5 or ddpm:all:2") from None
     return row
 
 
@@ -83,7 +88,7 @@ def unet_evaluations(row: dict, timesteps: int) -> int:
 
 def sample_row(model, items, row: dict, seed: int, batch_size: int) -> tuple[torch.Tensor, float]:
     """uint8 [n, 3, S, S] for the row's first n items, and the sampling wall time in seconds."""
-    opts = dict(sampler=row["sampler"], guidance=row["guidance"], eta=0.0)
+    opts = dict(sampler=row["sampler"], guidance=row["guidance"], eta=row.get("eta", 0.0))
     if row["steps"] is not None:
         opts["steps"] = row["steps"]
     chosen = items[:row["n"]]
@@ -101,20 +106,26 @@ def fid_against(reference_stats, images: torch.Tensor, device: str) -> float:
 
 
 def row_name(r: dict) -> str:
-    return f"{r['sampler'].upper()} {r['steps']} g={r['guidance']:g}"
+    eta = f" eta={r['eta']:g}" if r.get("eta") else ""
+    return f"{r['sampler'].upper()} {r['steps']} g={r['guidance']:g}{eta}"
 
 
-def comparisons(rows: list[dict]) -> str:
+def comparisons(rows: list[dict], against: list[dict] | None = None, source: str = "") -> str:
     """Each later row against the first, on the items both sampled: all-correct difference
-    and speed ratio."""
-    first, lines = rows[0], []
-    for r in rows[1:]:
-        m = min(len(first["correct"]), len(r["correct"]))
-        mean, lo, hi = paired_difference(first["correct"][:m], r["correct"][:m])
-        lines.append(f"{row_name(r)} vs {row_name(first)} on the same {m} captions and noise: "
-                     f"all-correct {100 * mean:+.1f} points (95% paired bootstrap "
-                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}]), "
-                     f"{r['images_per_s'] / first['images_per_s']:.2f}x the speed")
+    and speed ratio. With `against` (the rows of an earlier study's .json, same checkpoint,
+    seed and captions), every row is also compared with each of those rows; the speed ratio
+    is left out there, since the two runs' machines and loads may differ."""
+    lines = []
+    pairs = [(rows[0], r, True) for r in rows[1:]]
+    pairs += [(dict(old, name=f"{row_name(old)} of {source}"), r, False)
+              for old in against or [] if old.get("correct") for r in rows]
+    for base, r, same_run in pairs:
+        m = min(len(base["correct"]), len(r["correct"]))
+        mean, lo, hi = paired_difference(base["correct"][:m], r["correct"][:m])
+        speed = (f", {r['images_per_s'] / base['images_per_s']:.2f}x the speed" if same_run else "")
+        lines.append(f"{row_name(r)} vs {base.get('name') or row_name(base)} on the same {m} "
+                     f"captions: all-correct {100 * mean:+.1f} points (95% paired bootstrap "
+                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}]){speed}")
     return "\n".join(lines)
 
 
@@ -128,7 +139,8 @@ def table(rows: list[dict], with_fid: bool) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for r in rows:
         acc = r.get("accuracy") or {}
-        cells = [r["sampler"].upper() if r["sampler"] != "gt" else "ground truth",
+        eta = f" (eta {r['eta']:g})" if r.get("eta") else ""
+        cells = [r["sampler"].upper() + eta if r["sampler"] != "gt" else "ground truth",
                  str(r["steps"]) if r["steps"] is not None else "-",
                  "-" if r["guidance"] is None else f"{r['guidance']:g}", str(r["n"]),
                  fmt(acc.get("all")), fmt(acc.get("colour")), fmt(acc.get("shape")),
@@ -159,7 +171,17 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 is fastest on a busy shared machine)")
     p.add_argument("--out", default=None, help="also write the table here (and a .json next to it)")
+    p.add_argument("--against", default=None, metavar="STUDY.json",
+                   help="also compare every row, caption by caption, with the rows of an earlier "
+                        "study's .json (same checkpoint, --n and --seed), e.g. a slow DDPM row "
+                        "run once")
     args = p.parse_args(argv)
+    against = None
+    if args.against:
+        with open(args.against) as f:
+            against = [r for r in json.load(f) if r.get("correct")]
+        if not against:
+            raise SystemExit(f"--against {args.against}: no rows with per-caption verdicts")
     from tti.data.coco import load_split
     from tti.metrics.judge import judge_batch, judge_image, summarize_verdicts
 
@@ -174,6 +196,9 @@ def main(argv=None) -> list[dict]:
                      seed=args.seed)
     items = choose_items(val, args.n, args.seed)
     n = len(items)
+    if against and any(len(r["correct"]) != n for r in against):
+        raise SystemExit(f"--against {args.against}: its rows are over "
+                         f"{len(against[0]['correct'])} captions, this study over {n}")
     shapes = is_shapes_dataset(root)
     if not shapes:
         print(f"{root} is not the embedded shapes dataset: no caption accuracy, only speed/FID")
@@ -229,8 +254,8 @@ def main(argv=None) -> list[dict]:
             f"{device_name}, batch {args.batch_size}, seed {args.seed}. "
             f"All correct = the judge finds colour, shape, size, relation right and no extra "
             f"object; img/s = sampling only.\n\n" + table(results, args.fid))
-    if args.settings and shapes and len(sampled) > 1:
-        text += "\n\n" + comparisons(results[1:])
+    if shapes and ((args.settings and len(sampled) > 1) or against):
+        text += "\n\n" + comparisons(results[1:], against, os.path.basename(args.against or ""))
     print("\n" + text)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

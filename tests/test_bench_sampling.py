@@ -3,15 +3,36 @@ import random
 
 import pytest
 
-from bench.sampling import paired_difference, parse_setting
+from bench.sampling import comparisons, paired_difference, parse_setting
 
 
 def test_parse_setting():
-    assert parse_setting("ddim:50:2", 10) == dict(sampler="ddim", steps=50, guidance=2.0, n=10)
-    assert parse_setting("ddpm:all:3.5", 4) == dict(sampler="ddpm", steps=None, guidance=3.5, n=4)
-    for bad in ("ddim:50", "euler:10:2", "ddim:ten:2"):
+    assert parse_setting("ddim:50:2", 10) == dict(sampler="ddim", steps=50, guidance=2.0, n=10, eta=0.0)
+    assert parse_setting("ddim:50:2:0.5", 10)["eta"] == 0.5
+    assert parse_setting("ddpm:all:3.5", 4) == dict(sampler="ddpm", steps=None, guidance=3.5, n=4, eta=0.0)
+    for bad in ("ddim:50", "euler:10:2", "ddim:ten:2", "ddim:50:2:-1", "ddpm:all:2:1", "ddim:5:2:1:1"):
         with pytest.raises(SystemExit, match="sampler:steps:guidance"):
             parse_setting(bad, 1)
+
+
+def test_comparisons_pair_rows_of_this_run_and_of_a_saved_study():
+    """Each row is compared with the first of its run (with a speed ratio) and, caption by
+    caption, with every saved row that has per-caption verdicts (no speed ratio)."""
+    first = dict(sampler="ddim", steps=50, guidance=2.0, correct=[True, False] * 50, images_per_s=100.0)
+    # eta=1 turns 10 of the first row's 50 failures into successes: +10 points, same captions.
+    better = dict(first, eta=1.0, correct=[v or i < 20 for i, v in enumerate(first["correct"])],
+                  images_per_s=50.0)
+    saved = [dict(sampler="ddpm", steps=1000, guidance=2.0, correct=list(better["correct"]),
+                  images_per_s=5.0)]
+    lines = comparisons([first, better], saved, "study.json").splitlines()
+    assert lines[0].startswith("DDIM 50 g=2 eta=1 vs DDIM 50 g=2 on the same 100 captions: "
+                               "all-correct +10.0 points")
+    assert lines[0].endswith("0.50x the speed")
+    assert lines[1].startswith("DDIM 50 g=2 vs DDPM 1000 g=2 of study.json on the same 100 "
+                               "captions: all-correct -10.0 points")
+    assert "speed" not in lines[1]
+    assert "all-correct +0.0 points (95% paired bootstrap [+0.0, +0.0])" in lines[2]  # identical
+    assert len(lines) == 3
 
 
 def test_paired_difference_closed_cases_and_coverage():
@@ -72,3 +93,30 @@ def test_order_separation_is_positive_on_the_data_and_zero_on_a_symmetric_image(
     assert colour_separation(half, "blue", "red") < -8.0
     both = half + half.flip(-1)  # mirror-symmetric: no side preferred
     assert abs(colour_separation(both, "red", "blue")) < 1e-4
+
+
+def test_cli_writes_verdicts_and_compares_a_later_study_against_them(tmp_path_factory, capsys):
+    """bench.sampling end to end on a tiny run: the .json keeps each row's per-caption verdicts;
+    a second study with --against pairs its rows with them (identical settings: +0.0 points),
+    and one over another number of captions is refused."""
+    import json
+
+    from bench.sampling import main
+    from tiny_run import train_tiny_run
+
+    run = train_tiny_run(tmp_path_factory)
+    out = tmp_path_factory.mktemp("study") / "first.md"
+    base = ["--checkpoint", run, "--n", "4", "--batch-size", "4", "--device", "cpu"]
+    first = main(base + ["--settings", "ddim:2:2", "--out", str(out)])
+    saved = json.load(open(out.with_suffix(".json")))
+    assert [r["sampler"] for r in saved] == ["gt", "ddim"]
+    assert saved[1]["correct"] == first[1]["correct"] and len(saved[1]["correct"]) == 4
+    capsys.readouterr()
+    main(base + ["--settings", "ddim:2:2", "ddim:2:2:1", "--against", str(out.with_suffix(".json"))])
+    text = capsys.readouterr().out
+    assert "| DDIM (eta 1) | 2 | 2 | 4 |" in text
+    assert "DDIM 2 g=2 vs DDIM 2 g=2 of first.json on the same 4 captions: all-correct +0.0 points" in text
+    assert "DDIM 2 g=2 eta=1 vs DDIM 2 g=2 of first.json" in text
+    with pytest.raises(SystemExit, match="over 4 captions, this study over 3"):
+        main(base[:2] + ["--n", "3", "--device", "cpu", "--settings", "ddim:2:2",
+                         "--against", str(out.with_suffix(".json"))])
