@@ -42,11 +42,14 @@ def test_overrides_are_typed_and_nested():
     ("model.kind=gan", ["model.kind"]),
     ("sample.steps=5000", ["sample.steps"]),
     ("train.batch_size=63", ["train.batch_size", "divisible"]),
+    ("model.unet.text_skip=true", ["model.unet.text_skip", "text_layers > 0"]),
 ])
 def test_bad_values_fail_naming_the_key(override, words):
     overrides = [override]
     if override.startswith("train.batch_size"):
         overrides.append("train.grad_accum=2")
+    if override.startswith("model.unet.text_skip"):
+        overrides.insert(0, "model.unet.text_layers=0")
     with pytest.raises(ConfigError) as err:
         load_config("configs/shapes32.yaml", overrides)
     for w in words:

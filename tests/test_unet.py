@@ -57,12 +57,13 @@ def test_default_model_shape_and_single_channel():
                 text_batch(2, 3, 24, [3, 3])).shape == (2, 1, 16, 16)
 
 
-@pytest.mark.parametrize("pooled_text,self_attn,pos,text_layers", [
-    (True, None, False, 0), (False, None, False, 0), (True, (8,), True, 0), (True, (8,), True, 2)])
-def test_padding_tokens_never_change_the_output(pooled_text, self_attn, pos, text_layers):
+@pytest.mark.parametrize("pooled_text,self_attn,pos,text_layers,skip", [
+    (True, None, False, 0, False), (False, None, False, 0, False), (True, (8,), True, 0, False),
+    (True, (8,), True, 2, False), (True, (8,), True, 2, True)])
+def test_padding_tokens_never_change_the_output(pooled_text, self_attn, pos, text_layers, skip):
     model = randomize(tiny_unet(pooled_text=pooled_text, self_attn_resolutions=self_attn,
                                 position_embedding=pos, text_layers=text_layers,
-                                text_width=32)).eval()
+                                text_width=32, text_skip=skip)).eval()
     real = torch.randn(2, 6, 24)
     short = TextBatch(torch.cat([real, torch.randn(2, 2, 24)], 1),
                       torch.arange(8)[None].expand(2, 8) < torch.tensor([[6], [4]]))
@@ -118,6 +119,22 @@ def test_every_parameter_gets_a_gradient():
     assert missing == []
 
 
+def test_text_skip_keeps_what_the_text_layers_drop():
+    """With the text layers' input projection zeroed, their output no longer depends on the
+    caption: the UNet is then blind to the text, unless text_skip hands it the encoder's
+    tokens as well (cross-attention and the pooled text then read 32 + 24 channels)."""
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
+    text_a, text_b = text_batch(1, 4, 24, [4]), text_batch(1, 4, 24, [4])
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = randomize(tiny_unet(text_layers=1, text_width=32, text_skip=skip)).eval()
+        assert model.text_pool.in_features == (32 + 24 if skip else 32)
+        with torch.no_grad():
+            model.text_adapter.proj.weight.zero_()
+            change = (model(x, t, text_a) - model(x, t, text_b)).abs().max()
+        assert (change > 1e-3) if skip else (change < 1e-6), (skip, change)
+
+
 def test_timestep_embedding_is_sinusoidal():
     emb = timestep_embedding(torch.tensor([0, 7]), 6)
     assert emb.shape == (2, 6)
@@ -136,6 +153,7 @@ def test_timestep_embedding_is_sinusoidal():
     (dict(dropout=1.0), "dropout"),
     (dict(self_attn_resolutions=(32,)), "subset"),
     (dict(position_init="learned"), "position_init"),
+    (dict(text_skip=True), "text_skip needs text_layers"),
 ])
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -65,6 +65,7 @@ class UNetConfig:
     coord_channels: bool = False     # (x, y) of each pixel as 2 extra input channels (CoordConv)
     text_layers: int = 0             # trainable transformer layers over the text tokens
     text_width: int = 128            # their width (the encoder's tokens are projected to it)
+    text_skip: bool = False          # cross-attention also reads the encoder's own tokens
     head_dim: int = 32
     dropout: float = 0.0
     pooled_text: bool = True
@@ -302,6 +303,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                    f"{u.text_width} must be a positive multiple of model.unet.head_dim {u.head_dim}")
         _check(u.position_init in ("random", "sinusoidal"), "model.unet.position_init",
                f"must be 'random' or 'sinusoidal', got {u.position_init!r}")
+        _check(not u.text_skip or u.text_layers > 0, "model.unet.text_skip",
+               "needs model.unet.text_layers > 0 (with no text layers the UNet reads the "
+               "encoder's tokens anyway)")
         attn_channels = [c for i, c in enumerate(u.channels)
                          if d.image_size // 2 ** i in u.attn_resolutions]
         _check(u.head_dim > 0 and all(c % u.head_dim == 0 for c in attn_channels),

@@ -126,7 +126,7 @@ def build_unet(u: UNetConfig, image_size: int, context_dim: int) -> nn.Module:
                                        else tuple(u.self_attn_resolutions)),
                 position_embedding=u.position_embedding, text_layers=u.text_layers,
                 text_width=u.text_width, position_init=u.position_init,
-                coord_channels=u.coord_channels)
+                coord_channels=u.coord_channels, text_skip=u.text_skip)
 
 
 def build_generator(cfg: Config, text_encoder: nn.Module) -> nn.Module:

@@ -268,6 +268,12 @@ class UNet(nn.Module):
     position_init: "random" (N(0, 0.02)) or "sinusoidal" (a 2-D sin/cos code of amplitude 1).
     coord_channels: feed each pixel's (x, y) as two extra input channels (CoordConv), so the
         convolutions, not only attention, know where they are.
+    text_skip: cross-attention (and the pooled text) read the text layers' output and the
+        encoder's own tokens side by side (width text_width + context_dim). The text layers
+        are trained only through the diffusion loss, so they drop what the UNet does not use
+        yet — e.g. which object a caption puts on the left, which is linearly readable from
+        MiniLM's layer-3 tokens (bench/text_probe.py) but not from the trained layers' output
+        (README, relation study); with the skip it stays there for the UNet to find.
     """
 
     def __init__(self, image_channels: int = 3, channels: tuple[int, ...] = (32, 64, 96),
@@ -276,7 +282,8 @@ class UNet(nn.Module):
                  dropout: float = 0.0, pooled_text: bool = True,
                  self_attn_resolutions: tuple[int, ...] | None = None,
                  position_embedding: bool = False, text_layers: int = 0, text_width: int = 128,
-                 position_init: str = "random", coord_channels: bool = False):
+                 position_init: str = "random", coord_channels: bool = False,
+                 text_skip: bool = False):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
@@ -301,9 +308,14 @@ class UNet(nn.Module):
         if text_layers < 0 or (text_layers and text_width % head_dim):
             raise ValueError(f"UNet: text_layers must be >= 0 and text_width ({text_width}) "
                              f"divisible by head_dim ({head_dim})")
+        if text_skip and not text_layers:
+            raise ValueError("UNet: text_skip needs text_layers > 0 (without text layers the "
+                             "encoder's tokens are what cross-attention reads anyway)")
         self.text_adapter = (TextAdapter(context_dim, text_width, text_layers, head_dim)
                              if text_layers else None)
-        cross_dim = text_width if text_layers else context_dim  # what cross-attention reads
+        self.text_skip = text_skip
+        # What cross-attention reads: the encoder's tokens, the text layers' output, or both.
+        cross_dim = (text_width + context_dim * text_skip) if text_layers else context_dim
         self.text_pool = nn.Linear(cross_dim, emb_dim) if pooled_text else None
 
         def stage(in_ch: int, out_ch: int, size: int) -> Stage:
@@ -398,7 +410,8 @@ class UNet(nn.Module):
         attn_mask = mask[:, None, None, :] | (count == 0)[:, None, None, :]
 
         if self.text_adapter is not None:
-            tokens = self.text_adapter(tokens, attn_mask).masked_fill(~mask[..., None], 0.0)
+            adapted = self.text_adapter(tokens, attn_mask).masked_fill(~mask[..., None], 0.0)
+            tokens = torch.cat([adapted, tokens], dim=-1) if self.text_skip else adapted
 
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype))
         if self.text_pool is not None:
