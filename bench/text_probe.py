@@ -21,6 +21,13 @@ find in the keys to put each object on its side, and a linear readout is what on
 cross-attention layer has.
 
     python -m bench.text_probe --linear-role --threads 1   # ~2 minutes on one core
+
+With `--checkpoint RUN`, the same linear probe reads a trained diffusion model instead: the
+encoder tokens its UNet gets, the output of its trainable text layers (what cross-attention
+reads), and the keys of each cross-attention block; and the same for a fresh, untrained
+UNet of the same config (seed 0). Does the role survive the text layers?
+
+    python -m bench.text_probe --linear-role --checkpoint results/shapes32_diffusion/0 --threads 1
 """
 from __future__ import annotations
 
@@ -120,6 +127,68 @@ def linear_role_table(encoder: TextEncoder, train_images: int, val_images: int) 
         print(f"| {name} | {acc_train:.3f} | {acc_val:.3f} |", flush=True)
 
 
+def colour_positions(tokenizer, captions: list[str], targets: torch.Tensor) -> list[tuple[int, int, float]]:
+    """(caption index, token index of the colour word's first sub-token, label 1 = left/top
+    object) for both objects of every two-object caption, in role_features' order."""
+    colours = list(COLOURS)
+    first_piece = {c: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(c)[0]) for c in colours}
+    out = []
+    for i, caption in enumerate(captions):
+        ids = tokenizer(caption)["input_ids"]
+        for colour_index, label in ((targets[i][0], 1.0), (targets[i][3], 0.0)):
+            out.append((i, ids.index(first_piece[colours[int(colour_index)]]), label))
+    return out
+
+
+@torch.no_grad()
+def model_role_features(model, unet, captions: list[str], targets: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """What a diffusion model's UNet reads, at each colour token: {"encoder tokens",
+    "text layers", "keys <i>" per cross-attention block} -> float [2N, width], and labels."""
+    blocks = [m for m in unet.modules() if hasattr(m, "kv_cross")]
+    where = colour_positions(model.text.tokenizer, captions, targets)
+    feats: dict[str, list] = {}
+    for start in range(0, len(captions), 256):
+        text = model.text(captions[start:start + 256])
+        tokens = text.tokens.masked_fill(~text.mask[..., None], 0.0)
+        read = {"encoder tokens": tokens}
+        if unet.text_adapter is not None:
+            adapted = unet.text_adapter(tokens, text.mask[:, None, None, :])
+            read["text layers"] = adapted
+            if getattr(unet, "text_skip", False):
+                adapted = torch.cat([adapted, tokens], dim=-1)
+        else:
+            adapted = tokens
+        for k, block in enumerate(blocks):
+            read[f"keys {k}"] = block.kv_cross(adapted).chunk(2, dim=-1)[0]
+        for i, pos, _ in where:
+            if start <= i < start + 256:
+                for name, value in read.items():
+                    feats.setdefault(name, []).append(value[i - start, pos])
+    return {k: torch.stack(v) for k, v in feats.items()}, torch.tensor([w[2] for w in where])
+
+
+def checkpoint_role_table(path: str, train_images: int, val_images: int) -> None:
+    from tti.model import build_unet, load_for_inference
+
+    model, cfg = load_for_inference(path, "cpu")
+    if cfg.model.kind != "diffusion":
+        raise SystemExit(f"--checkpoint: {path} is a {cfg.model.kind} model; this probe reads a UNet")
+    torch.manual_seed(0)
+    fresh = build_unet(cfg.model.unet, cfg.data.image_size, model.text.dim).eval()
+    train = two_object_captions(train_images, "train")
+    val = two_object_captions(val_images, "val")
+    print(f"linear role probe of {path} (encoder hidden state {cfg.text.hidden_layer}): "
+          f"{2 * len(train[0])} train / {2 * len(val[0])} val colour tokens")
+    print("| read at the colour token | trained UNet: val | untrained UNet: val |\n|---|---|---|")
+    results = {}
+    for name, unet in (("trained", model.generator.unet), ("untrained", fresh)):
+        (x_train, y_train), (x_val, y_val) = (model_role_features(model, unet, *train),
+                                              model_role_features(model, unet, *val))
+        results[name] = {k: linear_accuracy(x_train[k], y_train, x_val[k], y_val)[1] for k in x_train}
+    for k, acc in results["trained"].items():
+        print(f"| {k} | {acc:.3f} | {results['untrained'][k]:.3f} |", flush=True)
+
+
 class Probe(nn.Module):
     """TextAdapter (as in the UNet), then one learned query per target attends to its output."""
 
@@ -152,11 +221,19 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--linear-role", action="store_true",
                         help="only the per-layer linear probe of the left/top role (see the docstring)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="with --linear-role: probe this diffusion run's text layers and keys")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
+    if args.checkpoint:
+        if not args.linear_role:
+            raise SystemExit("--checkpoint goes with --linear-role")
+        checkpoint_role_table(args.checkpoint, args.train_images // 2, args.val_images)
+        print(f"total {time.perf_counter() - start:.0f} s")
+        return
     encoder = TextEncoder(PACKAGED_MINILM)
     if args.linear_role:
         linear_role_table(encoder, args.train_images // 2, args.val_images)
