@@ -270,10 +270,11 @@ class UNet(nn.Module):
         convolutions, not only attention, know where they are.
     text_skip: cross-attention (and the pooled text) read the text layers' output and the
         encoder's own tokens side by side (width text_width + context_dim). The text layers
-        are trained only through the diffusion loss, so they drop what the UNet does not use
-        yet — e.g. which object a caption puts on the left, which is linearly readable from
-        MiniLM's layer-3 tokens (bench/text_probe.py) but not from the trained layers' output
-        (README, relation study); with the skip it stays there for the UNet to find.
+        are trained only through the diffusion loss and drop what the UNet does not use yet
+        (e.g. which object a caption puts on the left: linearly readable from MiniLM's
+        layer-3 tokens, not from the trained layers' output; bench/text_probe.py). The skip
+        makes the encoder's tokens readable again; measured, the keys still lose that role
+        in training (README, relation study), so it is off by default.
     """
 
     def __init__(self, image_channels: int = 3, channels: tuple[int, ...] = (32, 64, 96),
