@@ -112,18 +112,18 @@ def row_name(r: dict) -> str:
 
 def comparisons(rows: list[dict], against: list[dict] | None = None, source: str = "") -> str:
     """Each later row against the first, on the items both sampled: all-correct difference
-    and speed ratio. With `against` (the rows of an earlier study's .json, same checkpoint,
-    seed and captions), every row is also compared with each of those rows; the speed ratio
-    is left out there, since the two runs' machines and loads may differ."""
+    and speed ratio. With `against` (the rows of an earlier study's .json that have per-caption
+    verdicts, same checkpoint, seed and captions), every row is also compared with each of
+    those rows; the speed ratio is left out there, since the two runs' machines and loads
+    may differ."""
     lines = []
-    pairs = [(rows[0], r, True) for r in rows[1:]]
-    pairs += [(dict(old, name=f"{row_name(old)} of {source}"), r, False)
-              for old in against or [] if old.get("correct") for r in rows]
-    for base, r, same_run in pairs:
+    pairs = [(row_name(rows[0]), rows[0], r, True) for r in rows[1:]]
+    pairs += [(f"{row_name(old)} of {source}", old, r, False) for old in against or [] for r in rows]
+    for base_name, base, r, same_run in pairs:
         m = min(len(base["correct"]), len(r["correct"]))
         mean, lo, hi = paired_difference(base["correct"][:m], r["correct"][:m])
         speed = (f", {r['images_per_s'] / base['images_per_s']:.2f}x the speed" if same_run else "")
-        lines.append(f"{row_name(r)} vs {base.get('name') or row_name(base)} on the same {m} "
+        lines.append(f"{row_name(r)} vs {base_name} on the same {m} "
                      f"captions: all-correct {100 * mean:+.1f} points (95% paired bootstrap "
                      f"[{100 * lo:+.1f}, {100 * hi:+.1f}]){speed}")
     return "\n".join(lines)

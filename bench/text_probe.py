@@ -76,24 +76,31 @@ def encode(encoder: TextEncoder, captions: list[str], layer: int, length: int):
     return torch.cat(tokens), torch.cat(masks)
 
 
+def colour_positions(tokenizer, captions: list[str], targets: torch.Tensor) -> list[tuple[int, int, float]]:
+    """(caption index, token index of the colour word's first sub-token, label 1 = left/top
+    object) for both objects of every two-object caption: entries 2i and 2i + 1 are caption i's."""
+    colours = list(COLOURS)
+    first_piece = {c: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(c)[0]) for c in colours}
+    out = []
+    for i, caption in enumerate(captions):
+        ids = tokenizer(caption)["input_ids"]
+        for colour_index, label in ((targets[i][0], 1.0), (targets[i][3], 0.0)):
+            out.append((i, ids.index(first_piece[colours[int(colour_index)]]), label))
+    return out
+
+
 @torch.no_grad()
 def role_features(encoder: TextEncoder, captions: list[str], targets: torch.Tensor):
     """Hidden states of every layer at the first sub-token of each object's colour word.
 
     Returns float [layers + 1, 2N, D] and float [2N] labels (1 = the left/top object)."""
-    colours = list(COLOURS)
-    first_piece = {c: encoder.tokenizer.convert_tokens_to_ids(encoder.tokenizer.tokenize(c)[0]) for c in colours}
-    feats, labels = [], []
-    for i in range(0, len(captions), 256):
-        enc = encoder.tokenizer(captions[i:i + 256], padding=True, return_tensors="pt")
+    where = colour_positions(encoder.tokenizer, captions, targets)
+    feats = []
+    for start in range(0, len(captions), 256):
+        enc = encoder.tokenizer(captions[start:start + 256], padding=True, return_tensors="pt")
         states = torch.stack(encoder.model(**enc, output_hidden_states=True).hidden_states)  # [layers+1, B, L, D]
-        for j, ids in enumerate(enc["input_ids"].tolist()):
-            y = targets[i + j]
-            for colour_index, label in ((y[0], 1.0), (y[3], 0.0)):
-                pos = ids.index(first_piece[colours[colour_index]])
-                feats.append(states[:, j, pos])
-                labels.append(label)
-    return torch.stack(feats, 1), torch.tensor(labels)
+        feats += [states[:, i - start, pos] for i, pos, _ in where[2 * start:2 * (start + 256)]]
+    return torch.stack(feats, 1), torch.tensor([label for _, _, label in where])
 
 
 def linear_accuracy(x_train, y_train, x_val, y_val, l2: float = 1e-3) -> tuple[float, float]:
@@ -127,19 +134,6 @@ def linear_role_table(encoder: TextEncoder, train_images: int, val_images: int) 
         print(f"| {name} | {acc_train:.3f} | {acc_val:.3f} |", flush=True)
 
 
-def colour_positions(tokenizer, captions: list[str], targets: torch.Tensor) -> list[tuple[int, int, float]]:
-    """(caption index, token index of the colour word's first sub-token, label 1 = left/top
-    object) for both objects of every two-object caption, in role_features' order."""
-    colours = list(COLOURS)
-    first_piece = {c: tokenizer.convert_tokens_to_ids(tokenizer.tokenize(c)[0]) for c in colours}
-    out = []
-    for i, caption in enumerate(captions):
-        ids = tokenizer(caption)["input_ids"]
-        for colour_index, label in ((targets[i][0], 1.0), (targets[i][3], 0.0)):
-            out.append((i, ids.index(first_piece[colours[int(colour_index)]]), label))
-    return out
-
-
 @torch.no_grad()
 def model_role_features(model, unet, captions: list[str], targets: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """What a diffusion model's UNet reads, at each colour token: {"encoder tokens",
@@ -150,20 +144,15 @@ def model_role_features(model, unet, captions: list[str], targets: torch.Tensor)
     for start in range(0, len(captions), 256):
         text = model.text(captions[start:start + 256])
         tokens = text.tokens.masked_fill(~text.mask[..., None], 0.0)
+        context = unet.text_context(tokens, text.mask, text.mask[:, None, None, :])
         read = {"encoder tokens": tokens}
-        if unet.text_adapter is not None:
-            adapted = unet.text_adapter(tokens, text.mask[:, None, None, :])
-            read["text layers"] = adapted
-            if getattr(unet, "text_skip", False):
-                adapted = torch.cat([adapted, tokens], dim=-1)
-        else:
-            adapted = tokens
+        if unet.text_adapter is not None:  # the text layers' channels come first in the context
+            read["text layers"] = context[..., :unet.text_adapter.proj.out_features]
         for k, block in enumerate(blocks):
-            read[f"keys {k}"] = block.kv_cross(adapted).chunk(2, dim=-1)[0]
-        for i, pos, _ in where:
-            if start <= i < start + 256:
-                for name, value in read.items():
-                    feats.setdefault(name, []).append(value[i - start, pos])
+            read[f"keys {k}"] = block.kv_cross(context).chunk(2, dim=-1)[0]
+        for i, pos, _ in where[2 * start:2 * (start + 256)]:
+            for name, value in read.items():
+                feats.setdefault(name, []).append(value[i - start, pos])
     return {k: torch.stack(v) for k, v in feats.items()}, torch.tensor([w[2] for w in where])
 
 

@@ -384,6 +384,17 @@ class UNet(nn.Module):
                 raise ValueError(f"UNet: level width {ch} at resolution {r} is not divisible by "
                                  f"head_dim {head_dim}")
 
+    def text_context(self, tokens: torch.Tensor, mask: torch.Tensor,
+                     attn_mask: torch.Tensor) -> torch.Tensor:
+        """What cross-attention and the pooled text read: the encoder's tokens, the text
+        layers' output, or (text_skip) both side by side, the text layers' channels first.
+        tokens: float [B, L, context_dim] (padding zeroed); mask: bool [B, L];
+        attn_mask: bool [B, 1, 1, L] -> float [B, L, cross_dim], padding zeroed."""
+        if self.text_adapter is None:
+            return tokens
+        adapted = self.text_adapter(tokens, attn_mask).masked_fill(~mask[..., None], 0.0)
+        return torch.cat([adapted, tokens], dim=-1) if self.text_skip else adapted
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """x: float [B, C, H, W] (H = W = image_size); t: int or float [B] (or a scalar);
         text: TextBatch(tokens float [B, L, context_dim], mask bool [B, L]).
@@ -410,9 +421,7 @@ class UNet(nn.Module):
         has_text = (count > 0).to(x.dtype)[:, :, None]  # [B, 1, 1]
         attn_mask = mask[:, None, None, :] | (count == 0)[:, None, None, :]
 
-        if self.text_adapter is not None:
-            adapted = self.text_adapter(tokens, attn_mask).masked_fill(~mask[..., None], 0.0)
-            tokens = torch.cat([adapted, tokens], dim=-1) if self.text_skip else adapted
+        tokens = self.text_context(tokens, mask, attn_mask)
 
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype))
         if self.text_pool is not None:
