@@ -37,7 +37,7 @@ import time
 import numpy as np
 import torch
 
-from tti.data.shapes import (COLOURS, RELATION_PHRASES, Scene, ShapeObject, generate_examples,
+from tti.data.shapes import (COLOURS, Scene, ShapeObject, canonical_caption, generate_examples,
                              parse_caption, render, sample_centres)
 from tti.metrics.judge import RELATION_OUTCOMES, judge_image, relation_outcome
 from tti.model import PRECISIONS, load_for_inference
@@ -125,15 +125,6 @@ def data_separation(image_size: int, draws: int = 256, seed: int = 0) -> float:
         mean = torch.from_numpy(np.stack(renders).astype(np.float32).mean(0) / 255).permute(2, 0, 1)
         seps.append(colour_separation(mean, a, b))
     return sum(seps) / len(seps)
-
-
-def canonical_caption(caption: str) -> str:
-    """The caption's facts as "a A" or "a A <left of | above> a B" (A = the left/top object)."""
-    scene = parse_caption(caption)
-    if scene.relation is None:
-        return f"a {scene.objects[0].phrase()}"
-    a, b = scene.objects
-    return f"a {a.phrase()} {RELATION_PHRASES[scene.relation]} a {b.phrase()}"
 
 
 def write_canonical(src: str, out: str) -> None:

@@ -38,6 +38,9 @@ class DataConfig:
     generate_shapes: bool = False    # build the embedded dataset into root if it is missing
     shapes_train: int = 20000
     shapes_val: int = 1000
+    # Share of training captions replaced by their canonical phrasing (shapes only; the
+    # left/top object named first, tti/data/canonical.py); 0 = the captions as written.
+    canonical_caption_fraction: float = 0.0
 
 
 @dataclass
@@ -275,6 +278,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
            f"must be one of 16/32/64/128/256, got {d.image_size}")
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _check(0 <= d.canonical_caption_fraction <= 1, "data.canonical_caption_fraction",
+           f"must be in [0, 1], got {d.canonical_caption_fraction}")
     _check(0 <= t.caption_dropout < 1, "text.caption_dropout", "must be in [0, 1)")
     _check(t.max_length >= 2, "text.max_length", "must be >= 2")
     _check(t.lr > 0, "text.lr", "must be > 0")

@@ -91,7 +91,11 @@ def open_datasets(cfg: Config, info):
         for split in (d.train_split, d.val_split):
             open_split(split)
     distributed.barrier()  # the other ranks open the caches local rank 0 finished
-    return open_split(d.train_split), open_split(d.val_split)
+    train_set = open_split(d.train_split)
+    if d.canonical_caption_fraction > 0:  # shapes only: a share of plain-word-order captions
+        from tti.data.canonical import CanonicalCaptionMix
+        train_set = CanonicalCaptionMix(train_set, d.canonical_caption_fraction, seed=cfg.train.seed)
+    return train_set, open_split(d.val_split)
 
 
 def collate(batch):

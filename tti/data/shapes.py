@@ -160,6 +160,17 @@ def parse_caption(text: str) -> Scene:
     raise ValueError(f"parse_caption: cannot parse shapes caption {text!r}")
 
 
+def canonical_caption(caption: str) -> str:
+    """The caption's facts in the one phrasing whose word order gives the layout: "a A", or
+    "a A to the left of a B" / "a A above a B" with A the left/top object. Raises ValueError
+    (naming the caption) for a caption no template wrote."""
+    scene = parse_caption(caption)
+    if scene.relation is None:
+        return f"a {scene.objects[0].phrase()}"
+    a, b = scene.objects
+    return f"a {a.phrase()} {RELATION_PHRASES[scene.relation]} a {b.phrase()}"
+
+
 def is_held_out(caption: str) -> bool:
     """True when the caption mentions a (colour, shape) pair from HELD_OUT_PAIRS."""
     return any((o.colour, o.shape) in HELD_OUT_PAIRS for o in parse_caption(caption).objects)
