@@ -57,13 +57,14 @@ def test_default_model_shape_and_single_channel():
                 text_batch(2, 3, 24, [3, 3])).shape == (2, 1, 16, 16)
 
 
-@pytest.mark.parametrize("pooled_text,self_attn,pos,text_layers,skip", [
-    (True, None, False, 0, False), (False, None, False, 0, False), (True, (8,), True, 0, False),
-    (True, (8,), True, 2, False), (True, (8,), True, 2, True)])
-def test_padding_tokens_never_change_the_output(pooled_text, self_attn, pos, text_layers, skip):
+@pytest.mark.parametrize("pooled_text,self_attn,pos,text_layers,skip,add", [
+    (True, None, False, 0, False, False), (False, None, False, 0, False, False),
+    (True, (8,), True, 0, False, False), (True, (8,), True, 2, False, False),
+    (True, (8,), True, 2, True, False), (True, (8,), True, 2, False, True)])
+def test_padding_tokens_never_change_the_output(pooled_text, self_attn, pos, text_layers, skip, add):
     model = randomize(tiny_unet(pooled_text=pooled_text, self_attn_resolutions=self_attn,
                                 position_embedding=pos, text_layers=text_layers,
-                                text_width=32, text_skip=skip)).eval()
+                                text_width=32, text_skip=skip, add_full_res_skips=add)).eval()
     real = torch.randn(2, 6, 24)
     short = TextBatch(torch.cat([real, torch.randn(2, 2, 24)], 1),
                       torch.arange(8)[None].expand(2, 8) < torch.tensor([[6], [4]]))
@@ -117,6 +118,27 @@ def test_every_parameter_gets_a_gradient():
     out.square().mean().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+@pytest.mark.parametrize("size,channels,blocks", [(32, (16, 32, 32), 1), (32, (16, 32, 32), 2),
+                                                  (64, (16, 32, 32, 32), 1)])
+def test_added_full_res_skips(size, channels, blocks):
+    """add_full_res_skips: the full-resolution blocks on the way up run at channels[0] in and
+    out (no 1x1 projection), every skip still reaches them, and the rest is unchanged."""
+    kwargs = dict(channels=channels, num_res_blocks=blocks, attn_resolutions=(16, 8),
+                  image_size=size, context_dim=24, head_dim=16)
+    concat, added = UNet(**kwargs), randomize(UNet(add_full_res_skips=True, **kwargs))
+    full_res = [b for b, adds in zip(added.up, added.up_adds_skip) if adds]
+    assert len(full_res) == blocks + 1
+    assert all(b.res.conv1.in_channels == channels[0] and isinstance(b.res.skip, torch.nn.Identity)
+               for b in full_res)
+    assert sum(added.up_adds_skip) == blocks + 1  # only there: the lower levels concatenate
+    assert sum(p.numel() for p in added.parameters()) < sum(p.numel() for p in concat.parameters())
+    x, t, text = torch.randn(2, 3, size, size), torch.tensor([3, 500]), text_batch(2, 5, 24, [5, 2])
+    out = added(x, t, text)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert [n for n, p in added.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
 
 
 def test_text_skip_keeps_what_the_text_layers_drop():
