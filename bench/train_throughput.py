@@ -3,7 +3,7 @@
 One training step = forward + backward + AdamW step on a batch of noisy images with text
 tokens, under the same precision for both (fp32, or bf16 autocast: what `train.precision:
 auto` picks on CUDA and on bf16-capable CPUs). Ours is the UNet of configs/shapes32.yaml
-(or --config). The two UNets are measured in the same run,
+(or --config, with --set overrides). The UNets are measured in the same run,
 alternating step by step, so a shared machine slows both alike: compare the ratio.
 The diffusers model is the one, among a small grid of widths, whose parameter count is
 closest to ours (same levels, cross-attention at the same resolutions, one res block per
@@ -11,7 +11,8 @@ level, cross_attention_dim = our context_dim, head width 32).
 
 On CPU in bf16, a third row times our UNet with attention left to SDPA's default kernel
 instead of the math path that tti.unet.attention picks when training on CPU in bf16/fp16
-(the ablation of that choice).
+(the ablation of that choice). When our UNet adds its full-resolution skips
+(model.unet.add_full_res_skips), a further row times it with them concatenated.
 
 Then, with the real frozen encoder (TextEncoder("packaged-minilm") at the config's
 text.hidden_layer), a full Diffusion.loss
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import math
 import random
@@ -176,7 +178,9 @@ def shapes_captions(n: int, seed: int = 0) -> list[str]:
     return pool[:n]
 
 
-def bench_unets(args, device, amp, ours):
+def bench_unets(args, device, amp, ours, concat_ours=None):
+    """concat_ours: our UNet with the full-resolution skips concatenated, when `ours` adds
+    them (the ablation of model.unet.add_full_res_skips), else None."""
     theirs_raw, widths = matched_diffusers_unet(count_params(ours), ours.channels[0],
                                                len(ours.channels), args.size, ours.context_dim)
     theirs_raw = theirs_raw.to(device)
@@ -185,6 +189,8 @@ def bench_unets(args, device, amp, ours):
     if device.type == "cpu" and amp is not None:  # the math-path choice: CPU, bf16/fp16 only
         models["tti UNet, default SDPA kernel (ablation)"] = (copy.deepcopy(ours),
                                                               call_ours_default_kernel)
+    if concat_ours is not None:
+        models["tti UNet, concatenated full-res skips (ablation)"] = (concat_ours, call_ours)
     trainers = []
     for name, (raw, call) in models.items():
         model = torch.compile(raw) if args.compile else raw
@@ -212,9 +218,10 @@ def bench_unets(args, device, amp, ours):
     names = list(rates)
     print(f"ratio (tti / diffusers img/s, {precision_name(amp)}): "
           f"{rates[names[0]] / rates[names[1]]:.2f}x")
-    if len(names) > 2:
-        print(f"ratio (tti with the math attention path / default SDPA kernel): "
-              f"{rates[names[0]] / rates[names[2]]:.2f}x")
+    for name in names[2:]:
+        what = ("the math attention path / default SDPA kernel" if "SDPA" in name
+                else "added / concatenated full-res skips")
+        print(f"ratio (tti with {what}): {rates[names[0]] / rates[name]:.2f}x")
     return trainers[0].model
 
 
@@ -288,6 +295,8 @@ def main():
                              "the UNet comparison runs once per entry")
     parser.add_argument("--config", default="configs/shapes32.yaml",
                         help="our UNet is model.unet of this config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, as in tti.train (repeatable)")
     args = parser.parse_args()
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be >= 1 and --warmup >= 0")
@@ -304,12 +313,14 @@ def main():
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     start = time.perf_counter()
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     u = cfg.model.unet
     ours = build_unet(u, args.size, context_dim=384).to(device)  # MiniLM's token width
+    concat_ours = (build_unet(dataclasses.replace(u, add_full_res_skips=False), args.size,
+                              context_dim=384).to(device) if u.add_full_res_skips else None)
     print(f"ours: model.unet of {args.config}: {u}")
     for amp in precisions:
-        trained_ours = bench_unets(args, device, amp, ours)
+        trained_ours = bench_unets(args, device, amp, ours, concat_ours)
     if not args.skip_text:
         bench_text_cache(args, device, precisions[-1], ours if not args.compile else trained_ours,
                          hidden_layer=cfg.text.hidden_layer)
