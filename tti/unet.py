@@ -279,8 +279,10 @@ class UNet(nn.Module):
     add_full_res_skips: at the full-resolution level the way up *adds* each skip to the
         features instead of concatenating them (the upsample into that level maps to its
         width). The full-resolution convolutions then run at channels[0] in and out, with no
-        1x1 skip projections: ~18% less training time at 32x32 for 2% fewer parameters
-        (bench/train_throughput.py); the lower levels keep concatenation.
+        1x1 skip projections: 12% fewer FLOPs, 2% fewer parameters, steps 1.09x (bf16) to
+        1.18x (fp32) faster at 32x32 (bench/train_throughput.py); the lower levels keep
+        concatenation. Measured, it learnt less within the quickstart's budget (seen
+        all-correct 0.432 against 0.582; README, Benchmarks), so it is off by default.
     """
 
     def __init__(self, image_channels: int = 3, channels: tuple[int, ...] = (32, 64, 96),

@@ -8,7 +8,10 @@ order. Trained on the real captions alone, the UNet never learns which object go
 (README, relation study); with every caption canonical it learns "the first-named object
 goes left/top" within 80k images but then misreads the other phrasings. This wrapper
 replaces a share of the training captions with their canonical phrasing, so that word
-order predicts the layout in most captions while the model still sees every phrasing.
+order predicts the layout in most captions while the model still sees every phrasing:
+with half of them canonical, the quickstart UNet (coord + sin) learnt the order rule by
+80k images and then the relation words on top of it (in-loop relation on the real val
+captions 0.92 at 160k; README, relation study).
 
 It uses what the shapes generator knows (each caption's scene) and so does not apply to
 COCO; validation captions are never rewritten.
