@@ -186,11 +186,16 @@ def bench_unets(args, device, amp, ours, concat_ours=None):
     theirs_raw = theirs_raw.to(device)
     models = {"tti UNet": (ours, call_ours),
               f"diffusers UNet2DConditionModel{widths}": (theirs_raw, call_diffusers)}
+    ablations = {}  # row name -> what its ratio line compares
     if device.type == "cpu" and amp is not None:  # the math-path choice: CPU, bf16/fp16 only
         models["tti UNet, default SDPA kernel (ablation)"] = (copy.deepcopy(ours),
                                                               call_ours_default_kernel)
+        ablations["tti UNet, default SDPA kernel (ablation)"] = \
+            "the math attention path / default SDPA kernel"
     if concat_ours is not None:
         models["tti UNet, concatenated full-res skips (ablation)"] = (concat_ours, call_ours)
+        ablations["tti UNet, concatenated full-res skips (ablation)"] = \
+            "added / concatenated full-res skips"
     trainers = []
     for name, (raw, call) in models.items():
         model = torch.compile(raw) if args.compile else raw
@@ -218,9 +223,7 @@ def bench_unets(args, device, amp, ours, concat_ours=None):
     names = list(rates)
     print(f"ratio (tti / diffusers img/s, {precision_name(amp)}): "
           f"{rates[names[0]] / rates[names[1]]:.2f}x")
-    for name in names[2:]:
-        what = ("the math attention path / default SDPA kernel" if "SDPA" in name
-                else "added / concatenated full-res skips")
+    for name, what in ablations.items():
         print(f"ratio (tti with {what}): {rates[names[0]] / rates[name]:.2f}x")
     return trainers[0].model
 
