@@ -72,18 +72,22 @@ class CanonicalCaptionMix(Dataset):
     def captions(self, i: int) -> list[str]:
         """Every caption item i can carry: the dataset's, then the canonical one if new."""
         own = self.dataset.captions(i)
-        canonical = self._canonical[int(i) % len(self)]
+        canonical = self._canonical[self._row(i)]
         return own + [canonical] if self.fraction > 0 and canonical not in own else own
 
     def uses_canonical(self, i: int, epoch: int | None = None) -> bool:
         """Whether item i carries its canonical caption in `epoch` (default: the current)."""
         epoch = self.epoch if epoch is None else int(epoch)
         # A stream of its own (the trailing 1), apart from the dataset's caption draw.
-        state = np.random.SeedSequence([self.seed, epoch, int(i) % len(self), 1]).generate_state(1)[0]
+        state = np.random.SeedSequence([self.seed, epoch, self._row(i), 1]).generate_state(1)[0]
         return state / 2.0 ** 32 < self.fraction
+
+    def _row(self, i) -> int:
+        """Row of index i; negative indices count from the end, as in the dataset."""
+        return int(i) % len(self)
 
     def __getitem__(self, i):
         image, caption = self.dataset[i]
         if self.uses_canonical(i):
-            caption = self._canonical[int(i) % len(self)]
+            caption = self._canonical[self._row(i)]
         return image, caption
