@@ -188,14 +188,13 @@ def bench_unets(args, device, amp, ours, concat_ours=None):
               f"diffusers UNet2DConditionModel{widths}": (theirs_raw, call_diffusers)}
     ablations = {}  # row name -> what its ratio line compares
     if device.type == "cpu" and amp is not None:  # the math-path choice: CPU, bf16/fp16 only
-        models["tti UNet, default SDPA kernel (ablation)"] = (copy.deepcopy(ours),
-                                                              call_ours_default_kernel)
-        ablations["tti UNet, default SDPA kernel (ablation)"] = \
-            "the math attention path / default SDPA kernel"
+        name = "tti UNet, default SDPA kernel (ablation)"
+        models[name] = (copy.deepcopy(ours), call_ours_default_kernel)
+        ablations[name] = "the math attention path / default SDPA kernel"
     if concat_ours is not None:
-        models["tti UNet, concatenated full-res skips (ablation)"] = (concat_ours, call_ours)
-        ablations["tti UNet, concatenated full-res skips (ablation)"] = \
-            "added / concatenated full-res skips"
+        name = "tti UNet, concatenated full-res skips (ablation)"
+        models[name] = (concat_ours, call_ours)
+        ablations[name] = "added / concatenated full-res skips"
     trainers = []
     for name, (raw, call) in models.items():
         model = torch.compile(raw) if args.compile else raw
