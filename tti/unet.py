@@ -446,8 +446,9 @@ class UNet(nn.Module):
         tokens = tokens.to(x.dtype).masked_fill(~mask[..., None], 0.0)  # padding can hold anything
         count = mask.sum(1, keepdim=True)
         # In x's dtype (float32 under autocast): the transformer blocks' residual stream after
-        # cross-attention is then float32. A bool here (bf16 stream) was 2% faster per step,
-        # but its quickstart run learnt less (README, Benchmarks), so it stays float32.
+        # cross-attention is then float32. A bool here (a bf16 stream) was 2% faster per step;
+        # the one quickstart run with it (together with narrow_upsample) learnt less, so the
+        # float32 stream is kept.
         has_text = (count > 0).to(x.dtype)[:, :, None]  # [B, 1, 1]
         attn_mask = mask[:, None, None, :] | (count == 0)[:, None, None, :]
 
