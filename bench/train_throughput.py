@@ -10,9 +10,10 @@ closest to ours (same levels, cross-attention at the same resolutions, one res b
 level, cross_attention_dim = our context_dim, head width 32).
 
 On CPU in bf16, a third row times our UNet with attention left to SDPA's default kernel
-instead of the math path that tti.unet.attention picks when training on CPU in bf16/fp16
-(the ablation of that choice). When our UNet adds its full-resolution skips
-(model.unet.add_full_res_skips), a further row times it with them concatenated.
+instead of the explicit path (matmul, masked softmax, matmul) that tti.unet.attention takes
+when training on CPU in bf16/fp16 (the ablation of that choice). When our UNet adds its
+full-resolution skips (model.unet.add_full_res_skips) or narrows its upsampling
+(model.unet.narrow_upsample), a further row times it with that option off.
 
 Then, with the real frozen encoder (TextEncoder("packaged-minilm") at the config's
 text.hidden_layer), a full Diffusion.loss
@@ -152,11 +153,11 @@ def call_diffusers(model, x, t, text):
 
 def call_ours_default_kernel(model, x, t, text):
     """Our UNet with attention left to SDPA's default CPU kernel (flash), for the ablation."""
-    tti.unet.MATH_SDPA_FOR_CPU_TRAINING = False
+    tti.unet.EXPLICIT_ATTENTION_FOR_CPU_TRAINING = False
     try:
         return model(x, t, text)
     finally:
-        tti.unet.MATH_SDPA_FOR_CPU_TRAINING = True
+        tti.unet.EXPLICIT_ATTENTION_FOR_CPU_TRAINING = True
 
 
 def alternate(runs, steps: int, warmup: int):
@@ -178,9 +179,9 @@ def shapes_captions(n: int, seed: int = 0) -> list[str]:
     return pool[:n]
 
 
-def bench_unets(args, device, amp, ours, concat_ours=None):
-    """concat_ours: our UNet with the full-resolution skips concatenated, when `ours` adds
-    them (the ablation of model.unet.add_full_res_skips), else None."""
+def bench_unets(args, device, amp, ours, option_ablations=None):
+    """option_ablations: {row name: (our UNet with one option of `ours` turned off, what the
+    ratio line compares)}, e.g. the ablation of model.unet.narrow_upsample."""
     theirs_raw, widths = matched_diffusers_unet(count_params(ours), ours.channels[0],
                                                len(ours.channels), args.size, ours.context_dim)
     theirs_raw = theirs_raw.to(device)
@@ -190,11 +191,10 @@ def bench_unets(args, device, amp, ours, concat_ours=None):
     if device.type == "cpu" and amp is not None:  # the math-path choice: CPU, bf16/fp16 only
         name = "tti UNet, default SDPA kernel (ablation)"
         models[name] = (copy.deepcopy(ours), call_ours_default_kernel)
-        ablations[name] = "the math attention path / default SDPA kernel"
-    if concat_ours is not None:
-        name = "tti UNet, concatenated full-res skips (ablation)"
-        models[name] = (concat_ours, call_ours)
-        ablations[name] = "added / concatenated full-res skips"
+        ablations[name] = "the explicit attention path / default SDPA kernel"
+    for name, (model, what) in (option_ablations or {}).items():
+        models[name] = (model, call_ours)
+        ablations[name] = what
     trainers = []
     for name, (raw, call) in models.items():
         model = torch.compile(raw) if args.compile else raw
@@ -318,11 +318,16 @@ def main():
     cfg = load_config(args.config, args.set)
     u = cfg.model.unet
     ours = build_unet(u, args.size, context_dim=384).to(device)  # MiniLM's token width
-    concat_ours = (build_unet(dataclasses.replace(u, add_full_res_skips=False), args.size,
-                              context_dim=384).to(device) if u.add_full_res_skips else None)
+    option_ablations = {}  # each option of ours that has a speed ablation, turned off
+    for option, name, what in [
+            ("add_full_res_skips", "concatenated full-res skips", "added / concatenated full-res skips"),
+            ("narrow_upsample", "full-width upsampling", "narrow / full-width upsampling")]:
+        if getattr(u, option):
+            model = build_unet(dataclasses.replace(u, **{option: False}), args.size, context_dim=384)
+            option_ablations[f"tti UNet, {name} (ablation)"] = (model.to(device), what)
     print(f"ours: model.unet of {args.config}: {u}")
     for amp in precisions:
-        trained_ours = bench_unets(args, device, amp, ours, concat_ours)
+        trained_ours = bench_unets(args, device, amp, ours, option_ablations)
     if not args.skip_text:
         bench_text_cache(args, device, precisions[-1], ours if not args.compile else trained_ours,
                          hidden_layer=cfg.text.hidden_layer)

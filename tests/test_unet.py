@@ -57,14 +57,17 @@ def test_default_model_shape_and_single_channel():
                 text_batch(2, 3, 24, [3, 3])).shape == (2, 1, 16, 16)
 
 
-@pytest.mark.parametrize("pooled_text,self_attn,pos,text_layers,skip,add", [
-    (True, None, False, 0, False, False), (False, None, False, 0, False, False),
-    (True, (8,), True, 0, False, False), (True, (8,), True, 2, False, False),
-    (True, (8,), True, 2, True, False), (True, (8,), True, 2, False, True)])
-def test_padding_tokens_never_change_the_output(pooled_text, self_attn, pos, text_layers, skip, add):
+@pytest.mark.parametrize("pooled_text,self_attn,pos,text_layers,skip,add,narrow", [
+    (True, None, False, 0, False, False, False), (False, None, False, 0, False, False, False),
+    (True, (8,), True, 0, False, False, False), (True, (8,), True, 2, False, False, False),
+    (True, (8,), True, 2, True, False, False), (True, (8,), True, 2, False, True, False),
+    (True, (8,), True, 2, False, False, True)])
+def test_padding_tokens_never_change_the_output(pooled_text, self_attn, pos, text_layers, skip,
+                                                add, narrow):
     model = randomize(tiny_unet(pooled_text=pooled_text, self_attn_resolutions=self_attn,
                                 position_embedding=pos, text_layers=text_layers,
-                                text_width=32, text_skip=skip, add_full_res_skips=add)).eval()
+                                text_width=32, text_skip=skip, add_full_res_skips=add,
+                                narrow_upsample=narrow)).eval()
     real = torch.randn(2, 6, 24)
     short = TextBatch(torch.cat([real, torch.randn(2, 2, 24)], 1),
                       torch.arange(8)[None].expand(2, 8) < torch.tensor([[6], [4]]))
@@ -139,6 +142,33 @@ def test_added_full_res_skips(size, channels, blocks):
     assert out.shape == x.shape and torch.isfinite(out).all()
     out.square().mean().backward()
     assert [n for n, p in added.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
+@pytest.mark.parametrize("size,channels,blocks", [(32, (16, 32, 48), 1), (32, (16, 32, 48), 2),
+                                                  (64, (16, 32, 32, 48), 1)])
+def test_narrow_upsample(size, channels, blocks):
+    """narrow_upsample: every upsample maps to the width of the level it enters, so each
+    level's first block on the way up reads that width plus its (concatenated) skip; the
+    downward path is unchanged, and the net still trains end to end."""
+    kwargs = dict(channels=channels, num_res_blocks=blocks, attn_resolutions=(16, 8),
+                  image_size=size, context_dim=24, head_dim=16)
+    wide, narrow = UNet(**kwargs), randomize(UNet(narrow_upsample=True, **kwargs))
+    ups = [b for b in narrow.up if type(b).__name__ == "Upsample"]
+    assert [u.conv.out_channels for u in ups] == list(reversed(channels[:-1]))
+    assert [u.conv.out_channels for u in wide.up if type(u).__name__ == "Upsample"] == \
+        list(reversed(channels[1:]))
+    after = [narrow.up[i + 1].res.conv1.in_channels for i, b in enumerate(narrow.up)
+             if type(b).__name__ == "Upsample"]
+    # The skip a level's first up block reads is the output of the downsample into the
+    # level below, i.e. this level's width.
+    assert after == [2 * c for c in reversed(channels[:-1])]
+    assert not any(narrow.up_adds_skip)
+    assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters())
+    x, t, text = torch.randn(2, 3, size, size), torch.tensor([3, 500]), text_batch(2, 5, 24, [5, 2])
+    out = narrow(x, t, text)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert [n for n, p in narrow.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
 
 
 def test_text_skip_keeps_what_the_text_layers_drop():
@@ -266,7 +296,7 @@ def test_sinusoidal_positions_tell_every_pixel_apart():
 
 
 def test_training_attention_path_matches_the_flash_kernel():
-    """attention() forces the math backend when training on CPU in bf16: same values and
+    """attention() takes its explicit path when training on CPU in bf16: same values and
     gradients as the default kernel, with and without a padding mask."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 16, 8, generator=g).bfloat16().requires_grad_()

@@ -70,6 +70,7 @@ class UNetConfig:
     text_width: int = 128            # their width (the encoder's tokens are projected to it)
     text_skip: bool = False          # cross-attention also reads the encoder's own tokens
     add_full_res_skips: bool = False  # full-res level: add the skips, don't concatenate (faster)
+    narrow_upsample: bool = False    # each upsample maps to the width of the level it enters
     head_dim: int = 32
     dropout: float = 0.0
     pooled_text: bool = True

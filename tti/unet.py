@@ -14,7 +14,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tti.text import TextBatch
 
@@ -64,27 +63,33 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-# Module switch so bench/train_throughput.py can time the default kernel against the math path.
-MATH_SDPA_FOR_CPU_TRAINING = True
+# Module switch so bench/train_throughput.py can time the explicit path against SDPA's kernel.
+EXPLICIT_ATTENTION_FOR_CPU_TRAINING = True
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.scaled_dot_product_attention` with a CPU training-time backend choice.
+    """Scaled dot-product attention, with an explicit path for CPU training in bf16/fp16.
 
     q: [B, heads, N, d]; k, v: [B, heads, L, d]; attn_mask: bool broadcastable to
-    [B, heads, N, L] (True = attend). Returns [B, heads, N, d].
-    When training on CPU in bf16/fp16 (autograd recording), the math backend is forced: for
-    these short sequences (<= 256 queries, <= 64 keys) the CPU flash kernel's bf16 backward
-    was 19% of a shapes32 training step, and the math path made the whole step 1.16x faster.
-    In fp32 the two were level (0.96x), and for sampling (no grad) the flash kernel was ~12%
-    faster at batch 200, so both keep the default (bench/train_throughput.py times the
-    training step both ways).
+    [B, heads, N, L] (True = attend; every query row must have at least one True, which
+    UNet.forward guarantees). Returns [B, heads, N, d].
+    When training on CPU in bf16/fp16 (autograd recording), attention is written out as
+    matmul, masked softmax, matmul: for these short sequences (<= 256 queries, <= 64 keys)
+    the CPU flash kernel's bf16 backward was 19% of a shapes32 training step, and SDPA's
+    math backend spends ~4% of the step on its guards for fully masked rows (the `all` /
+    `where` over every score), which cannot occur here. The scores stay in the autocast
+    dtype (mean error 8e-4 against fp64 on unit-variance inputs, SDPA's math backend 5e-4;
+    the softmax itself accumulates in fp32). In fp32, and for sampling (no grad), SDPA
+    picks its kernel (the flash kernel was ~12% faster at batch 200 for sampling).
+    bench/train_throughput.py times the training step both ways.
     """
-    if (MATH_SDPA_FOR_CPU_TRAINING and q.device.type == "cpu" and q.dtype != torch.float32
-            and torch.is_grad_enabled() and q.requires_grad):
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if (EXPLICIT_ATTENTION_FOR_CPU_TRAINING and q.device.type == "cpu"
+            and q.dtype != torch.float32 and torch.is_grad_enabled() and q.requires_grad):
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # [B, heads, N, L]
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return scores.softmax(dim=-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
@@ -105,7 +110,7 @@ class ResBlock(nn.Module):
         """x: float [B, in_ch, H, W]; emb: float [B, emb_dim] already through SiLU."""
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # norm2(h) * (1 + scale) + shift, one pass
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
@@ -153,7 +158,7 @@ class TextTransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor,
                 has_text: torch.Tensor) -> torch.Tensor:
         """x: float [B, C, H, W]; context: float [B, L, D]; attn_mask: bool [B, 1, 1, L]
-        (True = attend); has_text: float [B, 1, 1], 0 for a caption with no real token."""
+        (True = attend); has_text: bool [B, 1, 1], False for a caption with no real token."""
         b, c, hgt, wid = x.shape
         h = self.norm_in(x).flatten(2).transpose(1, 2)  # [B, HW, C]
         if self.pos is not None:
@@ -283,6 +288,11 @@ class UNet(nn.Module):
         1.18x (fp32) faster at 32x32 (bench/train_throughput.py); the lower levels keep
         concatenation. Measured, it learnt less within the quickstart's budget (seen
         all-correct 0.432 against 0.582; README, Benchmarks), so it is off by default.
+    narrow_upsample: each upsampling conv maps to the width of the level it enters
+        (channels[i-1]) instead of keeping its input's width, so the first block of each
+        level on the way up reads channels[i-1] + its skip rather than channels[i] + its
+        skip; skips are still concatenated everywhere. The widest full-resolution conv of
+        the default shapes model goes from 96 to 64 input channels (3% fewer parameters).
     """
 
     def __init__(self, image_channels: int = 3, channels: tuple[int, ...] = (32, 64, 96),
@@ -292,7 +302,8 @@ class UNet(nn.Module):
                  self_attn_resolutions: tuple[int, ...] | None = None,
                  position_embedding: bool = False, text_layers: int = 0, text_width: int = 128,
                  position_init: str = "random", coord_channels: bool = False,
-                 text_skip: bool = False, add_full_res_skips: bool = False):
+                 text_skip: bool = False, add_full_res_skips: bool = False,
+                 narrow_upsample: bool = False):
         super().__init__()
         channels = tuple(int(c) for c in channels)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
@@ -366,10 +377,10 @@ class UNet(nn.Module):
                 self.up_adds_skip.append(adding)
                 ch = out_ch
             if i > 0:
-                reduce = add_full_res_skips and i == 1
-                self.up.append(Upsample(ch, channels[0] if reduce else None))
+                reduce = narrow_upsample or (add_full_res_skips and i == 1)
+                self.up.append(Upsample(ch, channels[i - 1] if reduce else None))
                 self.up_adds_skip.append(False)
-                ch = channels[0] if reduce else ch
+                ch = channels[i - 1] if reduce else ch
 
         self.norm_out = nn.GroupNorm(_groups(ch), ch)
         self.conv_out = _zero(nn.Conv2d(ch, image_channels, 3, padding=1))
@@ -434,7 +445,9 @@ class UNet(nn.Module):
         mask = mask.bool()
         tokens = tokens.to(x.dtype).masked_fill(~mask[..., None], 0.0)  # padding can hold anything
         count = mask.sum(1, keepdim=True)
-        has_text = (count > 0).to(x.dtype)[:, :, None]  # [B, 1, 1]
+        # Bool, so multiplying by it keeps autocast's dtype (a float32 factor would promote
+        # every transformer block's residual stream to float32 under bf16 autocast).
+        has_text = (count > 0)[:, :, None]  # [B, 1, 1]
         attn_mask = mask[:, None, None, :] | (count == 0)[:, None, None, :]
 
         tokens = self.text_context(tokens, mask, attn_mask)
