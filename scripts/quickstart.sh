@@ -2,7 +2,7 @@
 # The embedded default, end to end, offline: install, generate the shapes dataset, train
 # the default config (GPU if there is one, else CPU), draw a sample grid + denoising GIF
 # (held-out compositions included), and print the judge's caption accuracy on seen and
-# held-out val captions. About 30 minutes on 2 CPU cores.
+# held-out val captions. About 20 minutes on 2 CPU cores (18.1 min measured, README).
 #   bash scripts/quickstart.sh [--set key=value ...]     (extra args go to tti.train)
 set -euo pipefail
 cd "$(dirname "$0")/.."
