@@ -28,6 +28,16 @@ def text_batch(b: int, length: int, dim: int, real: list[int]) -> TextBatch:
     return TextBatch(tokens, mask)
 
 
+def assert_trains_end_to_end(model: UNet, size: int) -> None:
+    """One forward + backward at size x size: the output is shaped like the input and finite,
+    and every parameter gets a non-zero gradient."""
+    x, t, text = torch.randn(2, 3, size, size), torch.tensor([3, 500]), text_batch(2, 5, 24, [5, 2])
+    out = model(x, t, text)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+
+
 def test_output_is_zero_at_init_and_shaped_like_input():
     model = tiny_unet()
     x = torch.randn(2, 3, 16, 16)
@@ -137,11 +147,7 @@ def test_added_full_res_skips(size, channels, blocks):
                for b in full_res)
     assert sum(added.up_adds_skip) == blocks + 1  # only there: the lower levels concatenate
     assert sum(p.numel() for p in added.parameters()) < sum(p.numel() for p in concat.parameters())
-    x, t, text = torch.randn(2, 3, size, size), torch.tensor([3, 500]), text_batch(2, 5, 24, [5, 2])
-    out = added(x, t, text)
-    assert out.shape == x.shape and torch.isfinite(out).all()
-    out.square().mean().backward()
-    assert [n for n, p in added.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+    assert_trains_end_to_end(added, size)
 
 
 @pytest.mark.parametrize("size,channels,blocks", [(32, (16, 32, 48), 1), (32, (16, 32, 48), 2),
@@ -164,11 +170,7 @@ def test_narrow_upsample(size, channels, blocks):
     assert after == [2 * c for c in reversed(channels[:-1])]
     assert not any(narrow.up_adds_skip)
     assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters())
-    x, t, text = torch.randn(2, 3, size, size), torch.tensor([3, 500]), text_batch(2, 5, 24, [5, 2])
-    out = narrow(x, t, text)
-    assert out.shape == x.shape and torch.isfinite(out).all()
-    out.square().mean().backward()
-    assert [n for n, p in narrow.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0] == []
+    assert_trains_end_to_end(narrow, size)
 
 
 def test_text_skip_keeps_what_the_text_layers_drop():
