@@ -8,7 +8,6 @@ config values; the modules that read a config trust it.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import os
@@ -17,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
 from tti.aligndraw import PRESETS as ALIGNDRAW_PRESETS
 from tti.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
@@ -167,21 +164,47 @@ class Config:
 RETIRED = {"model.unet.text_skip": False, "model.unet.add_full_res_skips": False}
 
 
-def _field_type(key: str) -> Any:
-    """The annotated type of a dotted key ('model.unet.channels[1]' -> its element type)."""
-    tp: Any = Config
-    for part in key.split("[")[0].split("."):
-        tp = typing.get_type_hints(tp)[part]
-    return typing.get_args(tp)[0] if "[" in key else tp
+def _type_error(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key}: expected {expected}, got {value!r}", (key.split("[")[0],))
 
 
-def _type_name(tp: Any) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
-    if typing.get_origin(tp) is typing.Union:
-        return _type_name(typing.get_args(tp)[0]) + " or null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return names.get(tp) or f"a {getattr(typing.get_origin(tp) or tp, '__name__', tp)}"
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one leaf value against its annotated type; `key` names it in errors."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        return None if value is None else _coerce(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, "true/false", value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _type_error(key, "an integer", value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(key, "a number", value)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, "a string", value)
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, "a list", value)
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise _type_error(key, "a mapping", value)
+    return value
 
 
 def _all_keys(cls=None, prefix: str = "") -> list[str]:
@@ -194,60 +217,37 @@ def _all_keys(cls=None, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str) -> ConfigError:
+def _unknown_key(key: str, value: Any, cls) -> None:
+    """Passes a retired key left off; any other key `cls` lacks is an error with a suggestion."""
+    if key in RETIRED:
+        if value == RETIRED[key]:
+            return
+        raise ConfigError(f"{key}: this option was removed from tti (commit 65003ea still has it)",
+                          (key,))
     section = key.rpartition(".")[0]
     close = difflib.get_close_matches(key, _all_keys(), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     where = f"in {section}" if section else "at the top level"
-    names = ", ".join(sorted(typing.get_type_hints(_field_type(section) if section else Config)))
-    return ConfigError(f"unknown config key {key!r} ({hint}valid keys {where}: {names})", (key,))
+    names = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    raise ConfigError(f"unknown config key {key!r} ({hint}valid keys {where}: {names})", (key,))
 
 
-def _drop_retired(data: dict) -> dict:
-    """A copy of `data` without the retired keys left off; a retired key turned on fails."""
-    data = copy.deepcopy(data)
-    for key, off in RETIRED.items():
-        *path, name = key.split(".")
-        section = data
-        for part in path:
-            section = section.get(part) if isinstance(section, dict) else None
-        if isinstance(section, dict) and name in section:
-            if section.pop(name) != off:
-                raise ConfigError(f"{key}: this option was removed from tti "
-                                  "(commit 65003ea still has it)", (key,))
-    return data
-
-
-def _first_non_mapping(data: Any, cls=Config, prefix: str = "") -> tuple:
-    """(key, value) of the first section that is not a mapping (OmegaConf does not name it)."""
+def _build(cls, data: Any, prefix: str = ""):
+    """A `cls` instance from a partial nested dict; the fields it leaves out keep their defaults."""
     if not isinstance(data, dict):
-        return prefix.rstrip(".") or "config", data
-    for name, tp in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(tp) and name in data:
-            found = _first_non_mapping(data[name], tp, f"{prefix}{name}.")
-            if found:
-                return found
-    return ()
-
-
-def _build(data: Any) -> Config:
-    """A Config from a partial nested dict: OmegaConf's structured config types the values;
-    its errors are rewritten into one line that names the key."""
-    bad_section = _first_non_mapping(data)
-    if bad_section:
-        key, value = bad_section
-        raise ConfigError(f"{key}: expected a mapping, got {value!r}", (key,))
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), _drop_retired(data))
-        return OmegaConf.to_object(merged)
-    except ConfigKeyError as e:
-        raise _unknown_key(e.full_key) from None
-    except InterpolationResolutionError as e:
-        raise ConfigError(f"{e.full_key}: {str(e).splitlines()[0]}", (e.full_key,)) from None
-    except OmegaConfBaseException as e:
-        expected = _type_name(_field_type(e.full_key))
-        raise ConfigError(f"{e.full_key}: expected {expected}, got {e.value!r}",
-                          (e.full_key.split("[")[0],)) from None
+        key = prefix.rstrip(".") or "config"
+        raise _type_error(key, "a mapping", data)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            _unknown_key(key, value, cls)
+        elif dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -317,7 +317,7 @@ def _read_yaml(path: str) -> dict:
 
 def from_dict(data: Optional[dict]) -> Config:
     """A validated Config from a nested dict (a YAML file's content, or Config.to_dict())."""
-    cfg = _build(data or {})
+    cfg = _build(Config, data or {})
     validate(cfg)
     return cfg
 
