@@ -1,9 +1,12 @@
-"""Config loading: YAML + overrides, and clear errors that name the bad key."""
+"""Config loading: YAML + overrides, and clear errors that name the bad key and what set it."""
+import dataclasses
 import glob
 
 import pytest
 
-from tti.config import ConfigError, load_config, parse_override, validate
+from tti.config import (ConfigError, TrainConfig, from_dict, load_config, parse_override,
+                        validate)
+from tti.diffusion import SAMPLERS
 
 
 def test_every_shipped_config_loads():
@@ -75,13 +78,80 @@ def test_batch_must_divide_by_world_size():
         validate(cfg, world_size=4)
 
 
+def test_batch_size_error_names_the_nearest_valid_sizes():
+    cfg = load_config("configs/shapes32.yaml", ["train.batch_size=30"])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=4)
+    # 30 lies between the multiples of 4 x 1: 28 and 32
+    assert str(err.value) == ("train.batch_size: 30 is not divisible by 4 processes x 1 "
+                              "grad_accum: use 28 or 32")
+    cfg.train.batch_size, cfg.train.grad_accum = 4, 2
+    with pytest.raises(ConfigError, match=r"4 is not divisible by 3 processes x 2 grad_accum: use 6$"):
+        validate(cfg, world_size=3)  # no positive multiple of 6 below 4
+
+
+def test_sampler_names_come_from_the_diffusion_module():
+    for name in SAMPLERS:
+        assert load_config("configs/shapes32.yaml", [f"sample.sampler={name}"]).sample.sampler == name
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/shapes32.yaml", ["sample.sampler=euler"])
+    assert "sample.sampler" in str(err.value) and all(name in str(err.value) for name in SAMPLERS)
+
+
+def test_set_typo_is_blamed_on_the_set_item_with_a_suggestion():
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/shapes32.yaml", ["train.steps=5", "train.stpes=100"])
+    message = str(err.value)
+    assert message.startswith("--set train.stpes=100: unknown config key 'train.stpes' "
+                              "(did you mean 'train.steps'? valid keys in train: ")
+    listed = message.split("valid keys in train: ")[1].rstrip(")").split(", ")
+    assert listed == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    with pytest.raises(ConfigError, match=r"^--set train\.image_size=64: .*did you mean 'data\.image_size'"):
+        load_config("configs/shapes32.yaml", ["train.image_size=64"])
+
+
+def test_errors_name_the_file_or_the_set_item_that_set_the_key(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("train:\n  steps: ten\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path), ["train.lr=3e-4"])  # an unrelated --set does not take the blame
+    assert str(err.value) == f"{path}: train.steps: expected an integer, got 'ten'"
+    assert load_config(str(path), ["train.steps=5"]).train.steps == 5  # the --set replaces it
+    path.write_text("model:\n  diffusion:\n    timesteps: 40\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: sample.steps: must be in \[1, model"):
+        load_config(str(path))
+    # two keys clash: the one set last (here by --set) is named
+    with pytest.raises(ConfigError, match=r"^--set sample.steps=45: sample.steps: must be in"):
+        load_config(str(path), ["sample.steps=45"])
+    with pytest.raises(ConfigError, match=r"^--set model.unet.channels=\[8, 8, 8, 8, 8, 8, 8\]: "
+                                          r"data.image_size: 32 is not divisible"):
+        load_config("configs/shapes32.yaml", ["model.unet.channels=[8, 8, 8, 8, 8, 8, 8]"])
+
+
+@pytest.mark.parametrize("item", ["train.lr", "=3", "train..lr=1", "train.lr=[1,"])
+def test_malformed_set_item_is_named(item):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/shapes32.yaml", [item])
+    assert str(err.value).startswith(f"--set {item}: ") and "\n" not in str(err.value)
+
+
+def test_configs_saved_before_the_removed_options_still_load():
+    saved = load_config("configs/shapes32.yaml").to_dict()
+    saved["model"]["unet"].update(text_skip=False, add_full_res_skips=False)  # as older runs saved it
+    assert from_dict(saved) == load_config("configs/shapes32.yaml")
+    saved["model"]["unet"]["add_full_res_skips"] = True
+    with pytest.raises(ConfigError, match="model.unet.add_full_res_skips: .*removed"):
+        from_dict(saved)
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(str(tmp_path / "nope.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML: .* at line 2, column 1$") as err:
         load_config(str(bad))
+    assert "\n" not in str(err.value)
     typo = tmp_path / "typo.yaml"
     typo.write_text("train:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"typo.yaml.*train\.stepz"):
