@@ -56,8 +56,6 @@ def test_overrides_are_typed_and_nested():
     ("sample.captions=[a red circle, 7]", ["sample.captions[1]", "string"]),
     ("train.weight_decay=-0.1", ["train.weight_decay", ">= 0"]),
     ("train.lr_decay=linear", ["train.lr_decay", "constant, cosine"]),
-    ("run.run_idx=-1", ["run.run_idx", ">= 0"]),
-    ("run.dataset=a/b", ["run.dataset", "'/'"]),
 ])
 def test_bad_values_fail_naming_the_key(override, words):
     overrides = [override]
@@ -86,13 +84,15 @@ def test_batch_size_error_names_the_nearest_valid_sizes():
     assert str(err.value) == ("train.batch_size: 30 is not divisible by 4 processes x 1 "
                               "grad_accum: use 28 or 32")
     cfg.train.batch_size, cfg.train.grad_accum = 4, 2
-    with pytest.raises(ConfigError, match=r"4 is not divisible by 3 processes x 2 grad_accum: use 6$"):
+    with pytest.raises(ConfigError, match=r"4 is not divisible by 3 processes x 2 grad_accum: "
+                                          r"use 6$"):
         validate(cfg, world_size=3)  # no positive multiple of 6 below 4
 
 
 def test_sampler_names_come_from_the_diffusion_module():
     for name in SAMPLERS:
-        assert load_config("configs/shapes32.yaml", [f"sample.sampler={name}"]).sample.sampler == name
+        cfg = load_config("configs/shapes32.yaml", [f"sample.sampler={name}"])
+        assert cfg.sample.sampler == name
     with pytest.raises(ConfigError) as err:
         load_config("configs/shapes32.yaml", ["sample.sampler=euler"])
     assert "sample.sampler" in str(err.value) and all(name in str(err.value) for name in SAMPLERS)
@@ -106,7 +106,8 @@ def test_set_typo_is_blamed_on_the_set_item_with_a_suggestion():
                               "(did you mean 'train.steps'? valid keys in train: ")
     listed = message.split("valid keys in train: ")[1].rstrip(")").split(", ")
     assert listed == sorted(f.name for f in dataclasses.fields(TrainConfig))
-    with pytest.raises(ConfigError, match=r"^--set train\.image_size=64: .*did you mean 'data\.image_size'"):
+    with pytest.raises(ConfigError,
+                       match=r"^--set train\.image_size=64: .*did you mean 'data\.image_size'"):
         load_config("configs/shapes32.yaml", ["train.image_size=64"])
 
 
@@ -137,7 +138,8 @@ def test_malformed_set_item_is_named(item):
 
 def test_configs_saved_before_the_removed_options_still_load():
     saved = load_config("configs/shapes32.yaml").to_dict()
-    saved["model"]["unet"].update(text_skip=False, add_full_res_skips=False)  # as older runs saved it
+    # what runs saved before the two options were removed
+    saved["model"]["unet"].update(text_skip=False, add_full_res_skips=False)
     assert from_dict(saved) == load_config("configs/shapes32.yaml")
     saved["model"]["unet"]["add_full_res_skips"] = True
     with pytest.raises(ConfigError, match="model.unet.add_full_res_skips: .*removed"):
@@ -149,9 +151,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML: .* at line 2, column 1$") as err:
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML: .* at line 2, column 1$") as e:
         load_config(str(bad))
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(e.value)
     typo = tmp_path / "typo.yaml"
     typo.write_text("train:\n  stepz: 3\n")
     with pytest.raises(ConfigError, match=r"typo.yaml.*train\.stepz"):

@@ -199,7 +199,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is list or origin is list:
         if not isinstance(value, (list, tuple)):
             raise _type_error(key, "a list", value)
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else list(value)
+        if not args:
+            return list(value)
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -285,7 +287,8 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 def parse_override(text: str) -> dict:
     """'train.lr=1e-3' -> {'train': {'lr': '1e-3'}}. The value is read as YAML (numbers,
-    true/false, null, [lists], {mappings}); the field's type converts it when the Config is built."""
+    true/false, null, [lists], {mappings}); the field's type converts it when the Config is
+    built."""
     key, sep, raw = text.partition("=")
     parts = [p.strip() for p in key.split(".")]
     if not sep or not all(parts):
@@ -294,7 +297,8 @@ def parse_override(text: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text}: the value is not valid YAML ({_yaml_problem(e)})") from None
+        raise ConfigError(f"--set {text}: the value is not valid YAML "
+                          f"({_yaml_problem(e)})") from None
     for part in reversed(parts):
         value = {part: value}
     return value
@@ -311,7 +315,8 @@ def _read_yaml(path: str) -> dict:
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
     if not isinstance(data, (dict, type(None))):
-        raise ConfigError(f"{path}: expected a mapping of sections (run, data, ...) at the top level")
+        raise ConfigError(f"{path}: expected a mapping of sections (run, data, ...) "
+                          "at the top level")
     return data or {}
 
 
@@ -362,8 +367,9 @@ def _one_of(value: str, allowed: tuple, key: str) -> None:
 
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Every rule on config values, in one place: an impossible value fails here, before any
-    work, naming the key. `world_size`: the processes that share train.batch_size."""
-    _check_run(cfg.run)
+    work, naming the key. `world_size`: the processes that share train.batch_size. Rules that
+    need the data or the model (training-set size, text.hidden_layer's range, the fields of
+    model.aligndraw.overrides) are checked where those are opened."""
     _check_data(cfg.data)
     _check_text(cfg.text)
     m = cfg.model
@@ -375,12 +381,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _one_of(m.aligndraw.preset, tuple(ALIGNDRAW_PRESETS), "model.aligndraw.preset")
     _check_sample(cfg.sample)
     _check_train(cfg.train, world_size)
-
-
-def _check_run(r: RunConfig) -> None:
-    _check(bool(r.dataset) and "/" not in r.dataset, "run.dataset",
-           f"must be a folder name without '/', got {r.dataset!r}")
-    _check(r.run_idx >= 0, "run.run_idx", f"must be >= 0, got {r.run_idx}")
 
 
 def _check_data(d: DataConfig) -> None:
@@ -412,7 +412,8 @@ def _check_unet(u: UNetConfig, image_size: int) -> None:
     _check(image_size % factor == 0, "data.image_size",
            f"{image_size} is not divisible by the UNet's downsampling factor {factor} "
            f"(model.unet.channels has {len(u.channels)} levels)", "model.unet.channels")
-    _check(u.num_res_blocks >= 1, "model.unet.num_res_blocks", f"must be >= 1, got {u.num_res_blocks}")
+    _check(u.num_res_blocks >= 1, "model.unet.num_res_blocks",
+           f"must be >= 1, got {u.num_res_blocks}")
     _check(0 <= u.dropout < 1, "model.unet.dropout", f"must be in [0, 1), got {u.dropout}")
     _check(u.head_dim >= 1, "model.unet.head_dim", f"must be >= 1, got {u.head_dim}")
     sizes = [image_size // 2 ** i for i in range(len(u.channels))]
