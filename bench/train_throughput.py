@@ -320,7 +320,6 @@ def main():
     ours = build_unet(u, args.size, context_dim=384).to(device)  # MiniLM's token width
     option_ablations = {}  # each option of ours that has a speed ablation, turned off
     for option, name, what in [
-            ("add_full_res_skips", "concatenated full-res skips", "added / concatenated full-res skips"),
             ("narrow_upsample", "full-width upsampling", "narrow / full-width upsampling")]:
         if getattr(u, option):
             model = build_unet(dataclasses.replace(u, **{option: False}), args.size, context_dim=384)

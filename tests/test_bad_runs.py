@@ -98,7 +98,7 @@ def test_unreadable_images_are_counted_in_the_training_log(shapes_with_a_bad_ima
     ("train.steps=ten", 1, "train.steps: expected an integer"),
     ("model.unet.channels=[8, 8, 8, 8, 8, 8, 8]", 1, "not divisible by the UNet's downsampling"),
     ("sample.guidance=-1", 1, "sample.guidance: must be >= 0"),
-    ("train.batch_size=16", 3, "not divisible by world size 3"),
+    ("train.batch_size=16", 3, "16 is not divisible by 3 processes x 1 grad_accum: use 15 or 18"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, monkeypatch, override, world_size, words):
     monkeypatch.setattr(distributed, "setup", lambda device=None: distributed.DistInfo(

@@ -2,11 +2,14 @@
 
 Every run is described by one `Config`. YAML files under configs/ set a subset of the
 fields; `--set train.lr=1e-3` overrides any field from the command line. Unknown keys,
-wrong types and impossible values fail here, before any work, naming the key.
+wrong types and impossible values fail here, before any work, in one line that names the
+key and what set it (the YAML file or the `--set` item). `validate` holds every rule on
+config values; the modules that read a config trust it.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -14,9 +17,17 @@ from typing import Any, Optional
 
 import yaml
 
+from tti.aligndraw import PRESETS as ALIGNDRAW_PRESETS
+from tti.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
+
 
 class ConfigError(ValueError):
-    """A config key or value is wrong; the message names the key."""
+    """A config key or value is wrong. The message is one line naming the key; `keys` holds
+    every key the error is about, so load_config can name the file or --set item behind it."""
+
+    def __init__(self, message: str, keys: tuple = ()):
+        super().__init__(message)
+        self.keys = tuple(keys)
 
 
 @dataclass
@@ -59,17 +70,15 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.precision and the CLIs' -
 
 @dataclass
 class UNetConfig:
-    channels: list = field(default_factory=lambda: [32, 64, 96])
+    channels: list[int] = field(default_factory=lambda: [32, 64, 96])
     num_res_blocks: int = 1
-    attn_resolutions: list = field(default_factory=lambda: [16, 8])
-    self_attn_resolutions: Optional[list] = None  # subset of attn_resolutions; None = all
+    attn_resolutions: list[int] = field(default_factory=lambda: [16, 8])
+    self_attn_resolutions: Optional[list[int]] = None  # subset of attn_resolutions; None = all
     position_embedding: bool = False  # learned per-pixel embedding in each attention block
     position_init: str = "random"    # random (N(0, 0.02)) | sinusoidal (2-D sin/cos, amplitude 1)
     coord_channels: bool = False     # (x, y) of each pixel as 2 extra input channels (CoordConv)
     text_layers: int = 0             # trainable transformer layers over the text tokens
     text_width: int = 128            # their width (the encoder's tokens are projected to it)
-    text_skip: bool = False          # cross-attention also reads the encoder's own tokens
-    add_full_res_skips: bool = False  # full-res level: add the skips, don't concatenate (faster)
     narrow_upsample: bool = False    # each upsample maps to the width of the level it enters
     head_dim: int = 32
     dropout: float = 0.0
@@ -128,7 +137,7 @@ class SampleConfig:
     steps: int = 50
     eta: float = 0.0
     guidance: float = 2.0
-    captions: list = field(default_factory=list)   # fixed captions for in-loop grids
+    captions: list[str] = field(default_factory=list)   # fixed captions for in-loop grids
 
 
 @dataclass
@@ -150,64 +159,96 @@ class Config:
 
 # ---------------------------------------------------------------- building from dicts
 
+# Removed options, with the value that meant "off": the config.yaml and checkpoints of older
+# runs (which list every field) still load when the option was off.
+RETIRED = {"model.unet.text_skip": False, "model.unet.add_full_res_skips": False}
+
+
+def _type_error(key: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{key}: expected {expected}, got {value!r}", (key.split("[")[0],))
+
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one leaf value against its annotated type; `key` names it in errors."""
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], key)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        raise _type_error(key, "true/false", value)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise _type_error(key, "an integer", value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML reads 1e-3 as a string
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise _type_error(key, "a number", value)
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise _type_error(key, "a string", value)
     if tp is list or origin is list:
-        if isinstance(value, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, "a list", value)
+        if not args:
             return list(value)
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if isinstance(value, dict):
             return dict(value)
-        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        raise _type_error(key, "a mapping", value)
     return value
 
 
-def _build(cls, data: dict, prefix: str):
+def _all_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every dotted key of `cls` (default Config), sections included."""
+    keys = []
+    for name, tp in typing.get_type_hints(cls or Config).items():
+        keys.append(prefix + name)
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, f"{prefix}{name}.")
+    return keys
+
+
+def _unknown_key(key: str, value: Any, cls) -> None:
+    """Passes a retired key left off; any other key `cls` lacks is an error with a suggestion."""
+    if key in RETIRED:
+        if value == RETIRED[key]:
+            return
+        raise ConfigError(f"{key}: this option was removed from tti (commit 65003ea still has it)",
+                          (key,))
+    section = key.rpartition(".")[0]
+    close = difflib.get_close_matches(key, _all_keys(), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    where = f"in {section}" if section else "at the top level"
+    names = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+    raise ConfigError(f"unknown config key {key!r} ({hint}valid keys {where}: {names})", (key,))
+
+
+def _build(cls, data: Any, prefix: str = ""):
+    """A `cls` instance from a partial nested dict; the fields it leaves out keep their defaults."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        key = prefix.rstrip(".") or "config"
+        raise _type_error(key, "a mapping", data)
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = prefix or "top level"
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} "
-                          f"(valid keys at {where}: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        key = f"{prefix}{name}"
+        if name not in hints:
+            _unknown_key(key, value, cls)
+        elif dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, key + ".")
         else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
+            kwargs[name] = _coerce(value, hints[name], key)
     return cls(**kwargs)
 
 
@@ -218,46 +259,88 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _set_keys(data: dict, prefix: str = "") -> list[str]:
+    """The dotted keys a partial nested dict sets: ['train.lr', 'model.unet.channels', ...]."""
+    keys = []
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        keys += _set_keys(value, key + ".") if isinstance(value, dict) and value else [key]
+    return keys
+
+
+def _source_of(keys: tuple, sources: list) -> Optional[str]:
+    """The last of `sources` ((dotted key, label), in the order applied) that set one of `keys`
+    or a section above or below it."""
+    for set_key, label in reversed(sources):
+        for key in keys:
+            if set_key == key or set_key.startswith(key + ".") or key.startswith(set_key + "."):
+                return label
+    return None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line (PyYAML's own text spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
+
+
 def parse_override(text: str) -> dict:
-    """'train.lr=1e-3' -> {'train': {'lr': 0.001}} (the value is parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key.sub=value")
-    key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    nested: dict = {}
-    cur = nested
-    parts = key.strip().split(".")
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-    cur[parts[-1]] = value
-    return nested
+    """'train.lr=1e-3' -> {'train': {'lr': '1e-3'}}. The value is read as YAML (numbers,
+    true/false, null, [lists], {mappings}); the field's type converts it when the Config is
+    built."""
+    key, sep, raw = text.partition("=")
+    parts = [p.strip() for p in key.split(".")]
+    if not sep or not all(parts):
+        raise ConfigError(f"--set {text}: expected key=value with a dotted key, "
+                          "e.g. --set train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text}: the value is not valid YAML "
+                          f"({_yaml_problem(e)})") from None
+    for part in reversed(parts):
+        value = {part: value}
+    return value
 
 
-def from_dict(data: dict) -> Config:
-    cfg = _build(Config, data or {}, "")
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+    if not isinstance(data, (dict, type(None))):
+        raise ConfigError(f"{path}: expected a mapping of sections (run, data, ...) "
+                          "at the top level")
+    return data or {}
+
+
+def from_dict(data: Optional[dict]) -> Config:
+    """A validated Config from a nested dict (a YAML file's content, or Config.to_dict())."""
+    cfg = _build(Config, data or {})
     validate(cfg)
     return cfg
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides, then validation."""
-    data: dict = {}
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    """Defaults <- YAML file <- `key=value` overrides (in order), then validation. An error
+    names the file or the `--set` item that set the key it is about."""
+    data = _read_yaml(path) if path else {}
+    sources = [(key, path) for key in _set_keys(data)]
     for item in overrides or []:
-        data = _merge(data, parse_override(item))
+        extra = parse_override(item)
+        data = _merge(data, extra)
+        sources += [(key, f"--set {item}") for key in _set_keys(extra)]
     try:
         return from_dict(data)
     except ConfigError as e:
-        raise ConfigError(f"{path + ': ' if path else ''}{e}") from None
+        label = _source_of(e.keys, sources) or path
+        raise (ConfigError(f"{label}: {e}", e.keys) if label else e) from None
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -267,87 +350,138 @@ def save_config(cfg: Config, path: str) -> None:
 
 # ---------------------------------------------------------------- validation
 
+MODEL_KINDS = ("diffusion", "aligndraw")
+IMAGE_SIZES = (16, 32, 64, 128, 256)
+LR_DECAYS = ("constant", "cosine")
 
-def _check(ok: bool, key: str, message: str) -> None:
+
+def _check(ok: bool, key: str, message: str, *related: str) -> None:
+    """Fails naming `key` unless `ok`; `related`: the other keys the rule reads."""
     if not ok:
-        raise ConfigError(f"{key}: {message}")
+        raise ConfigError(f"{key}: {message}", (key, *related))
+
+
+def _one_of(value: str, allowed: tuple, key: str) -> None:
+    _check(value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Impossible values fail before any work, naming the key."""
-    d, t, m, tr, s = cfg.data, cfg.text, cfg.model, cfg.train, cfg.sample
-    _check(d.image_size in (16, 32, 64, 128, 256), "data.image_size",
-           f"must be one of 16/32/64/128/256, got {d.image_size}")
-    _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
-    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    """Every rule on config values, in one place: an impossible value fails here, before any
+    work, naming the key. `world_size`: the processes that share train.batch_size. Rules that
+    need the data or the model (training-set size, text.hidden_layer's range, the fields of
+    model.aligndraw.overrides) are checked where those are opened."""
+    _check_data(cfg.data)
+    _check_text(cfg.text)
+    m = cfg.model
+    _one_of(m.kind, MODEL_KINDS, "model.kind")
+    if m.kind == "diffusion":
+        _check_unet(m.unet, cfg.data.image_size)
+        _check_diffusion(m.diffusion, cfg.sample)
+    else:
+        _one_of(m.aligndraw.preset, tuple(ALIGNDRAW_PRESETS), "model.aligndraw.preset")
+    _check_sample(cfg.sample)
+    _check_train(cfg.train, world_size)
+
+
+def _check_data(d: DataConfig) -> None:
+    _check(d.image_size in IMAGE_SIZES, "data.image_size",
+           f"must be one of {'/'.join(map(str, IMAGE_SIZES))}, got {d.image_size}")
+    _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction",
+           f"must be in [0, 1], got {d.max_bad_fraction}")
+    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _check(d.shapes_train >= 1 and d.shapes_val >= 1, "data.shapes_train",
+           f"and data.shapes_val must be >= 1, got {d.shapes_train} and {d.shapes_val}",
+           "data.shapes_val")
     _check(0 <= d.canonical_caption_fraction <= 1, "data.canonical_caption_fraction",
            f"must be in [0, 1], got {d.canonical_caption_fraction}")
-    _check(0 <= t.caption_dropout < 1, "text.caption_dropout", "must be in [0, 1)")
-    _check(t.max_length >= 2, "text.max_length", "must be >= 2")
-    _check(t.lr > 0, "text.lr", "must be > 0")
-    _check(m.kind in ("diffusion", "aligndraw"), "model.kind",
-           f"must be 'diffusion' or 'aligndraw', got {m.kind!r}")
-    if m.kind == "diffusion":
-        u = m.unet
-        _check(len(u.channels) >= 1 and all(isinstance(c, int) and c > 0 for c in u.channels),
-               "model.unet.channels", f"must be positive integers, got {u.channels}")
-        factor = 2 ** (len(u.channels) - 1)
-        _check(d.image_size % factor == 0, "data.image_size",
-               f"{d.image_size} is not divisible by the UNet's downsampling factor {factor} "
-               f"(model.unet.channels has {len(u.channels)} levels)")
-        levels = {d.image_size // 2 ** i for i in range(len(u.channels))}
-        for r in u.attn_resolutions:
-            _check(r in levels, "model.unet.attn_resolutions",
-                   f"resolution {r} never occurs (levels: {sorted(levels, reverse=True)})")
-        if u.self_attn_resolutions is not None:
-            extra = sorted(set(u.self_attn_resolutions) - set(u.attn_resolutions))
-            _check(not extra, "model.unet.self_attn_resolutions",
-                   f"{extra} not in model.unet.attn_resolutions {u.attn_resolutions} "
-                   "(self-attention lives inside the attention blocks)")
-        _check(u.text_layers >= 0, "model.unet.text_layers", f"must be >= 0, got {u.text_layers}")
-        if u.text_layers:
-            _check(u.text_width > 0 and u.text_width % u.head_dim == 0, "model.unet.text_width",
-                   f"{u.text_width} must be a positive multiple of model.unet.head_dim {u.head_dim}")
-        _check(u.position_init in ("random", "sinusoidal"), "model.unet.position_init",
-               f"must be 'random' or 'sinusoidal', got {u.position_init!r}")
-        _check(not u.text_skip or u.text_layers > 0, "model.unet.text_skip",
-               "needs model.unet.text_layers > 0 (with no text layers the UNet reads the "
-               "encoder's tokens anyway)")
-        attn_channels = [c for i, c in enumerate(u.channels)
-                         if d.image_size // 2 ** i in u.attn_resolutions]
-        _check(u.head_dim > 0 and all(c % u.head_dim == 0 for c in attn_channels),
-               "model.unet.head_dim",
-               f"{u.head_dim} must divide the channels at attention levels {attn_channels}")
-        _check(m.diffusion.schedule in ("linear", "cosine"), "model.diffusion.schedule",
-               f"must be 'linear' or 'cosine', got {m.diffusion.schedule!r}")
-        _check(m.diffusion.prediction in ("eps", "v", "x0"), "model.diffusion.prediction",
-               f"must be eps, v or x0, got {m.diffusion.prediction!r}")
-        _check(m.diffusion.timesteps >= 2, "model.diffusion.timesteps", "must be >= 2")
-        _check(m.diffusion.shift > 0, "model.diffusion.shift", f"must be > 0, got {m.diffusion.shift}")
-        _check(s.sampler in ("ddim", "ddpm"), "sample.sampler",
-               f"must be 'ddim' or 'ddpm', got {s.sampler!r}")
-        _check(1 <= s.steps <= m.diffusion.timesteps, "sample.steps",
-               f"must be in [1, model.diffusion.timesteps={m.diffusion.timesteps}]")
-    else:
-        _check(m.aligndraw.preset in ("shapes", "coco"), "model.aligndraw.preset",
-               f"must be 'shapes' or 'coco', got {m.aligndraw.preset!r}")
+
+
+def _check_text(t: TextConfig) -> None:
+    _check(bool(t.name), "text.name", "must name an encoder (an HF id, a folder, "
+           "packaged-minilm or vocab)")
+    _check(0 <= t.caption_dropout < 1, "text.caption_dropout",
+           f"must be in [0, 1), got {t.caption_dropout}")
+    _check(t.max_length >= 2, "text.max_length", f"must be >= 2, got {t.max_length}")
+    _check(t.lr > 0, "text.lr", f"must be > 0, got {t.lr}")
+
+
+def _check_unet(u: UNetConfig, image_size: int) -> None:
+    _check(len(u.channels) >= 1 and min(u.channels) > 0, "model.unet.channels",
+           f"must be a non-empty list of positive integers, got {u.channels}")
+    factor = 2 ** (len(u.channels) - 1)
+    _check(image_size % factor == 0, "data.image_size",
+           f"{image_size} is not divisible by the UNet's downsampling factor {factor} "
+           f"(model.unet.channels has {len(u.channels)} levels)", "model.unet.channels")
+    _check(u.num_res_blocks >= 1, "model.unet.num_res_blocks",
+           f"must be >= 1, got {u.num_res_blocks}")
+    _check(0 <= u.dropout < 1, "model.unet.dropout", f"must be in [0, 1), got {u.dropout}")
+    _check(u.head_dim >= 1, "model.unet.head_dim", f"must be >= 1, got {u.head_dim}")
+    sizes = [image_size // 2 ** i for i in range(len(u.channels))]
+    for r in u.attn_resolutions:
+        _check(r in sizes, "model.unet.attn_resolutions",
+               f"resolution {r} never occurs (levels: {sizes})", "data.image_size",
+               "model.unet.channels")
+    attn_channels = [c for c, size in zip(u.channels, sizes) if size in u.attn_resolutions]
+    _check(all(c % u.head_dim == 0 for c in attn_channels), "model.unet.head_dim",
+           f"{u.head_dim} must divide the channels at attention levels {attn_channels}",
+           "model.unet.channels", "model.unet.attn_resolutions")
+    if u.self_attn_resolutions is not None:
+        extra = sorted(set(u.self_attn_resolutions) - set(u.attn_resolutions))
+        _check(not extra, "model.unet.self_attn_resolutions",
+               f"{extra} not in model.unet.attn_resolutions {u.attn_resolutions} "
+               "(self-attention lives inside the attention blocks)", "model.unet.attn_resolutions")
+    _check(u.text_layers >= 0, "model.unet.text_layers", f"must be >= 0, got {u.text_layers}")
+    if u.text_layers:
+        _check(u.text_width > 0 and u.text_width % u.head_dim == 0, "model.unet.text_width",
+               f"{u.text_width} must be a positive multiple of model.unet.head_dim {u.head_dim}",
+               "model.unet.head_dim")
+    _one_of(u.position_init, ("random", "sinusoidal"), "model.unet.position_init")
+
+
+def _check_diffusion(d: DiffusionConfig, s: SampleConfig) -> None:
+    _one_of(d.schedule, SCHEDULES, "model.diffusion.schedule")
+    _one_of(d.prediction, PREDICTIONS, "model.diffusion.prediction")
+    _check(d.timesteps >= 2, "model.diffusion.timesteps", f"must be >= 2, got {d.timesteps}")
+    _check(d.shift > 0, "model.diffusion.shift", f"must be > 0, got {d.shift}")
+    _check(d.min_snr_gamma is None or d.min_snr_gamma > 0, "model.diffusion.min_snr_gamma",
+           f"must be > 0 or null, got {d.min_snr_gamma}")
+    _one_of(s.sampler, SAMPLERS, "sample.sampler")
+    _check(1 <= s.steps <= d.timesteps, "sample.steps",
+           f"must be in [1, model.diffusion.timesteps={d.timesteps}], got {s.steps}",
+           "model.diffusion.timesteps")
+
+
+def _check_sample(s: SampleConfig) -> None:
     _check(s.guidance >= 0, "sample.guidance", f"must be >= 0, got {s.guidance}")
-    _check(s.eta >= 0, "sample.eta", "must be >= 0")
-    _check(tr.batch_size > 0, "train.batch_size", "must be > 0")
-    _check(tr.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-    _check(tr.batch_size % (world_size * tr.grad_accum) == 0, "train.batch_size",
-           f"{tr.batch_size} is not divisible by world size {world_size} x grad_accum "
-           f"{tr.grad_accum}")
-    _check(tr.steps >= 1, "train.steps", "must be >= 1")
-    _check(tr.lr > 0, "train.lr", "must be > 0")
-    _check(tr.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-    _check(tr.lr_decay in ("constant", "cosine"), "train.lr_decay",
-           f"must be 'constant' or 'cosine', got {tr.lr_decay!r}")
-    _check(0 <= tr.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
-    _check(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
-    _check(tr.precision in PRECISIONS, "train.precision",
-           f"must be one of {', '.join(PRECISIONS)}, got {tr.precision!r}")
-    for k in ("log_every", "sample_every", "ckpt_every", "keep_last"):
-        _check(getattr(tr, k) >= 1, f"train.{k}", "must be >= 1")
-    _check(tr.eval_samples >= 0, "train.eval_samples", "must be >= 0")
-    _check(tr.max_bad_steps >= 0, "train.max_bad_steps", "must be >= 0")
+    _check(s.eta >= 0, "sample.eta", f"must be >= 0, got {s.eta}")
+
+
+def _valid_batch_sizes(batch_size: int, multiple: int) -> str:
+    """The multiples of `multiple` next to `batch_size`: '28 or 32' (or just '4' below it)."""
+    lower = batch_size // multiple * multiple
+    return " or ".join(str(b) for b in (lower, lower + multiple) if b > 0)
+
+
+def _check_train(tr: TrainConfig, world_size: int) -> None:
+    _check(tr.batch_size > 0, "train.batch_size", f"must be > 0, got {tr.batch_size}")
+    _check(tr.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {tr.grad_accum}")
+    per_step = world_size * tr.grad_accum
+    processes = f"{world_size} process{'es' if world_size != 1 else ''}"
+    _check(tr.batch_size % per_step == 0, "train.batch_size",
+           f"{tr.batch_size} is not divisible by {processes} x {tr.grad_accum} grad_accum: "
+           f"use {_valid_batch_sizes(tr.batch_size, per_step)}", "train.grad_accum")
+    _check(tr.steps >= 1, "train.steps", f"must be >= 1, got {tr.steps}")
+    _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
+    _check(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}")
+    _one_of(tr.lr_decay, LR_DECAYS, "train.lr_decay")
+    _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
+    _check(tr.grad_clip >= 0, "train.grad_clip",
+           f"must be >= 0 (0 disables clipping), got {tr.grad_clip}")
+    _check(0 <= tr.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {tr.ema_decay}")
+    _one_of(tr.precision, PRECISIONS, "train.precision")
+    for name in ("log_every", "sample_every", "ckpt_every", "keep_last"):
+        value = getattr(tr, name)
+        _check(value >= 1, f"train.{name}", f"must be >= 1, got {value}")
+    for name in ("eval_samples", "max_bad_steps"):
+        value = getattr(tr, name)
+        _check(value >= 0, f"train.{name}", f"must be >= 0, got {value}")

@@ -126,9 +126,7 @@ def build_unet(u: UNetConfig, image_size: int, context_dim: int) -> nn.Module:
                                        else tuple(u.self_attn_resolutions)),
                 position_embedding=u.position_embedding, text_layers=u.text_layers,
                 text_width=u.text_width, position_init=u.position_init,
-                coord_channels=u.coord_channels, text_skip=u.text_skip,
-                add_full_res_skips=u.add_full_res_skips,
-                narrow_upsample=u.narrow_upsample)
+                coord_channels=u.coord_channels, narrow_upsample=u.narrow_upsample)
 
 
 def build_generator(cfg: Config, text_encoder: nn.Module) -> nn.Module:
