@@ -3,8 +3,7 @@
 Each command-line module ends with
 
     if __name__ == "__main__":
-        from tti.cli import run_cli
-        run_cli(main)
+        run_cli(main)              # from tti.cli import run_cli
 
 A `UserError` (any subclass: a wrong config key, unreadable data, a damaged checkpoint, an
 impossible argument) then prints `<command>: error: <message>` on stderr and exits with status 1.
@@ -54,7 +53,8 @@ def run_cli(main: Callable[[list], object], argv: Sequence[str] | None = None) -
     except UserError as error:
         if debug:
             raise
-        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f" (rank {os.environ.get('RANK', '?')})" if world > 1 else ""
         print(f"{command_name()}{rank}: error: {error} [{DEBUG_FLAG} shows the traceback]",
               file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
