@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import linalg
 
@@ -52,14 +53,18 @@ def fake_inception(monkeypatch):
     monkeypatch.setattr(fid_module, "_run_inception", run)
 
 
-def reference_fid(folder_a, folder_b):
+def reference_fid(folder_a, folder_b, resize="clean"):
     """Closed-form Fréchet distance of the stand-in features, computed independently."""
+    def network_input(array):  # both resizes as tti/metrics/fid.py's docstring defines them
+        if resize == "clean":
+            return (torch.from_numpy(fid_module.clean_resize(array)).permute(2, 0, 1) - 128) / 128
+        x = torch.tensor(array).permute(2, 0, 1).float()[None] / 255
+        return 2 * torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear")[0] - 1
+
     def feats(folder):
-        import torch
         arrays = [np.asarray(Image.open(os.path.join(folder, n)).convert("RGB"))
                   for n in sorted(os.listdir(folder))]
-        resized = np.stack([fid_module.clean_resize(a) for a in arrays])
-        return colour_features(torch.from_numpy(resized).permute(0, 3, 1, 2))
+        return colour_features(torch.stack([network_input(a) for a in arrays]))
     a, b = feats(folder_a), feats(folder_b)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = linalg.sqrtm(s1 @ s2).real
@@ -82,7 +87,8 @@ def test_end_to_end_metrics_json(tiny_export, fake_inception, tmp_path):
     result = evaluate.evaluate(tiny_export, device="cpu", fid_cache_dir=str(tmp_path), progress=False)
     on_disk = json.load(open(os.path.join(tiny_export, "metrics.json")))
     assert on_disk == json.loads(json.dumps(result))
-    assert result["n"] == N and result["fid_n"] == N
+    assert "fid_unavailable" not in result, result["fid_unavailable"]
+    assert result["n"] == N and result["fid_n"] == N and result["fid_resize"] == "clean"
     assert result["fid"] == pytest.approx(reference_fid(os.path.join(tiny_export, "gt", "images"),
                                                         os.path.join(tiny_export, "tti", "images")),
                                           rel=1e-6)
@@ -98,6 +104,19 @@ def test_end_to_end_metrics_json(tiny_export, fake_inception, tmp_path):
         assert acc["seen"]["count"] + acc["held_out"]["count"] == N
     assert result["caption_accuracy_gt"]["all"] >= 0.9  # the dataset's own renders
     assert result["model"].startswith("shapes32: 32x32 (packaged-minilm frozen), DDIM 4, g=2")
+
+
+def test_pytorch_fid_resize_is_used_and_named(tiny_export, fake_inception, tmp_path):
+    copy = fresh_copy(tiny_export, tmp_path / "copy")
+    folders = [os.path.join(copy, kind, "images") for kind in ("gt", "tti")]
+    result = evaluate.evaluate(copy, metrics=("fid",), fid_cache_dir=str(tmp_path / "cache"),
+                               progress=False, fid_resize="pytorch-fid")
+    assert result["fid_resize"] == "pytorch-fid"
+    assert result["fid"] == pytest.approx(reference_fid(*folders, "pytorch-fid"), rel=1e-5)
+    assert result["fid"] != pytest.approx(reference_fid(*folders, "clean"), rel=1e-3)
+    assert f"(n={N}, pytorch-fid resize)" in evaluate.markdown_table(result)
+    with pytest.raises(ValueError, match="resize"):
+        evaluate.evaluate(copy, metrics=("fid",), progress=False, fid_resize="bilinear")
 
 
 def test_identical_folders_give_zero_fid(tiny_export, fake_inception, tmp_path):
@@ -140,7 +159,7 @@ def test_cli_prints_the_results_table(tiny_export, fake_inception, tmp_path, cap
     header, rule, row = lines[start:start + 3]
     assert header.startswith("| Model | FID") and "GT CLIP Score" in header and "TTI held-out" in header
     assert row.count("|") == header.count("|") == rule.count("|")
-    assert f"(n={N})" in row and "n/a" in row
+    assert f"(n={N}, clean resize)" in row and "n/a" in row
     assert "clip_score_unavailable: not requested" in out
     with pytest.raises(SystemExit):
         evaluate.main([copy, "--metrics", "fid,bleu"])

@@ -1,6 +1,6 @@
 """Metric export on a tiny trained run: files and captions one to one, resume that redoes only
-what is missing or broken, pixels fixed per id whatever the batch size or sharding, and the
-bash launchers."""
+what is missing or broken, pixels fixed per id whatever the batch size or sharding, one-line
+errors of tti.sample / tti.export on a real checkpoint, and the bash launchers."""
 import json
 import os
 import shutil
@@ -144,7 +144,7 @@ def test_pixels_do_not_depend_on_batch_size_or_sharding(first_export, tiny_run, 
 def test_other_settings_are_refused_and_n_is_capped(first_export, tiny_run, tmp_path, capsys):
     out = str(tmp_path / "other")
     shutil.copytree(first_export, out)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(export.ExportError, match="other settings"):
         export.main(["--checkpoint", tiny_run, "--out-dir", out, "--n", str(N),
                      "--guidance", "3", "--device", "cpu"])
     # A smaller --n drops the extra pairs without sampling anything.
@@ -164,6 +164,20 @@ def test_other_settings_are_refused_and_n_is_capped(first_export, tiny_run, tmp_
                  "--device", "cpu"])
     assert "more than the 16 val images" in capsys.readouterr().out
     assert len(read_json(os.path.join(capped, "gt", "gt_captions.json"))) == 16
+
+
+def test_mistakes_found_after_loading_are_one_line(first_export, tiny_run, tmp_path, monkeypatch,
+                                                   capsys):
+    from test_cli import assert_one_line, run_module
+
+    code, err = run_module("tti.sample", ["--checkpoint", tiny_run, "--steps", "101", "--device", "cpu"],
+                           monkeypatch, capsys)  # the tiny run has T = 100
+    assert_one_line(code, err, "tti.sample", "--steps 101", "100 diffusion steps")
+    out = str(tmp_path / "other")
+    shutil.copytree(first_export, out)
+    code, err = run_module("tti.export", ["--checkpoint", tiny_run, "--out-dir", out, "--n", str(N),
+                                          "--guidance", "3", "--device", "cpu"], monkeypatch, capsys)
+    assert_one_line(code, err, "tti.export", "other settings", "--overwrite")
 
 
 def test_png_is_complete_rejects_broken_files(tmp_path):

@@ -2,11 +2,15 @@
 
     python -m tti.export --checkpoint results/shapes32_diffusion/0 --out-dir eval_data_run_0
     python -m tti.evaluate eval_data_run_0 [--metrics fid,clip,judge] [--device cuda]
+        [--fid-resize clean|pytorch-fid]
 
 Reads <dir>/{gt,tti}/images/*.png with {gt,tti}/*_captions.json (as `tti.export` writes them;
 ids = file stems, one to one) and export_info.json (the Model column and the data root).
 Writes <dir>/metrics.json with
-    fid, fid_n                     gt vs tti images (Inception-2015-12-05, clean resize)
+    fid, fid_n, fid_resize         gt vs tti images (Inception-2015-12-05); fid_resize says how
+                                   images reached 299x299: "clean" (clean-fid's, the default) or
+                                   "pytorch-fid" (as `python -m pytorch_fid` does, so comparable
+                                   to tables made with it); see tti/metrics/fid.py
     clip_score_gt, clip_score_tti  clipscore's CLIP-S (ViT-B/32) of each folder vs its captions
     caption_accuracy_gt, caption_accuracy_tti
                                    the exact judge (embedded shapes dataset only): per fact
@@ -28,15 +32,20 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from tti.cli import check_at_least, run_cli
+from tti.export import ExportError
+from tti.metrics.fid import DEFAULT_RESIZE, RESIZE_MODES
+
 METRICS = ("fid", "clip", "judge")
-RESULT_KEYS = {"fid": ("fid", "fid_n"), "clip": ("clip_score_gt", "clip_score_tti"),
+RESULT_KEYS = {"fid": ("fid", "fid_n", "fid_resize"), "clip": ("clip_score_gt", "clip_score_tti"),
                "judge": ("caption_accuracy_gt", "caption_accuracy_tti")}
 UNAVAILABLE_KEY = {"fid": "fid_unavailable", "clip": "clip_score_unavailable",
                    "judge": "caption_accuracy_unavailable"}
 
 
 def export_folders(eval_dir: str) -> dict:
-    """Image folders, captions JSONs and matched ids of an export; ValueError if they disagree.
+    """Image folders, captions JSONs and matched ids of an export; ExportError (a ValueError)
+    if it is not a finished export or its parts disagree.
 
     Returns {"gt": (image_dir, captions_json), "tti": (...), "ids": sorted ids, "captions":
     {id: caption} of tti, "paths": {"gt": [...], "tti": [...]} in id order}.
@@ -48,16 +57,16 @@ def export_folders(eval_dir: str) -> dict:
         image_dir = os.path.join(eval_dir, kind, "images")
         captions_json = os.path.join(eval_dir, kind, f"{kind}_captions.json")
         if not os.path.isfile(captions_json):
-            raise FileNotFoundError(f"{captions_json} not found: is {eval_dir} a finished "
-                                    f"`python -m tti.export` output?")
+            raise ExportError(f"{captions_json} not found: is {eval_dir} a finished "
+                              f"`python -m tti.export` output?")
         ids, paths, captions = match_images_to_captions(image_dir, captions_json)
         out[kind] = (image_dir, captions_json)
         out["paths"][kind] = paths
         if kind == "gt":
             out["ids"] = ids
         elif ids != out["ids"]:
-            raise ValueError(f"{eval_dir}: gt and tti hold different ids "
-                             f"({len(out['ids'])} gt, {len(ids)} tti)")
+            raise ExportError(f"{eval_dir}: gt and tti hold different ids "
+                              f"({len(out['ids'])} gt, {len(ids)} tti)")
         out[f"{kind}_captions"] = dict(zip(ids, captions))
     return out
 
@@ -114,19 +123,21 @@ class _LazyImages:
 # ---------------------------------------------------------------- the metrics
 
 
-def compute_fid(folders: dict, device: str, batch_size: int, cache_dir, progress: bool) -> dict:
+def compute_fid(folders: dict, device: str, batch_size: int, cache_dir, progress: bool,
+                resize: str) -> dict:
     from tti.metrics import fid
 
-    fid.inception_path()  # a clear RuntimeError (-> fid_unavailable) when it is not installed
+    fid.inception_path()  # InceptionNotInstalledError (-> fid_unavailable) when it is missing
     n = len(folders["ids"])
     if n < 2:
         raise ValueError(f"FID needs at least 2 images per side, the export has {n}")
     if progress:
-        print(f"FID: Inception features of 2 x {n} images (cached per folder), then a "
-              f"2048 x 2048 matrix square root (~40 s on a CPU)")
+        print(f"FID ({resize} resize): Inception features of 2 x {n} images (cached per "
+              f"folder), then a 2048 x 2048 matrix square root (~40 s on a CPU)")
     value = fid.fid_from_folders(folders["gt"][0], folders["tti"][0], batch_size=batch_size,
-                                 device=device, cache_dir=cache_dir, progress=progress)
-    return {"fid": value, "fid_n": n}
+                                 device=device, cache_dir=cache_dir, progress=progress,
+                                 resize=resize)
+    return {"fid": value, "fid_n": n, "fid_resize": resize}
 
 
 def compute_clip(folders: dict, clip_model: str, device: str, batch_size: int,
@@ -178,11 +189,13 @@ def images_key(folders: dict) -> str:
 
 def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: str | None = None,
              data_root: str | None = None, batch_size: int = 50,
-             fid_cache_dir: str | None = "default", progress: bool = True) -> dict:
+             fid_cache_dir: str | None = "default", progress: bool = True,
+             fid_resize: str = DEFAULT_RESIZE) -> dict:
     """Run the requested metrics on an export; write and return <eval_dir>/metrics.json.
 
     metrics: any of "fid", "clip", "judge". A metric that fails for a known reason (weights
     not installed, not a shapes dataset) gets `<name>_unavailable` instead of a value.
+    fid_resize: "clean" or "pytorch-fid" (see tti/metrics/fid.py); recorded as "fid_resize".
     """
     from tti.metrics import fid as fid_module
     from tti.metrics.clip_score import CLIP_NAME
@@ -190,6 +203,7 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"evaluate: unknown metrics {sorted(unknown)}; choose from {METRICS}")
+    fid_module.check_resize(fid_resize)
     folders = export_folders(eval_dir)
     info = read_export_info(eval_dir)
     if info and info.get("status") != "complete":
@@ -205,7 +219,7 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
     result = {"eval_dir": os.path.abspath(eval_dir), "model": model_label(info, eval_dir),
               "n": len(folders["ids"]), "images_key": key, "seconds": {}}
     runners = {
-        "fid": lambda: compute_fid(folders, device, batch_size, cache_dir, progress),
+        "fid": lambda: compute_fid(folders, device, batch_size, cache_dir, progress, fid_resize),
         "clip": lambda: compute_clip(folders, clip_model or CLIP_NAME, device, batch_size, progress),
         "judge": lambda: compute_judge(folders, data_root, progress),
     }
@@ -250,7 +264,8 @@ def markdown_table(result: dict) -> str:
     acc_tti = result.get("caption_accuracy_tti") or {}
     fid = result.get("fid")
     cells = [result.get("model", "?"),
-             f"{fid:.3f} (n={result['fid_n']})" if fid is not None else "n/a",
+             f"{fid:.3f} (n={result['fid_n']}, {result.get('fid_resize', 'unknown')} resize)"
+             if fid is not None else "n/a",
              _number(result.get("clip_score_gt"), 4), _number(result.get("clip_score_tti"), 4),
              _number(acc_gt.get("all"), 3), _number(acc_tti.get("all"), 3),
              _number((acc_tti.get("seen") or {}).get("all"), 3),
@@ -260,7 +275,9 @@ def markdown_table(result: dict) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " ----------- |" * len(header),
              "| " + " | ".join(cells) + " |", "",
              f"n = {result.get('n')} image pairs; caption accuracy = share of images the judge "
-             f"finds fully correct (colour, shape, size, relation, no extra object)."]
+             f"finds fully correct (colour, shape, size, relation, no extra object). FID resize: "
+             f"clean = clean-fid's antialiased bicubic; pytorch-fid = `python -m pytorch_fid`'s "
+             f"bilinear (--fid-resize pytorch-fid), comparable to tables made with it."]
     for name, key in UNAVAILABLE_KEY.items():
         if key in result:
             lines.append(f"- {key}: {result[key]}")
@@ -277,10 +294,14 @@ def main(argv=None) -> dict:
                    help="CLIP folder or HF id in the local cache (default openai/clip-vit-base-patch32)")
     p.add_argument("--data-root", default=None, help="default: data_root in export_info.json")
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--fid-resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE,
+                   help="how FID brings images to 299x299 (see tti/metrics/fid.py; "
+                        "default %(default)s)")
     p.add_argument("--fid-cache-dir", default="default",
                    help="where FID folder statistics are cached (default ~/.cache/tti/fid)")
     p.add_argument("--no-fid-cache", action="store_true")
     args = p.parse_args(argv)
+    check_at_least(p, args, {"batch_size": 1})
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     bad = sorted(set(metrics) - set(METRICS))
     if bad:
@@ -289,11 +310,12 @@ def main(argv=None) -> dict:
         p.error(f"{args.eval_dir} is not a folder (run python -m tti.export first)")
     result = evaluate(args.eval_dir, metrics, device=args.device, clip_model=args.clip_model,
                       data_root=args.data_root, batch_size=args.batch_size,
-                      fid_cache_dir=None if args.no_fid_cache else args.fid_cache_dir)
+                      fid_cache_dir=None if args.no_fid_cache else args.fid_cache_dir,
+                      fid_resize=args.fid_resize)
     print(markdown_table(result))
     print(f"\nwrote {os.path.join(args.eval_dir, 'metrics.json')}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

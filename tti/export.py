@@ -35,9 +35,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from tti import distributed
+from tti.cli import UserError, run_cli
 
 SETTINGS_KEYS = ("checkpoint", "checkpoint_step", "use_ema", "sampler_options", "seed",
                  "data_root", "val_split", "image_size", "precision")
+
+
+class ExportError(UserError, ValueError):
+    """An export folder that cannot be written, resumed or read as one; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -214,13 +219,14 @@ def check_settings(info_path: str, settings: dict, overwrite: bool) -> None:
         old = json.load(f).get("settings", {})
     diff = {k: (old.get(k), settings[k]) for k in SETTINGS_KEYS if old.get(k) != settings[k]}
     if diff:
-        raise SystemExit(f"export: {os.path.dirname(info_path)} holds images made with other "
-                         f"settings (old, new): {diff}. Use another --out-dir, or --overwrite "
-                         f"to delete them and start again.")
+        raise ExportError(f"{os.path.dirname(info_path)} holds images made with other "
+                          f"settings (old, new): {diff}. Use another --out-dir, or --overwrite "
+                          f"to delete them and start again.")
 
 
 def parse_args(argv=None):
     from tti.model import PRECISIONS
+    from tti.sample import add_sampler_arguments, check_inference_arguments
 
     p = argparse.ArgumentParser(prog="python -m tti.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -229,10 +235,7 @@ def parse_args(argv=None):
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=5000,
                    help="images to export (COCO papers use 30000; capped at the val size). "
                         "Under torchrun write --num-samples (torchrun takes --n for its own)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--eta", type=float, default=None)
+    add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="picks the val images, captions and noise")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
     p.add_argument("--data-root", default=None, help="default: data.root of the checkpoint's config")
@@ -245,8 +248,9 @@ def parse_args(argv=None):
                    help="autocast dtype for the network; anything but fp32 is ~1.5x faster on "
                         "bf16-capable hardware but only deterministic per id up to a few pixel levels")
     args = p.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1:
-        p.error("--n and --batch-size must be >= 1")
+    check_inference_arguments(p, args, {"n": 1, "batch_size": 1})
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        p.error(f"--data-root {args.data_root}: no such folder")
     return args
 
 
@@ -255,6 +259,7 @@ def main(argv=None) -> str:
     from tti.checkpoint import load_checkpoint
     from tti.data.coco import load_split
     from tti.model import load_for_inference
+    from tti.sample import sampler_options
 
     started = time.time()
     info = distributed.setup(args.device)
@@ -265,11 +270,9 @@ def main(argv=None) -> str:
     d = cfg.data
     root = args.data_root or d.root
     if not os.path.isdir(root):
-        raise SystemExit(f"export: data root {root!r} (data.root in the checkpoint's config) not "
-                         f"found from {os.getcwd()}; pass --data-root")
-    opts = model.sampler_options(cfg)
-    opts.update({k: getattr(args, k) for k in ("sampler", "steps", "eta", "guidance")
-                 if getattr(args, k) is not None})
+        raise ExportError(f"data root {root!r} (data.root in the checkpoint's config) not "
+                          f"found from {os.getcwd()}; pass --data-root")
+    opts = sampler_options(model, cfg, args)
     settings = {"checkpoint": os.path.abspath(args.checkpoint), "checkpoint_step": step,
                 "use_ema": not args.no_ema, "sampler_options": opts, "seed": args.seed,
                 "data_root": os.path.abspath(root), "val_split": d.val_split,
@@ -331,4 +334,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from tti.cli import UserError, check_at_least, run_cli
+from tti.diffusion import SAMPLERS
 from tti.model import PRECISIONS, load_for_inference, to_uint8
 
 LABEL_WIDTH = 240
@@ -85,16 +87,50 @@ def generate(model, captions: list, n: int, seed: int = 0, batch_size: int = 64,
     return (images, steps) if return_trajectory else images
 
 
+# ---------------------------------------------------------------- arguments shared with tti.export
+
+SAMPLER_ARGUMENTS = ("sampler", "steps", "eta", "guidance")
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """--sampler, --steps, --eta, --guidance: each overrides the checkpoint config's sample.*."""
+    p.add_argument("--sampler", choices=SAMPLERS, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--eta", type=float, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+
+
+def check_inference_arguments(p: argparse.ArgumentParser, args, bounds: dict) -> None:
+    """Before any model loads: p.error for a missing --checkpoint, --steps < 1, --eta < 0,
+    --guidance < 0, or another argument under its bound in `bounds` ({dest: lowest})."""
+    if not os.path.exists(args.checkpoint):
+        p.error(f"--checkpoint {args.checkpoint}: no such checkpoint file or run directory")
+    check_at_least(p, args, {"steps": 1, "eta": 0, "guidance": 0, **bounds})
+
+
+def sampler_options(model, cfg, args) -> dict:
+    """The checkpoint config's sampler options with the command line's overrides.
+
+    UserError if --steps is more than a diffusion model's T (only DDPM ignores --steps).
+    """
+    opts = model.sampler_options(cfg)
+    opts.update({k: getattr(args, k) for k in SAMPLER_ARGUMENTS if getattr(args, k) is not None})
+    if cfg.model.kind == "diffusion" and opts["sampler"] != "ddpm":
+        timesteps = cfg.model.diffusion.timesteps
+        if opts["steps"] > timesteps:
+            raise UserError(f"--steps {opts['steps']}: this model was trained with "
+                            f"{timesteps} diffusion steps; choose 1 to {timesteps}")
+    return opts
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tti.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
     p.add_argument("--caption", action="append", default=[], help="repeatable")
     p.add_argument("--captions-file", help="one caption per line")
     p.add_argument("--n", type=int, default=8, help="samples per caption")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--guidance", type=float, default=None)
+    add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="grid.png")
     p.add_argument("--gif", default=None, help="also write the denoising GIF here")
@@ -103,6 +139,9 @@ def main(argv=None):
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype for the network (auto: bf16 on CUDA and bf16-capable CPUs)")
     args = p.parse_args(argv)
+    check_inference_arguments(p, args, {"n": 1})
+    if args.captions_file and not os.path.isfile(args.captions_file):
+        p.error(f"--captions-file {args.captions_file}: no such file")
 
     captions = list(args.caption)
     if args.captions_file:
@@ -112,10 +151,7 @@ def main(argv=None):
                                     precision=args.precision)
     if not captions:
         captions = cfg.sample.captions or ["a photo"]
-    opts = model.sampler_options(cfg)
-    for key in ("sampler", "steps", "eta", "guidance"):
-        if getattr(args, key) is not None:
-            opts[key] = getattr(args, key)
+    opts = sampler_options(model, cfg, args)
     result = generate(model, captions, args.n, seed=args.seed,
                       return_trajectory=bool(args.gif), **opts)
     images, frames = result if args.gif else (result, None)
@@ -128,4 +164,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -291,4 +291,5 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from tti.cli import run_cli
+    run_cli(main)

@@ -179,4 +179,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tti.cli import run_cli
+    run_cli(main)

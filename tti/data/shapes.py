@@ -398,4 +398,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tti.cli import run_cli
+    run_cli(main)

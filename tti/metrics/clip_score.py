@@ -21,13 +21,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tti.cli import UserError
+from tti.metrics import IMAGE_EXTENSIONS
+
 CLIP_NAME = "openai/clip-vit-base-patch32"
 CAPTION_PREFIX = "A photo depicts "
 CLIPSCORE_WEIGHT = 2.5
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_CONTEXT_LENGTH = 77
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class ImageCaptionPairingError(UserError, ValueError):
+    """An image folder and its captions JSON cannot be read or do not pair one to one."""
 
 
 class LoadedClip(NamedTuple):
@@ -138,26 +144,30 @@ def clip_score(images, captions: Sequence[str], model, processor, batch_size: in
 
 def match_images_to_captions(image_dir: str, captions_json: str) -> tuple[list[str], list[str], list[str]]:
     """(ids, image paths, captions) sorted by id, pairing files in image_dir by stem with the keys of
-    captions_json ({"<image id>": "<caption>"}, clipscore's candidates.json). ValueError unless the
-    two sets match one to one."""
-    with open(captions_json) as f:
-        captions = json.load(f)
+    captions_json ({"<image id>": "<caption>"}, clipscore's candidates.json).
+    ImageCaptionPairingError (a ValueError) unless the two sets match one to one."""
+    try:
+        with open(captions_json, encoding="utf-8") as f:
+            captions = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ImageCaptionPairingError(f"cannot read captions {captions_json}: {error}") from error
     if not isinstance(captions, dict) or not all(isinstance(v, str) for v in captions.values()):
-        raise ValueError(f"{captions_json}: expected a JSON object {{\"<image id>\": \"<caption>\"}}")
+        raise ImageCaptionPairingError(
+            f"{captions_json}: expected a JSON object {{\"<image id>\": \"<caption>\"}}")
     if not os.path.isdir(image_dir):
-        raise FileNotFoundError(f"image folder not found: {image_dir}")
+        raise ImageCaptionPairingError(f"image folder not found: {image_dir}")
     files: dict[str, str] = {}
     for name in sorted(os.listdir(image_dir)):
         stem, ext = os.path.splitext(name)
         if ext.lower() in IMAGE_EXTENSIONS:
             if stem in files:
-                raise ValueError(f"{image_dir}: two images share the id '{stem}': "
-                                 f"{os.path.basename(files[stem])} and {name}")
+                raise ImageCaptionPairingError(f"{image_dir}: two images share the id '{stem}': "
+                                               f"{os.path.basename(files[stem])} and {name}")
             files[stem] = os.path.join(image_dir, name)
     no_caption = sorted(set(files) - set(captions))
     no_image = sorted(set(captions) - set(files))
     if no_caption or no_image:
-        raise ValueError(
+        raise ImageCaptionPairingError(
             f"images in {image_dir} and captions in {captions_json} do not match one to one: "
             f"{len(no_caption)} images without a caption (e.g. {no_caption[:5]}), "
             f"{len(no_image)} captions without an image (e.g. {no_image[:5]})")

