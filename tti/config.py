@@ -18,10 +18,11 @@ from typing import Any, Optional
 import yaml
 
 from tti.aligndraw import PRESETS as ALIGNDRAW_PRESETS
+from tti.cli import UserError
 from tti.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value is wrong. The message is one line naming the key; `keys` holds
     every key the error is about, so load_config can name the file or --set item behind it."""
 
