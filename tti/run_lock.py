@@ -135,11 +135,16 @@ def _try_lock(fd: int, path: str) -> bool:
 def _write_holder(fd: int) -> None:
     record = {"host": socket.gethostname(), "pid": os.getpid(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])[:400]}
+              "command": _short(" ".join([os.path.basename(sys.orig_argv[0])] + sys.orig_argv[1:]))}
     data = (json.dumps(record) + "\n").encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, data, 0)
     os.fsync(fd)  # other NFS clients read it on open only once it is on the server
+
+
+def _short(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())  # one line, even for `python -c "<script>"`
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_holder(path: str, wait_s: float = 1.0) -> dict | None:
