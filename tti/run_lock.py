@@ -85,12 +85,12 @@ class RunLock:
         deadline, told = time.monotonic() + wait_s, False
         while not _try_lock(fd, self.path):
             if time.monotonic() >= deadline:
-                raise RunLockedError(f"{self.folder} is in use: {describe_holder(self.path)} "
+                raise RunLockedError(f"{self.folder} is in use: {_describe_holder(self.path)} "
                                      f"holds its lock {self.path}. Wait for that process to "
                                      f"finish or stop it (a killed process releases the lock "
                                      f"by itself). {self.advice}".rstrip())
             if not told:
-                print(f"waiting for {describe_holder(self.path)} to release {self.path}",
+                print(f"waiting for {_describe_holder(self.path)} to release {self.path}",
                       file=sys.stderr, flush=True)
                 told = True
             time.sleep(_POLL_S)
@@ -147,7 +147,7 @@ def _short(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def read_holder(path: str, wait_s: float = 1.0) -> dict | None:
+def _read_holder(path: str, wait_s: float = 1.0) -> dict | None:
     """The {host, pid, started, command} record in lock file `path`, or None if it has none.
 
     Waits up to wait_s for a holder that has taken the lock but not yet written its record.
@@ -167,9 +167,9 @@ def read_holder(path: str, wait_s: float = 1.0) -> dict | None:
         time.sleep(0.05)
 
 
-def describe_holder(path: str) -> str:
+def _describe_holder(path: str) -> str:
     """'process 123 on host h (since ..., running: ...)', from the lock file `path`."""
-    record = read_holder(path)
+    record = _read_holder(path)
     if record is None:
         return "another process (its lock file names none)"
     return (f"process {record.get('pid')} on host {record.get('host')} (since "
