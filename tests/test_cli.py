@@ -193,7 +193,6 @@ def test_coco_without_annotations(tmp_path, monkeypatch, capsys):
     assert_one_line(code, err, "tti.data.coco", "captions_val2014.json")
 
 
-@needs_user_error_base("the refusal to write into a foreign folder, tti/data/shapes.py (issue 17)")
 def test_shapes_into_a_foreign_folder(tmp_path, monkeypatch, capsys):
     (tmp_path / "captions_train2014.json").write_text("{}")  # someone's data
     code, err = run_module("tti.data.shapes", ["--out", str(tmp_path), "--train", "4", "--val", "2"],

@@ -35,7 +35,7 @@ def test_same_seed_same_bytes_and_different_seed_differs(small_dataset, tmp_path
     write_coco(str(tmp_path / "other"), n_train=60, n_val=30, image_size=32, seed=1)
     first = _all_files(small_dataset)
     again, other = _all_files(str(tmp_path / "again")), _all_files(str(tmp_path / "other"))
-    assert len(first) == 60 + 30 + 4
+    assert len(first) == 60 + 30 + 5  # 2 annotation files, held_out_pairs, meta, .shapes.lock
     assert first == again
     assert first.keys() == other.keys()
     differing = [k for k in first if k.endswith(".png") and first[k] != other[k]]
@@ -77,25 +77,56 @@ def test_second_write_does_no_work(small_dataset, monkeypatch):
     assert before == after
 
 
-def test_killed_run_is_not_complete_and_rerun_finishes(tmp_path, monkeypatch):
-    out = str(tmp_path / "ds")
-    write_coco(out, n_train=10, n_val=5, seed=0)
-    reference = _all_files(out)
+def _dies_after(n, monkeypatch):
+    """Make the n+1-th render raise KeyboardInterrupt, as a Ctrl-C mid-way would."""
     real, calls = shapes.render_example, []
 
-    def dies_after_five(*args, **kwargs):
+    def render(*args, **kwargs):
         calls.append(1)
-        if len(calls) > 5:
+        if len(calls) > n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
+    monkeypatch.setattr(shapes, "render_example", render)
 
-    monkeypatch.setattr(shapes, "render_example", dies_after_five)
-    with pytest.raises(KeyboardInterrupt):
-        write_coco(out, n_train=10, n_val=5, seed=1)  # other parameters: must rewrite, then dies
-    assert not os.path.exists(os.path.join(out, "meta.json"))
-    monkeypatch.setattr(shapes, "render_example", real)
+
+def _meta(out):
+    with open(os.path.join(out, "meta.json")) as f:
+        return json.load(f)
+
+
+def test_killed_run_is_not_complete_and_rerun_finishes(tmp_path, monkeypatch):
+    write_coco(str(tmp_path / "reference"), n_train=10, n_val=5, seed=0)
+    reference = _all_files(str(tmp_path / "reference"))
+    out = str(tmp_path / "ds")
+    with monkeypatch.context() as patch:
+        _dies_after(5, patch)
+        with pytest.raises(KeyboardInterrupt):
+            write_coco(out, n_train=10, n_val=5, seed=0)
+    assert _meta(out)["complete"] is False  # claimed before the first image, never complete
     write_coco(out, n_train=10, n_val=5, seed=0)
-    assert {k: v for k, v in _all_files(out).items() if not k.endswith(".tmp")} == reference
+    assert _all_files(out) == reference
+
+
+def test_other_settings_are_refused_and_replace_is_explicit(tmp_path, monkeypatch):
+    out = str(tmp_path / "ds")
+    write_coco(out, n_train=10, n_val=5, seed=0)
+    before = _all_files(out)
+    with pytest.raises(shapes.ShapesFolderError) as refused:
+        write_coco(out, n_train=12, n_val=5, seed=0)
+    assert _all_files(out) == before
+    message = str(refused.value)
+    assert "other settings" in message and "n_train 10 -> 12" in message
+    assert f"--out {out} --train 12 --val 5 --size 32 --seed 0 --captions-per-image 3 --replace" in message
+    with monkeypatch.context() as patch:  # an interrupted replacement stays claimed by the new settings
+        _dies_after(3, patch)
+        with pytest.raises(KeyboardInterrupt):
+            write_coco(out, n_train=6, n_val=5, seed=1, replace=True)
+    assert (_meta(out)["n_train"], _meta(out)["complete"]) == (6, False)
+    with pytest.raises(shapes.ShapesFolderError, match="n_train 6 -> 10"):
+        write_coco(out, n_train=10, n_val=5, seed=0)
+    write_coco(out, n_train=6, n_val=5, seed=1)  # the same settings resume without --replace
+    write_coco(str(tmp_path / "reference"), n_train=6, n_val=5, seed=1)
+    assert _all_files(out) == _all_files(str(tmp_path / "reference"))  # old train images 7-10 gone
 
 
 def test_held_out_pairs_never_in_train_and_present_in_val():

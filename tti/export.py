@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from tti import distributed
 from tti.cli import UserError, run_cli
+from tti.run_lock import RunLock
 
 SETTINGS_KEYS = ("checkpoint", "checkpoint_step", "use_ema", "sampler_options", "seed",
                  "data_root", "val_split", "image_size", "precision")
@@ -280,6 +281,8 @@ def main(argv=None) -> str:
                 # the resolved autocast dtype: bf16 and fp32 images differ slightly
                 "precision": str(model.sample_dtype or torch.float32).replace("torch.", "")}
     paths = export_paths(out_dir)
+    # One export per --out-dir: a second would mix its images in, or delete the first's files.
+    out_lock = RunLock(out_dir, advice="Or pass another --out-dir.").acquire() if info.is_main else None
     check_settings(paths["info"], settings, args.overwrite)
 
     # Rank 0 packs the val cache if needed and prepares the folders; the others wait.
@@ -329,6 +332,8 @@ def main(argv=None) -> str:
         print(f"export: {len(items)} gt/tti pairs in {out_dir} ({generated} generated, "
               f"{len(items) - generated} kept; {opts})")
     distributed.barrier()
+    if out_lock is not None:
+        out_lock.release()
     distributed.cleanup()
     return out_dir
 

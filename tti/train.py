@@ -42,6 +42,7 @@ from tti.data.sampler import ResumableSampler, resumable_batches
 from tti.ema import EMA
 from tti.model import (amp_dtype, build, precision_name, text_extra_state, to_model_range,
                        trainable_state)
+from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
 
 
@@ -122,6 +123,7 @@ def main(argv=None) -> str:
         torch.use_deterministic_algorithms(True)
     check_replicas = os.environ.get("TTI_CHECK_REPLICAS") == "1"
     torch.manual_seed(tr.seed)  # same initial weights on every rank; per-rank streams later
+    run_lock = lock_run_dir(run_dir) if info.is_main else None  # one writer per run directory
     log = RunLog(run_dir, info.is_main)
     if info.is_main:
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
@@ -286,6 +288,8 @@ def main(argv=None) -> str:
     finally:
         progress.close()
         log.close()
+        if run_lock is not None:
+            run_lock.release()
     distributed.cleanup()
     return run_dir
 

@@ -10,11 +10,16 @@ train; about 30% of val images contain one, to measure compositional generalisat
 `write_coco` writes the MS-COCO 2014 caption layout, so the COCO loader reads it unchanged:
 
     python -m tti.data.shapes --out data/shapes --train 20000 --val 1000 --size 32 --seed 0
+
+It never writes over data it did not make: only into a missing or empty folder, or one whose
+meta.json it wrote. A dataset made with other settings is replaced only with --replace.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import re
 import time
@@ -22,6 +27,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from tti.data.shapes_folder import (LOCK_FILE, META_FILE, ShapesFolderError, check_may_write, is_complete,
+                                    read_meta, settings)
+from tti.run_lock import RunLock
 
 # Saturated colours far apart in RGB, so slightly-off generated colours stay classifiable.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -320,44 +329,60 @@ def _split_ids(split: str, n: int) -> range:
     return range(base + 1, base + n + 1)
 
 
+def _output_files(meta: dict) -> list[str]:
+    files = ["annotations/captions_train2014.json", "annotations/captions_val2014.json", "held_out_pairs.json"]
+    return files + [image_file_name(s, i) for s, n in (("train", meta["n_train"]), ("val", meta["n_val"]))
+                    for i in _split_ids(s, n)]
+
+
 def _complete(out_dir: str, meta: dict) -> bool:
-    meta_path = os.path.join(out_dir, "meta.json")
-    if not os.path.exists(meta_path):
+    old = read_meta(out_dir)
+    if old is None or not is_complete(old) or settings(old) != meta:
         return False
-    try:
-        with open(meta_path) as f:
-            if json.load(f) != meta:
-                return False
-    except (OSError, ValueError):
-        return False
-    needed = ["annotations/captions_train2014.json", "annotations/captions_val2014.json", "held_out_pairs.json"]
-    needed += [image_file_name(s, i) for s, n in (("train", meta["n_train"]), ("val", meta["n_val"]))
-               for i in _split_ids(s, n)]
-    return all(os.path.exists(os.path.join(out_dir, p)) for p in needed)
+    return all(os.path.exists(os.path.join(out_dir, p)) for p in _output_files(meta))
 
 
 def write_coco(out_dir: str, n_train: int = 20000, n_val: int = 1000, image_size: int = 32, seed: int = 0,
-               captions_per_image: int = 3) -> None:
+               captions_per_image: int = 3, replace: bool = False) -> None:
     """Write the dataset in MS-COCO 2014 caption layout under out_dir.
 
     annotations/captions_{train,val}2014.json, {train,val}2014/COCO_{split}2014_%012d.png
-    (uint8 RGB, image_size x image_size), held_out_pairs.json, and meta.json last. Does no
-    work if meta.json matches these parameters and every file is present. Every file is
-    written under a temporary name and renamed, so a killed run never looks complete.
+    (uint8 RGB, image_size x image_size), held_out_pairs.json, and meta.json (the settings).
+    Writes only into a missing or empty folder or one it wrote itself: anything else raises
+    ShapesFolderError before any write, as does a dataset made with other settings unless
+    `replace` (which then also deletes the old images the new settings do not write). Does no
+    work if the dataset is complete with these settings. meta.json is written first, marked
+    incomplete, so a killed run is redone by the next call; every file is written under a
+    temporary name and renamed. One process at a time writes a folder; others wait for it.
     """
-    from PIL import Image
-    from tqdm import tqdm
-
     if image_size not in (32, 64, 128):
         raise ValueError(f"write_coco: image_size must be 32, 64 or 128, got {image_size}")
     meta = _meta(n_train, n_val, image_size, seed, captions_per_image)
+    check_may_write(out_dir, meta, replace)  # before anything is created
     if _complete(out_dir, meta):
         return
-    meta_path = os.path.join(out_dir, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # the folder is incomplete until meta.json comes back
+    with RunLock(out_dir, LOCK_FILE).acquire(wait_s=math.inf):  # e.g. one process per node, shared disk
+        old = check_may_write(out_dir, meta, replace)  # another process may have written it meanwhile
+        if _complete(out_dir, meta):
+            return
+        if old is not None:  # replacing: first drop the old images the new settings will not write
+            for name in set(_output_files(old)) - set(_output_files(meta)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out_dir, name))
+        _write_json_atomic(os.path.join(out_dir, META_FILE), {**meta, "complete": False})
+        _write_files(out_dir, meta)
+        _write_json_atomic(os.path.join(out_dir, META_FILE), {**meta, "complete": True})
+
+
+def _write_files(out_dir: str, meta: dict) -> None:
+    """Render both splits of `meta`'s settings and write their PNGs and annotation files."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    n_train, n_val, image_size = meta["n_train"], meta["n_val"], meta["image_size"]
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
-    splits = {s: generate_examples(n, s, seed, captions_per_image) for s, n in (("train", n_train), ("val", n_val))}
+    splits = {s: generate_examples(n, s, meta["seed"], meta["captions_per_image"])
+              for s, n in (("train", n_train), ("val", n_val))}
     bar = tqdm(total=n_train + n_val, desc=f"shapes -> {out_dir}", unit="img")
     for split, examples in splits.items():
         ann_id = _split_ids(split, 0).start - 1  # annotation ids use the split's disjoint range too
@@ -380,7 +405,6 @@ def write_coco(out_dir: str, n_train: int = 20000, n_val: int = 1000, image_size
                            {"info": info, "images": images, "annotations": annotations, "licenses": []})
     bar.close()
     _write_json_atomic(os.path.join(out_dir, "held_out_pairs.json"), [list(p) for p in HELD_OUT_PAIRS])
-    _write_json_atomic(meta_path, meta)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -391,9 +415,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=32, choices=(32, 64, 128))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--captions-per-image", type=int, default=3)
+    parser.add_argument("--replace", action="store_true",
+                        help="replace a shapes dataset made with other settings in --out (never "
+                             "a folder the generator did not write)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    write_coco(args.out, args.train, args.val, args.size, args.seed, args.captions_per_image)
+    write_coco(args.out, args.train, args.val, args.size, args.seed, args.captions_per_image,
+               replace=args.replace)
     print(f"shapes dataset ready in {args.out} ({time.perf_counter() - start:.1f}s)")
 
 
