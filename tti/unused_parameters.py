@@ -36,8 +36,8 @@ def drop_unused(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[list
     `run()` computes the output from `model` deterministically (eval mode). A submodule is
     removed by setting its attribute to None, which Hugging Face models read as "absent"
     (e.g. `pooler`); where the model cannot run without it (the forward fails or its output
-    changes), it stays and its parameters are frozen instead: either way none is left that
-    DDP would wait for. Requires-grad flags of the parameters that are used are kept.
+    changes), it is put back and its parameters are frozen instead: either way none is left
+    that DDP would wait for. Requires-grad flags of the parameters that are used are kept.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(True)  # a frozen model too: the graph must reach every parameter
@@ -48,18 +48,19 @@ def drop_unused(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[list
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-    unused = _largest_unused_modules(model, reached)
-    for name, _ in unused:
+    dropped = []
+    for name, module in _largest_unused_modules(model, reached):
         _set_submodule(model, name, None)
-    if unused and not _same_output(run, before.detach()):
-        for name, module in unused:
+        if _same_output(run, before.detach()):
+            dropped.append(name)
+        else:  # the model cannot run without it
             _set_submodule(model, name, module)
-        unused = []
-    frozen = [name for name, p in model.named_parameters() if id(p) not in reached]
+    frozen = []
     for name, p in model.named_parameters():
         if id(p) not in reached:
             p.requires_grad_(False)
-    return [name for name, _ in unused], frozen
+            frozen.append(name)
+    return dropped, frozen
 
 
 def _largest_unused_modules(model: nn.Module, reached: set[int]) -> list[tuple[str, nn.Module]]:
