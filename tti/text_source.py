@@ -56,7 +56,7 @@ def check_text_encoder(name: str) -> str:
         return cached
     why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub does not answer"
     raise TextEncoderError(
-        f"text.name {name!r} is not a local folder nor in the Hugging Face cache, and {why}: "
+        f"text.name {name!r} is neither a local folder nor in the Hugging Face cache, and {why}: "
         f"point it at a local copy with --set text.name=/path/to/{name.rsplit('/', 1)[-1]}, "
         f"or try the packaged CPU encoder with --set text.name={PACKAGED_MINILM}")
 
