@@ -92,8 +92,7 @@ def test_unreachable_roberta_fails_at_once_in_one_line(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
     import tti.text_source
-    from tti.config import ConfigError
-    from tti.text_source import HUB_TIMEOUT_S
+    from tti.text_source import HUB_TIMEOUT_S, TextEncoderError
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -103,8 +102,8 @@ def test_unreachable_roberta_fails_at_once_in_one_line(monkeypatch, tmp_path):
     assert "HF_HUB_OFFLINE" in message
     assert "--set text.name=/path/to/roberta-base" in message
     assert f"--set text.name={PACKAGED_MINILM}" in message
-    # The encoder itself raises it too: a config error the CLI prints without a traceback.
-    with pytest.raises(ConfigError, match="--set text.name=/path/to/roberta-base"):
+    # The encoder itself raises it too (a ValueError the CLI prints without a traceback).
+    with pytest.raises(TextEncoderError, match="--set text.name=/path/to/roberta-base"):
         TextEncoder("roberta-base")
     # Online but with no answer from the hub (here a closed local port): the same, fast.
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")

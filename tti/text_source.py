@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from tti.config import ConfigError
-
 # Name that resolves to the encoder shipped inside a PyPI wheel (works with no network).
 PACKAGED_MINILM = "packaged-minilm"
 # alignDRAW's word vocabulary: built from the captions, nothing to load.
@@ -21,8 +19,9 @@ HUB_TIMEOUT_S = 5.0
 _TRUE = ("1", "ON", "YES", "TRUE")
 
 
-class TextEncoderError(ConfigError):
-    """text.name names an encoder that cannot be loaded here; the message says what to set."""
+class TextEncoderError(ValueError):
+    """text.name names an encoder that cannot be loaded here; the message (one line) says
+    what to set. A user's mistake, as a ConfigError is: print it, no traceback."""
 
 
 def packaged_minilm_path() -> str:
