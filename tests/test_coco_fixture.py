@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 import pytest
-from coco_fixture import SIZES, file_name, render, write_coco_fixture
+from coco_fixture import SIZES, render, write_coco_fixture
 from PIL import Image
 from torch.utils.data import DataLoader
 

@@ -43,7 +43,7 @@ def check_text_encoder(name: str) -> str:
     if os.path.isdir(folder):
         if not os.path.isfile(os.path.join(folder, "config.json")):
             raise TextEncoderError(f"text.name {name!r} is a folder without config.json, not a "
-                                   f"model saved by save_pretrained (e.g. a roberta-base download)")
+                                   f"model folder (as save_pretrained writes one)")
         return folder
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not "org/name"
         raise TextEncoderError(f"text.name {name!r}: no such folder")
@@ -53,7 +53,8 @@ def check_text_encoder(name: str) -> str:
     cached = _cached_snapshot(name)
     if cached is not None:
         return cached
-    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub does not answer"
+    why = ("offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)" if offline
+           else "the Hugging Face hub does not answer")
     raise TextEncoderError(
         f"text.name {name!r} is neither a local folder nor in the Hugging Face cache, and {why}: "
         f"point it at a local copy with --set text.name=/path/to/{name.rsplit('/', 1)[-1]}, "

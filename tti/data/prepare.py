@@ -290,7 +290,7 @@ def _fingerprint(split: str, image_size: int, records: list[dict]) -> str:
 
 
 def _pack_rows(records, image_dir: Path, image_size: int, paths: CachePaths, fingerprint: str,
-               num_workers: int, max_bad_fraction: float, checkpoint_every: int) -> list:
+               num_workers: int, max_bad_fraction: float, checkpoint_every: int) -> tuple:
     """Decode rows into the partial file, resuming from saved progress; returns the bad rows
     and (how many sources were smaller than `image_size`, the first as [row, width, height])."""
     n, shape = len(records), (len(records), 3, image_size, image_size)
