@@ -215,3 +215,18 @@ def test_caption_edge_cases(tmp_path, caplog):
                           "images_without_captions": 2}
     assert "image 999" in caplog.text and "nocaption.jpg" in caplog.text
     assert unicode_caption in path.with_suffix(".json").read_text(encoding="utf-8")
+
+
+def test_sources_smaller_than_the_packed_size_are_upscaled_and_said_once(tmp_path, caplog):
+    rng = np.random.default_rng(0)
+    files = {f"small{k}.png": encode(Image.fromarray(rng.integers(0, 256, (28, 28, 3), np.uint8)),
+                                     "PNG") for k in range(3)}
+    files["big.png"] = encode(Image.fromarray(rng.integers(0, 256, (36, 40, 3), np.uint8)), "PNG")
+    write_layout(tmp_path, files, *one_caption_each(list(files)))
+    with caplog.at_level(logging.INFO, logger="tti.data.prepare"):
+        prepare(tmp_path, SPLIT, 32, num_workers=0)
+        prepare(tmp_path, SPLIT, 32, num_workers=0)  # the cache exists: nothing more to say
+    notes = [r.getMessage() for r in caplog.records if "upscaled" in r.getMessage()]
+    assert len(notes) == 1
+    assert "upscaled 3 of 4 images whose short side is under 32 px" in notes[0]
+    assert "small0.png, 28x28" in notes[0]

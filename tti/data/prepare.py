@@ -176,34 +176,44 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(path, image_size: int) -> np.ndarray:
-    """One image file -> uint8 [3, S, S] RGB in 0..255.
+    """One image file -> uint8 [3, S, S] RGB in 0..255 (EXIF orientation applied, centre
+    square resampled to S x S; see `load_upright_rgb` and `centre_square`)."""
+    return centre_square(load_upright_rgb(path), image_size)
 
-    EXIF orientation applied, then the centred square of side min(W, H) is resampled to
-    S x S with Lanczos (antialiased): the same as resizing the short side to S and centre
-    cropping, with one resampling and no rounding of an intermediate size.
-    """
+
+def load_upright_rgb(path) -> Image.Image:
+    """An image file, decoded by its content (not its extension), EXIF orientation applied,
+    in mode RGB."""
     with Image.open(path) as img:
         img.load()  # decode now: a truncated or corrupt file fails here
         try:
             img = ImageOps.exif_transpose(img)
         except Exception:  # broken EXIF: the pixels are still fine, keep them as stored
             pass
-        img = to_rgb(img)
-        width, height = img.size
-        side = min(width, height)
-        left, top = (width - side) / 2, (height - side) / 2
-        img = img.resize((image_size, image_size), Image.Resampling.LANCZOS,
-                         box=(left, top, left + side, top + side))
-        return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+        return to_rgb(img)
+
+
+def centre_square(img: Image.Image, image_size: int) -> np.ndarray:
+    """RGB image -> uint8 [3, S, S]: the centred square of side min(W, H) resampled to S x S
+    with Lanczos (antialiased): the same as resizing the short side to S and centre
+    cropping, with one resampling and no rounding of an intermediate size."""
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    img = img.resize((image_size, image_size), Image.Resampling.LANCZOS,
+                     box=(left, top, left + side, top + side))
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
 
 
 def _decode_task(task):
-    """Worker entry: (row, path, S) -> (row, uint8 [3, S, S] or None, reason or None)."""
+    """Worker entry: (row, path, S) -> (row, uint8 [3, S, S] or None, reason or None,
+    the source's (width, height) upright or None)."""
     row, path, image_size = task
     try:
-        return row, decode_image(path, image_size), None
+        img = load_upright_rgb(path)
+        return row, centre_square(img, image_size), None, img.size
     except Exception as e:  # any unreadable file is skipped and reported, never fatal
-        return row, None, f"{type(e).__name__}: {e}"
+        return row, None, f"{type(e).__name__}: {e}", None
 
 
 @contextlib.contextmanager
@@ -256,9 +266,10 @@ def prepare(root, split: str, image_size: int, cache_dir=None, num_workers: int 
         if not records:
             raise BadDataError(f"{annotation_file}: no image has a usable caption ({stats})")
         fingerprint = _fingerprint(split, image_size, records)
-        bad = _pack_rows(records, Path(root) / split, image_size, paths, fingerprint,
-                         num_workers, max_bad_fraction, checkpoint_every)
+        bad, upscaled = _pack_rows(records, Path(root) / split, image_size, paths, fingerprint,
+                                   num_workers, max_bad_fraction, checkpoint_every)
         _finish(paths, records, bad, stats, split, image_size, max_bad_fraction)
+        _note_upscaled(upscaled, records, split, image_size)
     return paths.images
 
 
@@ -279,15 +290,16 @@ def _fingerprint(split: str, image_size: int, records: list[dict]) -> str:
 
 
 def _pack_rows(records, image_dir: Path, image_size: int, paths: CachePaths, fingerprint: str,
-               num_workers: int, max_bad_fraction: float, checkpoint_every: int) -> list:
-    """Decode rows into the partial file, resuming from saved progress; returns the bad rows."""
+               num_workers: int, max_bad_fraction: float, checkpoint_every: int) -> tuple:
+    """Decode rows into the partial file, resuming from saved progress; returns the bad rows
+    and (how many sources were smaller than `image_size`, the first as [row, width, height])."""
     n, shape = len(records), (len(records), 3, image_size, image_size)
     state = _load_progress(paths, fingerprint, shape)
     if state is None:
         # Drop old progress first: it must never be paired with the fresh (zeroed) partial file.
         paths.progress.unlink(missing_ok=True)
         images = np.lib.format.open_memmap(paths.partial, mode="w+", dtype=np.uint8, shape=shape)
-        state = {"fingerprint": fingerprint, "done": 0, "bad": []}
+        state = {"fingerprint": fingerprint, "done": 0, "bad": [], "upscaled": 0}
         _write_json(paths.progress, state)
     else:
         images = np.lib.format.open_memmap(paths.partial, mode="r+")
@@ -297,11 +309,14 @@ def _pack_rows(records, image_dir: Path, image_size: int, paths: CachePaths, fin
     bar = tqdm(total=n, initial=state["done"], unit="img", desc=f"packing {paths.images.name}")
     try:
         with _ordered_map(num_workers) as ordered_map:
-            for row, pixels, reason in ordered_map(_decode_task, tasks):
+            for row, pixels, reason, source_size in ordered_map(_decode_task, tasks):
                 if pixels is None:
                     state["bad"].append([row, str(image_dir / records[row]["file_name"]), reason])
                 else:
                     images[row] = pixels
+                    if min(source_size) < image_size:
+                        state["upscaled"] = state.get("upscaled", 0) + 1
+                        state.setdefault("upscaled_example", [row, *source_size])
                 state["done"] = row + 1
                 bar.update(1)
                 _check_bad_fraction(state["bad"], n, max_bad_fraction, final=state["done"] == n)
@@ -313,7 +328,7 @@ def _pack_rows(records, image_dir: Path, image_size: int, paths: CachePaths, fin
         images.flush()
         _write_json(paths.progress, state)
         del images
-    return state["bad"]
+    return state["bad"], (state.get("upscaled", 0), state.get("upscaled_example"))
 
 
 def _load_progress(paths: CachePaths, fingerprint: str, shape: tuple) -> dict | None:
@@ -374,6 +389,17 @@ def _finish(paths: CachePaths, records, bad, stats, split, image_size, max_bad_f
     level = logging.WARNING if any(stats.values()) else logging.INFO
     log.log(level, "packed %d images into %s; skipped: %s%s", len(keep), paths.images, stats,
             "".join(f"\n  unreadable: {line}" for line in index["unreadable_examples"]))
+
+
+def _note_upscaled(upscaled: tuple, records: list, split: str, image_size: int) -> None:
+    """Say once, with the count, that sources smaller than the packed size were enlarged."""
+    count, example = upscaled
+    if not count:
+        return
+    row, width, height = example
+    log.warning("%s: upscaled %d of %d images whose short side is under %d px (e.g. %s, "
+                "%dx%d): they hold less detail than the packed size suggests", split, count,
+                len(records), image_size, records[row]["file_name"], width, height)
 
 
 @contextlib.contextmanager
