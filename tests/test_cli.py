@@ -171,8 +171,11 @@ def test_own_error_classes_are_user_errors():
 @pytest.mark.parametrize("where, name", [
     ("tti.config", "ConfigError"),
     pytest.param("tti.checkpoint", "CheckpointError", marks=needs_user_error_base("tti/checkpoint.py")),
-    pytest.param("tti.data.prepare", "AnnotationError", marks=needs_user_error_base("tti/data/prepare.py")),
-    pytest.param("tti.data.prepare", "BadDataError", marks=needs_user_error_base("tti/data/prepare.py")),
+    ("tti.data.prepare", "AnnotationError"),
+    ("tti.data.prepare", "BadDataError"),
+    ("tti.text", "TextEncoderError"),
+    ("tti.data.shapes_folder", "ShapesFolderError"),
+    ("tti.run_lock", "RunLockedError"),
     pytest.param("tti.train", "NonFiniteLossError", marks=needs_user_error_base("tti/train.py")),
 ])
 def test_project_error_classes_are_user_errors(where, name):
@@ -187,7 +190,6 @@ def test_train_config_typo(monkeypatch, capsys):
     assert_one_line(code, err, "tti.train", "train.stpes")
 
 
-@needs_user_error_base("AnnotationError in tti/data/prepare.py")
 def test_coco_without_annotations(tmp_path, monkeypatch, capsys):
     code, err = run_module("tti.data.coco", [str(tmp_path), "--split", "val2014"], monkeypatch, capsys)
     assert_one_line(code, err, "tti.data.coco", "captions_val2014.json")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from tti.cli import UserError
+
 # Name that resolves to the encoder shipped inside a PyPI wheel (works with no network).
 PACKAGED_MINILM = "packaged-minilm"
 # alignDRAW's word vocabulary: built from the captions, nothing to load.
@@ -19,7 +21,7 @@ HUB_TIMEOUT_S = 5.0
 _TRUE = ("1", "ON", "YES", "TRUE")
 
 
-class TextEncoderError(ValueError):
+class TextEncoderError(UserError, ValueError):
     """text.name names an encoder that cannot be loaded here; the message (one line) says
     what to set. A user's mistake, as a ConfigError is: print it, no traceback."""
 

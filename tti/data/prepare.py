@@ -29,6 +29,8 @@ from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from tti.cli import UserError
+
 log = logging.getLogger(__name__)
 
 # Bump when the pixels a cache holds would change (decoding, resize, crop); old caches restart.
@@ -39,11 +41,11 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError, ValueError):
     """A caption annotation file that cannot be read as COCO (names the file and position)."""
 
 
-class BadDataError(RuntimeError):
+class BadDataError(UserError, RuntimeError):
     """Too many unreadable images, or no usable image at all."""
 
 
