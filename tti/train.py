@@ -25,7 +25,7 @@ import argparse
 import contextlib
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -54,6 +54,20 @@ def parse_args(argv=None):
                    help="override a config field, e.g. train.steps=200 (repeatable)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def start_run(cfg: Config, info: distributed.DistInfo) -> RunLog:
+    """Open the run directory's log (rank 0 writes; other ranks log nothing) and save the
+    config beside it."""
+    run_dir = cfg.run_dir()
+    log = RunLog(run_dir, info.is_main)
+    if info.is_main:
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    log.print(f"run directory: {run_dir}  (world size {info.world_size}, device {info.device})")
+    return log
 
 
 # ---------------------------------------------------------------- data
@@ -122,6 +136,14 @@ def build_model(cfg: Config, info: distributed.DistInfo, train_set, resume: dict
     return model
 
 
+def for_training(model: TextToImage, cfg: Config, info: distributed.DistInfo):
+    """The model as the loop calls it: behind DDP with several processes (wrapped after any
+    resume: DDP broadcasts rank 0's weights), compiled if train.compile."""
+    if info.enabled:
+        model = DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    return torch.compile(model) if cfg.train.compile else model
+
+
 # ---------------------------------------------------------------- one step, one log line
 
 
@@ -180,13 +202,10 @@ def count_bad_step(state: TrainState, cfg: Config, log: RunLog) -> None:
 
 @dataclass
 class Interval:
-    """Wall time, steps and data-loader wait since the last log line."""
+    """Where the run was at the last log line, and the data-loader wait since then (s)."""
     start_step: int
-    start: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
     data_wait: float = 0.0
-
-    def __post_init__(self):
-        self.start = time.perf_counter()
 
 
 def log_interval(interval: Interval, state: TrainState, loss_sum: torch.Tensor,
@@ -203,25 +222,6 @@ def log_interval(interval: Interval, state: TrainState, loss_sum: torch.Tensor,
 
 
 # ---------------------------------------------------------------- main
-
-
-def start_run(cfg: Config, info: distributed.DistInfo) -> RunLog:
-    """Open the run directory's log (rank 0 writes; other ranks log nothing) and save the
-    config beside it."""
-    run_dir = cfg.run_dir()
-    log = RunLog(run_dir, info.is_main)
-    if info.is_main:
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    log.print(f"run directory: {run_dir}  (world size {info.world_size}, device {info.device})")
-    return log
-
-
-def for_training(model: TextToImage, cfg: Config, info: distributed.DistInfo):
-    """The model as the loop calls it: behind DDP with several processes (wrapped after any
-    resume: DDP broadcasts rank 0's weights), compiled if train.compile."""
-    if info.enabled:
-        model = DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
-    return torch.compile(model) if cfg.train.compile else model
 
 
 def main(argv=None) -> str:
@@ -251,14 +251,12 @@ def main(argv=None) -> str:
     state = make_train_state(cfg, model, info.device, log)
 
     # ------------------------------------------------------------ resume
-    if resume is not None:
-        warning = resume_state(state, resume, cfg, info)
-        if warning:
-            log.print(warning)
-        log.print(f"resumed from {resume_path} at step {state.step}")
+    if resume is None:
+        seed_everything(tr.seed + info.rank)  # each rank its own random streams from here on
     else:
-        seed_everything(tr.seed + info.rank)
-    del resume
+        resume_state(state, resume, cfg, info, log)
+        log.print(f"resumed from {resume_path} at step {state.step}")
+    del resume  # its tensors now live in `state`
     forward = for_training(model, cfg, info)
 
     # ------------------------------------------------------------ loop

@@ -42,6 +42,7 @@ class TrainState:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's (CPU and CUDA) global random streams."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -93,9 +94,10 @@ def find_checkpoint(run_dir: str, info: distributed.DistInfo) -> tuple[str | Non
     return path, load_checkpoint(path)
 
 
-def resume_state(state: TrainState, resume: dict, cfg: Config, info: distributed.DistInfo) -> str:
-    """Load a checkpoint's weights, EMA, optimizer, schedule, step and this rank's RNGs into
-    `state`; returns a warning for the log, or "" when every stream continues exactly."""
+def resume_state(state: TrainState, resume: dict, cfg: Config, info: distributed.DistInfo,
+                 log: RunLog) -> None:
+    """Load a checkpoint's weights, EMA, optimizer, schedule, step and this rank's RNGs
+    (the contents `find_checkpoint` returned) into `state`."""
     state.model.load_state_dict(resume["model"], strict=False)
     state.ema.load_state_dict(resume["ema"])
     state.optimizer.load_state_dict(resume["optimizer"])
@@ -104,11 +106,10 @@ def resume_state(state: TrainState, resume: dict, cfg: Config, info: distributed
     state.step, state.bad_steps = resume["step"], resume.get("bad_steps", 0)
     if len(resume["rng"]) == info.world_size:
         set_rng_state(resume["rng"][info.rank])
-        return ""
-    # Another world size: per-rank random streams cannot continue.
-    seed_everything(cfg.train.seed + 1_000_003 * state.step + info.rank)
-    return (f"warning: the checkpoint was written by {len(resume['rng'])} ranks, this run "
-            f"has {info.world_size}: random streams re-seeded")
+    else:  # another world size: per-rank random streams cannot continue
+        seed_everything(cfg.train.seed + 1_000_003 * state.step + info.rank)
+        log.print(f"warning: the checkpoint was written by {len(resume['rng'])} ranks, this "
+                  f"run has {info.world_size}: random streams re-seeded")
 
 
 def save_train_state(state: TrainState, cfg: Config, info: distributed.DistInfo, log: RunLog) -> None:

@@ -53,7 +53,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     backward, and the math backend's guards for fully masked rows (which cannot occur here),
     cost more than the attention itself. The scores stay in the autocast dtype; the softmax
     accumulates in fp32. In fp32, and for sampling (no grad), SDPA picks its kernel.
-    docs/unet.md has the measurements; bench/train_throughput.py times both paths.
+    docs/design_notes.md has the measurements; bench/train_throughput.py times both paths.
     """
     if (q.device.type == "cpu" and q.dtype != torch.float32 and torch.is_grad_enabled()
             and q.requires_grad):

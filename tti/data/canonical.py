@@ -9,7 +9,7 @@ with every caption canonical it learnt "the first-named object goes left/top" bu
 misread the other phrasings. This wrapper replaces a share of the training captions with
 their canonical phrasing, so that word order predicts the layout in most captions while the
 model still sees every phrasing: it then learns the order rule first and the relation words
-on top of it (docs/training_notes.md has the runs).
+on top of it (docs/design_notes.md has the runs).
 
 It uses what the shapes generator knows (each caption's scene) and so does not apply to
 COCO; validation captions are never rewritten.
