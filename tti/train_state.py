@@ -1,10 +1,6 @@
-"""What a training run carries from step to step and across restarts.
-
-`TrainState` holds the model, its EMA, the optimizer, the LR schedule, the fp16 loss scaler
-and the step counters; `make_train_state` makes them fresh from a config,
-`save_train_state` writes them (with the config and every rank's RNG states) as one
-checkpoint, and `find_checkpoint` + `resume_state` put a run back where its latest
-checkpoint left it.
+"""What a training run carries from step to step and across restarts: `TrainState` (model,
+EMA, optimizer, LR schedule, fp16 loss scaler, step counters), made fresh, saved as one
+checkpoint with the config and every rank's RNG states, and resumed from the latest one.
 """
 from __future__ import annotations
 
