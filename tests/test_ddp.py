@@ -90,9 +90,9 @@ def assert_replicas_equal(module: torch.nn.Module, step: int) -> None:
 
 
 def wrap_train_step(record, fault_at, marker):
-    """tti.train.train_step, then the replica check; with fault_at = k, the last rank exits
-    with status 1 as it starts step k + 1 (so after step k's checkpoint), once per test
-    (the marker file), as a crashed worker would."""
+    """Make tti.train.train_step check that all ranks hold the same parameters after every
+    step; with fault_at = k, the last rank also exits with status 1 as it starts step k + 1
+    (after step k's checkpoint), once per test (the marker file), as a crashed worker would."""
     from tti import train
 
     step_fn = train.train_step
