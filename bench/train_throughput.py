@@ -11,9 +11,8 @@ level, cross_attention_dim = our context_dim, head width 32).
 
 On CPU in bf16, a third row times our UNet with attention left to SDPA's default kernel
 instead of the explicit path (matmul, masked softmax, matmul) that tti.unet.attention takes
-when training on CPU in bf16/fp16 (the ablation of that choice). When our UNet adds its
-full-resolution skips (model.unet.add_full_res_skips) or narrows its upsampling
-(model.unet.narrow_upsample), a further row times it with that option off.
+when training on CPU in bf16/fp16 (the ablation of that choice). When our UNet narrows its
+upsampling (model.unet.narrow_upsample), a further row times it with that option off.
 
 Then, with the real frozen encoder (TextEncoder("packaged-minilm") at the config's
 text.hidden_layer), a full Diffusion.loss
@@ -152,12 +151,19 @@ def call_diffusers(model, x, t, text):
 
 
 def call_ours_default_kernel(model, x, t, text):
-    """Our UNet with attention left to SDPA's default CPU kernel (flash), for the ablation."""
-    tti.unet.EXPLICIT_ATTENTION_FOR_CPU_TRAINING = False
+    """Our UNet with attention left to SDPA's default CPU kernel (flash), for the ablation:
+    tti.unet.attention is swapped for plain SDPA while the forward pass records the graph
+    (the backward replays what was recorded)."""
+    explicit = tti.unet.attention
+    tti.unet.attention = sdpa
     try:
         return model(x, t, text)
     finally:
-        tti.unet.EXPLICIT_ATTENTION_FOR_CPU_TRAINING = True
+        tti.unet.attention = explicit
+
+
+def sdpa(q, k, v, attn_mask=None):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
 
 
 def alternate(runs, steps: int, warmup: int):
@@ -318,12 +324,11 @@ def main():
     cfg = load_config(args.config, args.set)
     u = cfg.model.unet
     ours = build_unet(u, args.size, context_dim=384).to(device)  # MiniLM's token width
-    option_ablations = {}  # each option of ours that has a speed ablation, turned off
-    for option, name, what in [
-            ("narrow_upsample", "full-width upsampling", "narrow / full-width upsampling")]:
-        if getattr(u, option):
-            model = build_unet(dataclasses.replace(u, **{option: False}), args.size, context_dim=384)
-            option_ablations[f"tti UNet, {name} (ablation)"] = (model.to(device), what)
+    option_ablations = {}  # narrow_upsample has a speed ablation: the UNet with it off
+    if u.narrow_upsample:
+        model = build_unet(dataclasses.replace(u, narrow_upsample=False), args.size, context_dim=384)
+        option_ablations["tti UNet, full-width upsampling (ablation)"] = (
+            model.to(device), "narrow / full-width upsampling")
     print(f"ours: model.unet of {args.config}: {u}")
     for amp in precisions:
         trained_ours = bench_unets(args, device, amp, ours, option_ablations)

@@ -115,6 +115,16 @@ def test_bad_config_fails_before_any_work(tmp_path, monkeypatch, override, world
     assert not results.exists() and not root.exists()  # no run directory, no dataset written
 
 
+def test_batch_larger_than_the_training_set_fails_before_the_model_is_built(
+        shapes_with_a_bad_image, tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the batch size was checked")
+    monkeypatch.setattr(train, "build", no_model)
+    with pytest.raises(ConfigError, match=re.escape("train.batch_size 128 is larger than the "
+                                                    "training set (95 images)")):
+        run(shapes_with_a_bad_image[0], tmp_path, "train.batch_size=128")
+
+
 def test_text_encoder_truncates_a_10000_character_caption():
     from tti.text import TextEncoder
 

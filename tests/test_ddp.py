@@ -10,7 +10,9 @@ sample at a time, with the global RNG seeded from a hash of that sample's pixels
 then depends on the sample alone, not on which rank or micro-batch holds it. Caption dropout
 (keyed by rank) is off. Everything else (sampler sharding, DDP's gradient averaging,
 no_sync accumulation, clipping, AdamW, EMA, checkpoints) is the real training loop, so the
-runs agree up to float summation order. This file is also the torchrun worker script.
+runs agree up to float summation order. This file is also the torchrun worker script: it
+wraps tti.train.train_step to compare the ranks' parameters after every step and, for the
+elastic-restart test, to make one rank die mid-run.
 """
 import glob
 import json
@@ -58,6 +60,57 @@ def train_args(root, results, *extra):
 # ---------------------------------------------------------------- the torchrun worker
 
 
+class ReplicaMismatchError(AssertionError):
+    """Ranks hold different parameters: DDP's all-reduce or a rank-local update went wrong."""
+
+
+@torch.no_grad()
+def assert_replicas_equal(module: torch.nn.Module, step: int) -> None:
+    """Raise ReplicaMismatchError unless every rank holds the same parameters.
+
+    Compares a float64 sum and a position-weighted sum per parameter, all-gathered: cheap,
+    and any real divergence (even one ulp in one weight) changes them.
+    """
+    from tti import distributed
+
+    names, sums = [], []
+    for name, p in module.named_parameters():
+        flat = p.detach().reshape(-1).double()
+        weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
+        names.append(name)
+        sums.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+    local = torch.stack(sums).cpu()
+    for rank, other in enumerate(distributed.all_gather_object(local)):
+        if not torch.equal(other, local):
+            bad = next(i for i in range(len(names)) if not torch.equal(other[i], local[i]))
+            raise ReplicaMismatchError(
+                f"after step {step}: rank {rank} and rank {torch.distributed.get_rank()} hold "
+                f"different values of {names[bad]} (checksums {other[bad].tolist()} vs "
+                f"{local[bad].tolist()})")
+
+
+def wrap_train_step(record, fault_at, marker):
+    """Make tti.train.train_step check that all ranks hold the same parameters after every
+    step; with fault_at = k, the last rank also exits with status 1 as it starts step k + 1
+    (after step k's checkpoint), once per test (the marker file), as a crashed worker would."""
+    from tti import train
+
+    step_fn = train.train_step
+
+    def checked_step(state, *args, **kwargs):
+        last_rank = torch.distributed.get_world_size() - 1
+        if (state.step == fault_at and torch.distributed.get_rank() == last_rank
+                and not os.path.exists(marker)):
+            open(marker, "w").close()
+            print(f"rank {last_rank} exits after step {fault_at}", file=sys.stderr, flush=True)
+            os._exit(1)
+        out = step_fn(state, *args, **kwargs)
+        assert_replicas_equal(state.model, state.step)
+        record["replica_checks"] += 1
+        return out
+    train.train_step = checked_step
+
+
 def worker(record_dir, args):
     """One rank: check that a replica mismatch is caught, then train with keyed noise while
     recording what this rank wrote and how often it skipped the all-reduce."""
@@ -75,13 +128,12 @@ def worker(record_dir, args):
         with torch.no_grad():
             probe.weight[2, 3] = torch.nextafter(probe.weight[2, 3], torch.tensor(9.0))
     try:
-        distributed.assert_replicas_equal(probe, step=0)
-    except distributed.ReplicaMismatchError as e:
+        assert_replicas_equal(probe, step=0)
+    except ReplicaMismatchError as e:
         record["mismatch_message"] = str(e)
 
     Diffusion.loss = keyed_noise(Diffusion.loss)
     save, grid, no_sync = checkpoint.atomic_save, in_loop.InLoopMonitor.run, DistributedDataParallel.no_sync
-    check = distributed.assert_replicas_equal
 
     def counted(key, fn):
         def wrapper(*a, **k):
@@ -95,8 +147,8 @@ def worker(record_dir, args):
     checkpoint.atomic_save = recorded_save
     in_loop.InLoopMonitor.run = counted("sample_grids", grid)
     DistributedDataParallel.no_sync = counted("no_sync", no_sync)
-    distributed.assert_replicas_equal = counted("replica_checks", check)
-    os.environ["TTI_CHECK_REPLICAS"] = "1"
+    fault_at = int(os.environ.get("TEST_FAULT_AT_STEP", "-1"))
+    wrap_train_step(record, fault_at, os.path.join(record_dir, f"fault_at_step_{fault_at}"))
     run_dir = train.main(args)
     record["rng"] = [torch.get_rng_state().tolist(), random.getstate()[1][:8],
                      np.random.get_state()[1][:8].tolist()]
@@ -240,9 +292,9 @@ def test_only_rank_zero_writes(two_ranks):
 def test_elastic_restart_after_a_worker_dies_ends_like_an_uninterrupted_run(
         two_ranks, shapes_root, tmp_path):
     run_dir, records, output = torchrun(tmp_path, shapes_root, max_restarts=1,
-                                        env={"TTI_FAULT_AT_STEP": str(FAULT_AT)})
+                                        env={"TEST_FAULT_AT_STEP": str(FAULT_AT)})
     assert f"rank 1 exits after step {FAULT_AT}" in output
-    assert os.path.exists(os.path.join(run_dir, f".fault_injected_at_step_{FAULT_AT}"))
+    assert os.path.exists(tmp_path / "records" / f"fault_at_step_{FAULT_AT}")
     log = open(os.path.join(run_dir, "log.txt")).read()
     last_ckpt = FAULT_AT - FAULT_AT % CKPT_EVERY
     assert f"resumed from {run_dir}/checkpoints/latest.pt at step {last_ckpt}" in log

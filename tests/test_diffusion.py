@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tti.config import UNetConfig
 from tti.diffusion import Diffusion, make_betas
 from tti.text import TextBatch
 from tti.unet import UNet
@@ -26,7 +27,7 @@ class TextMeanUNet(nn.Module):
 
 
 def tiny_unet() -> UNet:
-    unet = UNet(channels=(16, 32), attn_resolutions=(8,), image_size=16, context_dim=8, head_dim=16)
+    unet = UNet(UNetConfig(channels=[16, 32], attn_resolutions=[8], head_dim=16), image_size=16, context_dim=8)
     with torch.no_grad():  # random weights everywhere, so the output depends on every input
         for p in unet.parameters():
             p.normal_(0.0, 0.1)
@@ -263,7 +264,7 @@ def test_guidance_with_v_prediction_is_linear_in_the_output():
 
 def test_loss_falls_when_overfitting_one_batch():
     torch.manual_seed(0)
-    unet = UNet(channels=(16, 32), attn_resolutions=(4,), image_size=8, context_dim=8, head_dim=16)
+    unet = UNet(UNetConfig(channels=[16, 32], attn_resolutions=[4], head_dim=16), image_size=8, context_dim=8)
     d = Diffusion(unet, timesteps=100, image_size=8)
     images = (torch.rand(4, 3, 1, 1) * 2 - 1).expand(4, 3, 8, 8).clone()
     images[..., :4] *= -1  # two-colour images: easy to memorise

@@ -232,11 +232,12 @@ def test_per_sample_generators_make_each_image_independent_of_its_batch():
     from tti.aligndraw import AlignDraw
     from tti.diffusion import Diffusion
     from tti.text import TextBatch
+    from tti.config import UNetConfig
     from tti.unet import UNet
 
     torch.manual_seed(0)
-    unet = UNet(image_channels=3, channels=(8, 16), num_res_blocks=1, attn_resolutions=(8,),
-                image_size=16, context_dim=8, head_dim=8)
+    unet = UNet(UNetConfig(channels=[8, 16], num_res_blocks=1, attn_resolutions=[8], head_dim=8),
+                image_size=16, context_dim=8)
     diffusion = Diffusion(unet, timesteps=10, image_size=16).eval()
     text = TextBatch(torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.bool))
     null = TextBatch(torch.zeros(1, 1, 8), torch.ones(1, 1, dtype=torch.bool))

@@ -2,15 +2,17 @@
 import pytest
 import torch
 
+from tti.config import UNetConfig
+from tti.positions import coordinate_channels, sinusoidal_positions
 from tti.text import TextBatch
-from tti.unet import UNet, attention, coordinate_channels, sinusoidal_positions, timestep_embedding
+from tti.unet import UNet, attention, timestep_embedding
 
 
-def tiny_unet(**overrides) -> UNet:
-    kwargs = dict(channels=(16, 32), attn_resolutions=(16, 8), image_size=16, context_dim=24,
-                  head_dim=16)
-    kwargs.update(overrides)
-    return UNet(**kwargs)
+def tiny_unet(image_size: int = 16, image_channels: int = 3, **fields) -> UNet:
+    """A UNet over 24-wide text tokens; `fields` override model.unet's (UNetConfig)."""
+    cfg = dict(channels=[16, 32], attn_resolutions=[16, 8], head_dim=16)
+    cfg.update(fields)
+    return UNet(UNetConfig(**cfg), image_size, context_dim=24, image_channels=image_channels)
 
 
 def randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -50,8 +52,7 @@ def test_output_is_zero_at_init_and_shaped_like_input():
 @pytest.mark.parametrize("size,channels,attn", [(32, (16, 32, 32), (16, 8)),
                                                 (64, (16, 32, 32, 32), (16, 8))])
 def test_output_shape_for_32_and_64(size, channels, attn):
-    model = randomize(UNet(channels=channels, attn_resolutions=attn, image_size=size,
-                           context_dim=24, head_dim=16))
+    model = randomize(tiny_unet(size, channels=list(channels), attn_resolutions=list(attn)))
     x = torch.randn(2, 3, size, size)
     out = model(x, torch.tensor([3, 500]), text_batch(2, 7, 24, [7, 2]))
     assert out.shape == (2, 3, size, size)
@@ -59,7 +60,7 @@ def test_output_shape_for_32_and_64(size, channels, attn):
 
 
 def test_default_model_shape_and_single_channel():
-    model = UNet()
+    model = UNet(UNetConfig(), image_size=32, context_dim=384)
     out = model(torch.randn(1, 3, 32, 32), torch.tensor([10]), text_batch(1, 4, 384, [4]))
     assert out.shape == (1, 3, 32, 32)
     gray = tiny_unet(image_channels=1)
@@ -67,17 +68,13 @@ def test_default_model_shape_and_single_channel():
                 text_batch(2, 3, 24, [3, 3])).shape == (2, 1, 16, 16)
 
 
-@pytest.mark.parametrize("pooled_text,self_attn,pos,text_layers,skip,add,narrow", [
-    (True, None, False, 0, False, False, False), (False, None, False, 0, False, False, False),
-    (True, (8,), True, 0, False, False, False), (True, (8,), True, 2, False, False, False),
-    (True, (8,), True, 2, True, False, False), (True, (8,), True, 2, False, True, False),
-    (True, (8,), True, 2, False, False, True)])
-def test_padding_tokens_never_change_the_output(pooled_text, self_attn, pos, text_layers, skip,
-                                                add, narrow):
+@pytest.mark.parametrize("pooled_text,self_attn,pos,text_layers,narrow", [
+    (True, None, False, 0, False), (False, None, False, 0, False), (True, [8], True, 0, False),
+    (True, [8], True, 2, False), (True, [8], True, 2, True)])
+def test_padding_tokens_never_change_the_output(pooled_text, self_attn, pos, text_layers, narrow):
     model = randomize(tiny_unet(pooled_text=pooled_text, self_attn_resolutions=self_attn,
                                 position_embedding=pos, text_layers=text_layers,
-                                text_width=32, text_skip=skip, add_full_res_skips=add,
-                                narrow_upsample=narrow)).eval()
+                                text_width=32, narrow_upsample=narrow)).eval()
     real = torch.randn(2, 6, 24)
     short = TextBatch(torch.cat([real, torch.randn(2, 2, 24)], 1),
                       torch.arange(8)[None].expand(2, 8) < torch.tensor([[6], [4]]))
@@ -133,32 +130,14 @@ def test_every_parameter_gets_a_gradient():
     assert missing == []
 
 
-@pytest.mark.parametrize("size,channels,blocks", [(32, (16, 32, 32), 1), (32, (16, 32, 32), 2),
-                                                  (64, (16, 32, 32, 32), 1)])
-def test_added_full_res_skips(size, channels, blocks):
-    """add_full_res_skips: the full-resolution blocks on the way up run at channels[0] in and
-    out (no 1x1 projection), every skip still reaches them, and the rest is unchanged."""
-    kwargs = dict(channels=channels, num_res_blocks=blocks, attn_resolutions=(16, 8),
-                  image_size=size, context_dim=24, head_dim=16)
-    concat, added = UNet(**kwargs), randomize(UNet(add_full_res_skips=True, **kwargs))
-    full_res = [b for b, adds in zip(added.up, added.up_adds_skip) if adds]
-    assert len(full_res) == blocks + 1
-    assert all(b.res.conv1.in_channels == channels[0] and isinstance(b.res.skip, torch.nn.Identity)
-               for b in full_res)
-    assert sum(added.up_adds_skip) == blocks + 1  # only there: the lower levels concatenate
-    assert sum(p.numel() for p in added.parameters()) < sum(p.numel() for p in concat.parameters())
-    assert_trains_end_to_end(added, size)
-
-
 @pytest.mark.parametrize("size,channels,blocks", [(32, (16, 32, 48), 1), (32, (16, 32, 48), 2),
                                                   (64, (16, 32, 32, 48), 1)])
 def test_narrow_upsample(size, channels, blocks):
     """narrow_upsample: every upsample maps to the width of the level it enters, so each
     level's first block on the way up reads that width plus its (concatenated) skip; the
     downward path is unchanged, and the net still trains end to end."""
-    kwargs = dict(channels=channels, num_res_blocks=blocks, attn_resolutions=(16, 8),
-                  image_size=size, context_dim=24, head_dim=16)
-    wide, narrow = UNet(**kwargs), randomize(UNet(narrow_upsample=True, **kwargs))
+    kwargs = dict(channels=list(channels), num_res_blocks=blocks)
+    wide, narrow = tiny_unet(size, **kwargs), randomize(tiny_unet(size, narrow_upsample=True, **kwargs))
     ups = [b for b in narrow.up if type(b).__name__ == "Upsample"]
     assert [u.conv.out_channels for u in ups] == list(reversed(channels[:-1]))
     assert [u.conv.out_channels for u in wide.up if type(u).__name__ == "Upsample"] == \
@@ -168,25 +147,8 @@ def test_narrow_upsample(size, channels, blocks):
     # The skip a level's first up block reads is the output of the downsample into the
     # level below, i.e. this level's width.
     assert after == [2 * c for c in reversed(channels[:-1])]
-    assert not any(narrow.up_adds_skip)
     assert sum(p.numel() for p in narrow.parameters()) < sum(p.numel() for p in wide.parameters())
     assert_trains_end_to_end(narrow, size)
-
-
-def test_text_skip_keeps_what_the_text_layers_drop():
-    """With the text layers' input projection zeroed, their output no longer depends on the
-    caption: the UNet is then blind to the text, unless text_skip hands it the encoder's
-    tokens as well (cross-attention and the pooled text then read 32 + 24 channels)."""
-    x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
-    text_a, text_b = text_batch(1, 4, 24, [4]), text_batch(1, 4, 24, [4])
-    for skip in (False, True):
-        torch.manual_seed(0)
-        model = randomize(tiny_unet(text_layers=1, text_width=32, text_skip=skip)).eval()
-        assert model.text_pool.in_features == (32 + 24 if skip else 32)
-        with torch.no_grad():
-            model.text_adapter.proj.weight.zero_()
-            change = (model(x, t, text_a) - model(x, t, text_b)).abs().max()
-        assert (change > 1e-3) if skip else (change < 1e-6), (skip, change)
 
 
 def test_timestep_embedding_is_sinusoidal():
@@ -195,23 +157,6 @@ def test_timestep_embedding_is_sinusoidal():
     torch.testing.assert_close(emb[0], torch.tensor([1.0, 1, 1, 0, 0, 0]))
     freqs = torch.tensor([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3)])
     torch.testing.assert_close(emb[1], torch.cat([torch.cos(7 * freqs), torch.sin(7 * freqs)]))
-
-
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(image_size=15), "divisible"),
-    (dict(image_size=18, channels=(16, 32, 32), attn_resolutions=()), "divisible"),
-    (dict(attn_resolutions=(4,)), "never occurs"),
-    (dict(head_dim=12), "head_dim"),
-    (dict(channels=()), "channels"),
-    (dict(num_res_blocks=0), "num_res_blocks"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(self_attn_resolutions=(32,)), "subset"),
-    (dict(position_init="learned"), "position_init"),
-    (dict(text_skip=True), "text_skip needs text_layers"),
-])
-def test_bad_constructor_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_unet(**kwargs)
 
 
 def test_bad_forward_inputs():
@@ -231,7 +176,7 @@ def test_self_attention_only_where_asked():
     """A cross-attention-only block has no self-attention weights and computes exactly what
     a full block computes when its self-attention's output projection is zero."""
     full = randomize(tiny_unet(self_attn_resolutions=None)).eval()
-    cross_only = tiny_unet(self_attn_resolutions=(8,)).eval()
+    cross_only = tiny_unet(self_attn_resolutions=[8]).eval()
     names = {n for n, _ in cross_only.named_parameters()}
     assert {n for n, _ in full.named_parameters()} - names  # the 16x16 blocks lost qkv/out_self
     assert any("qkv" in n for n in names)  # the 8x8 blocks kept theirs
@@ -258,7 +203,7 @@ def test_position_embedding_breaks_translation_symmetry():
         return model
 
     # One level: no stride-2 downsampling, whose grid alignment would break equivariance.
-    kwargs = dict(channels=(16,), attn_resolutions=(16,))
+    kwargs = dict(channels=[16], attn_resolutions=[16])
     plain = circular(randomize(tiny_unet(**kwargs))).eval()
     with_pos = circular(randomize(tiny_unet(position_embedding=True, **kwargs))).eval()
     with_coords = circular(randomize(tiny_unet(coord_channels=True, **kwargs))).eval()
@@ -277,7 +222,7 @@ def test_coordinate_channels_are_pixel_centres():
     assert c.shape == (1, 2, 4, 4)
     torch.testing.assert_close(c[0, 0, 2], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # x along a row
     torch.testing.assert_close(c[0, 1, :, 3], torch.tensor([-0.75, -0.25, 0.25, 0.75]))  # y down a column
-    assert "coords" not in tiny_unet(coord_channels=True).state_dict()  # rebuilt, never stored
+    assert not [k for k in tiny_unet(coord_channels=True).state_dict() if "coords" in k]  # never stored
 
 
 def test_sinusoidal_positions_tell_every_pixel_apart():

@@ -18,8 +18,10 @@ import tempfile
 
 import torch
 
+from tti.cli import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or read; the message names the file and the cause."""
 
 

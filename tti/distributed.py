@@ -3,17 +3,10 @@
 torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them we run as a single process.
 The device is chosen by LOCAL_RANK (the rank within this node), never the global rank,
 so multi-node runs put each process on its own local GPU.
-
-Two environment variables help test and debug a run (both off unless set):
-    TTI_CHECK_REPLICAS=1   after every step, compare parameter checksums across ranks and
-                           stop naming the first parameter that differs
-    TTI_FAULT_AT_STEP=k    after step k, rank TTI_FAULT_RANK (default: the last rank) exits
-                           with status 1, once per run directory (tests elastic restarts)
 """
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -124,51 +117,3 @@ def mean_over_ranks(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return float(value.item())
-
-
-class ReplicaMismatchError(RuntimeError):
-    """Ranks hold different parameters: DDP's all-reduce or a rank-local update went wrong."""
-
-
-@torch.no_grad()
-def assert_replicas_equal(module: torch.nn.Module, step: int) -> None:
-    """Raise ReplicaMismatchError unless every rank holds the same parameters.
-
-    Compares a float64 sum and a position-weighted sum per parameter, all-gathered: cheap,
-    and any real divergence (even one ulp in one weight) changes them.
-    """
-    if not dist.is_initialized():
-        return
-    names, sums = [], []
-    for name, p in module.named_parameters():
-        flat = p.detach().reshape(-1).double()
-        weights = torch.linspace(1.0, 2.0, flat.numel(), dtype=torch.float64, device=flat.device)
-        names.append(name)
-        sums.append(torch.stack([flat.sum(), (flat * weights).sum()]))
-    local = torch.stack(sums).cpu()
-    gathered = all_gather_object(local)
-    for rank, other in enumerate(gathered):
-        if not torch.equal(other, local):
-            bad = next(i for i in range(len(names)) if not torch.equal(other[i], local[i]))
-            raise ReplicaMismatchError(
-                f"after step {step}: rank {rank} and rank {dist.get_rank()} hold different "
-                f"values of {names[bad]} (checksums {other[bad].tolist()} vs {local[bad].tolist()})")
-
-
-def maybe_inject_fault(step: int, rank: int, world_size: int, run_dir: str) -> None:
-    """Test hook: with TTI_FAULT_AT_STEP=k, one rank dies with status 1 after step k.
-
-    A marker file in the run directory makes it happen once, so an elastic restart that
-    resumes before step k does not fail again.
-    """
-    at = os.environ.get("TTI_FAULT_AT_STEP")
-    if at is None or step != int(at):
-        return
-    victim = int(os.environ.get("TTI_FAULT_RANK", world_size - 1))
-    marker = os.path.join(run_dir, f".fault_injected_at_step_{step}")
-    if rank != victim or os.path.exists(marker):
-        return
-    with open(marker, "w") as f:
-        f.write(f"rank {rank} exited after step {step}\n")
-    print(f"TTI_FAULT_AT_STEP: rank {rank} exits after step {step}", file=sys.stderr, flush=True)
-    os._exit(1)

@@ -26,8 +26,8 @@ def amp_dtype(precision: str, device) -> torch.dtype | None:
     """The autocast dtype for `precision` on `device` (None = plain fp32).
 
     "auto" is bf16 on CUDA and on CPUs with native bf16 instructions (AVX512-BF16 or AMX),
-    where it trains ~1.3-1.5x faster than fp32 (bench/train_throughput.py); fp32 elsewhere,
-    since emulated bf16 is slower than fp32.
+    where it trains faster than fp32 (bench/train_throughput.py); fp32 elsewhere, since
+    emulated bf16 is slower than fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -118,15 +118,7 @@ def build_unet(u: UNetConfig, image_size: int, context_dim: int) -> nn.Module:
     width `context_dim`."""
     from tti.unet import UNet
 
-    return UNet(image_channels=3, channels=tuple(u.channels), num_res_blocks=u.num_res_blocks,
-                attn_resolutions=tuple(u.attn_resolutions), image_size=image_size,
-                context_dim=context_dim, head_dim=u.head_dim, dropout=u.dropout,
-                pooled_text=u.pooled_text,
-                self_attn_resolutions=(None if u.self_attn_resolutions is None
-                                       else tuple(u.self_attn_resolutions)),
-                position_embedding=u.position_embedding, text_layers=u.text_layers,
-                text_width=u.text_width, position_init=u.position_init,
-                coord_channels=u.coord_channels, narrow_upsample=u.narrow_upsample)
+    return UNet(u, image_size, context_dim)
 
 
 def build_generator(cfg: Config, text_encoder: nn.Module) -> nn.Module:

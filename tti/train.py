@@ -1,6 +1,6 @@
 """Train a text-to-image model: one script for CPU, one GPU, N GPUs and N nodes.
 
-CPU or a single GPU (the embedded default):
+CPU, or one GPU (the embedded default):
     python -m tti.train --config configs/shapes32.yaml
 One node, 8 GPUs (one process per GPU; each picks its GPU by LOCAL_RANK):
     torchrun --standalone --nproc_per_node=8 -m tti.train --config configs/coco64_ft_roberta.yaml
@@ -17,36 +17,35 @@ A run lives in results/<dataset>_<model>/<run_idx>/ and resumes automatically fr
 checkpoints/latest.pt: model, EMA, optimizer, LR schedule, step, data order and every
 rank's RNGs (bitwise on CPU with train.deterministic=true). Only rank 0 writes logs,
 samples and checkpoints. A NaN/inf loss skips the step on all ranks, and stops the run
-(NonFiniteLossError) once more than train.max_bad_steps steps were bad. Debug and test
-switches (TTI_CHECK_REPLICAS, TTI_FAULT_AT_STEP) are described in tti/distributed.py.
+(NonFiniteLossError) once more than train.max_bad_steps steps were bad.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
-import random
 import time
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from tti import distributed
-from tti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, rng_state,
-                            save_checkpoint, set_rng_state)
+from tti.checkpoint import latest_checkpoint
+from tti.cli import UserError, run_cli
 from tti.config import Config, ConfigError, load_config, save_config, validate
-from tti.data.sampler import ResumableSampler, resumable_batches
-from tti.ema import EMA
-from tti.model import (amp_dtype, build, precision_name, text_extra_state, to_model_range,
-                       trainable_state)
+from tti.data.coco import collate, load_split
+from tti.data.sampler import ResumableSampler, resumable_batches, steps_per_epoch
+from tti.in_loop import InLoopMonitor
+from tti.model import TextToImage, build, to_model_range
 from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
+from tti.train_state import (TrainState, find_checkpoint, make_train_state, resume_state,
+                             save_train_state, seed_everything)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training produced more NaN/inf losses than train.max_bad_steps allows."""
 
 
@@ -59,26 +58,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def lr_lambda(cfg: Config):
-    tr = cfg.train
-
-    def factor(step: int) -> float:
-        if step < tr.warmup_steps:
-            return (step + 1) / tr.warmup_steps
-        if tr.lr_decay == "cosine":
-            progress = (step - tr.warmup_steps) / max(1, tr.steps - tr.warmup_steps)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    return factor
+# ---------------------------------------------------------------- setup
 
 
-def open_datasets(cfg: Config, info):
+def start_run(cfg: Config, info: distributed.DistInfo) -> RunLog:
+    """Open the run directory's log (rank 0 writes; other ranks log nothing) and save the
+    config beside it."""
+    run_dir = cfg.run_dir()
+    log = RunLog(run_dir, info.is_main)
+    if info.is_main:
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    log.print(f"run directory: {run_dir}  (world size {info.world_size}, device {info.device})")
+    return log
+
+
+# ---------------------------------------------------------------- data
+
+
+def open_datasets(cfg: Config, info: distributed.DistInfo):
     """Generate the embedded dataset if asked, pack the image caches, open both splits.
 
     One process per node (local rank 0) does the work, so nodes need not share a disk.
     """
-    from tti.data.coco import load_split
-
     d = cfg.data
     open_split = lambda split: load_split(d.root, split, d.image_size, cache_dir=d.cache_dir,
                                           num_workers=max(1, d.num_workers),
@@ -99,41 +100,10 @@ def open_datasets(cfg: Config, info):
     return train_set, open_split(d.val_split)
 
 
-def collate(batch):
-    images = torch.stack([b[0] for b in batch])
-    return images, [b[1] for b in batch]
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def main(argv=None) -> str:
-    args = parse_args(argv)
-    # ------------------------------------------------------------ setup
-    info = distributed.setup(args.device)
-    cfg = load_config(args.config, args.set)
-    validate(cfg, world_size=info.world_size)  # fails before any file is written
+def make_loader(cfg: Config, info: distributed.DistInfo, train_set) -> DataLoader:
+    """This rank's loader of micro-batches (train.batch_size / world size / grad_accum
+    images uint8 [B, 3, S, S] with B captions), in an order a resumed run can continue."""
     tr = cfg.train
-    run_dir = cfg.run_dir()
-    if tr.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
-        torch.use_deterministic_algorithms(True)
-    check_replicas = os.environ.get("TTI_CHECK_REPLICAS") == "1"
-    torch.manual_seed(tr.seed)  # same initial weights on every rank; per-rank streams later
-    run_lock = lock_run_dir(run_dir) if info.is_main else None  # one writer per run directory
-    log = RunLog(run_dir, info.is_main)
-    if info.is_main:
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    log.print(f"run directory: {run_dir}  (world size {info.world_size}, device {info.device})")
-
-    # ------------------------------------------------------------ data
-    train_set, val_set = open_datasets(cfg, info)
-    if info.is_main:  # images kept, and what prepare skipped and why
-        for split in (train_set, val_set):
-            log.print(describe_data(split))
     micro = tr.batch_size // (info.world_size * tr.grad_accum)
     sampler = ResumableSampler(train_set, num_replicas=info.world_size, rank=info.rank,
                                seed=tr.seed)
@@ -143,148 +113,177 @@ def main(argv=None) -> str:
                         # Its own generator: creating an iterator must not draw from the
                         # global RNG, or a resumed run (new iterator mid-epoch) diverges.
                         generator=torch.Generator().manual_seed(tr.seed))
-    steps_per_epoch = (sampler.num_samples // micro) // tr.grad_accum
-    if steps_per_epoch == 0:
+    if steps_per_epoch(loader, tr.grad_accum) == 0:
         raise ConfigError(f"train.batch_size {tr.batch_size} is larger than the training set "
                           f"({len(train_set)} images)")
+    return loader
 
-    # ------------------------------------------------------------ model
-    # Rank 0 picks the checkpoint, so every rank resumes from the same one.
-    resume_path = distributed.broadcast_object(latest_checkpoint(run_dir))
-    if resume_path and not os.path.isfile(resume_path):
-        raise CheckpointError(f"rank {info.rank} cannot see {resume_path}, which rank 0 resumes "
-                              f"from: run.results_dir must be on storage shared by all nodes")
-    resume = load_checkpoint(resume_path) if resume_path else None
-    all_captions = [c for i in range(len(train_set)) for c in train_set.captions(i)]
-    model = build(cfg, train_captions=all_captions,
-                  vocab_state=resume.get("text_vocab") if resume else None).to(info.device)
+
+# ---------------------------------------------------------------- model and optimizer
+
+
+def build_model(cfg: Config, info: distributed.DistInfo, train_set, resume: dict | None,
+                log: RunLog) -> TextToImage:
+    """The model a config describes, on this rank's device, its caption cache warmed."""
+    captions = [c for i in range(len(train_set)) for c in train_set.captions(i)]
+    # alignDRAW's word vocabulary: rebuilt from the checkpoint on resume, else from the captions.
+    vocab = resume.get("text_vocab") if resume else None
+    model = build(cfg, train_captions=captions, vocab_state=vocab).to(info.device)
     if hasattr(model.text, "warm"):
         t0 = time.time()
-        n = model.text.warm(all_captions + cfg.sample.captions, progress=info.is_main)
+        n = model.text.warm(captions + cfg.sample.captions, progress=info.is_main)
         log.print(f"text cache: {n} distinct captions encoded in {time.time() - t0:.1f}s")
     n_params = sum(p.numel() for p in model.generator.parameters())
     log.print(f"{cfg.model.kind} model: {n_params / 1e6:.2f}M parameters")
+    return model
 
-    groups = [{"params": [p for p in model.generator.parameters() if p.requires_grad],
-               "lr": tr.lr}]
-    text_params = [p for p in model.text.parameters() if p.requires_grad]
-    if text_params:
-        groups.append({"params": text_params, "lr": cfg.text.lr})
-    trained = [p for g in groups for p in g["params"]]
-    # The fused kernel updates all parameters in one call; the per-parameter loop was ~5% of
-    # a shapes32 CPU step in torch.profiler (same update rule; the throughput bench uses it too).
-    optimizer = torch.optim.AdamW(groups, weight_decay=tr.weight_decay, betas=(0.9, 0.999),
-                                  fused=info.device.type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    amp = amp_dtype(tr.precision, info.device)
-    model.sample_dtype = amp  # in-loop grids sample at the training precision
-    log.print(f"precision: {precision_name(amp)} (train.precision={tr.precision})")
-    scaler = torch.amp.GradScaler(info.device.type, enabled=amp is torch.float16)
-    ema = EMA(model, tr.ema_decay)
 
-    step, bad_steps = 0, 0
-    if resume is not None:
-        model.load_state_dict(resume["model"], strict=False)
-        ema.load_state_dict(resume["ema"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        step, bad_steps = resume["step"], resume.get("bad_steps", 0)
-        if len(resume["rng"]) == info.world_size:
-            set_rng_state(resume["rng"][info.rank])
-        else:  # another world size: per-rank random streams cannot continue
-            seed_everything(tr.seed + 1_000_003 * step + info.rank)
-            log.print(f"warning: the checkpoint was written by {len(resume['rng'])} ranks, this "
-                      f"run has {info.world_size}: random streams re-seeded")
-        log.print(f"resumed from {resume_path} at step {step}")
+def for_training(model: TextToImage, cfg: Config, info: distributed.DistInfo):
+    """The model as the loop calls it: behind DDP with several processes (wrapped after any
+    resume: DDP broadcasts rank 0's weights), compiled if train.compile."""
+    if info.enabled:
+        model = DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    return torch.compile(model) if cfg.train.compile else model
+
+
+# ---------------------------------------------------------------- one step, one log line
+
+
+def train_step(state: TrainState, forward, micro_batches: list, cfg: Config,
+               info: distributed.DistInfo) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """One optimizer step over the step's micro-batches; state.step advances by one.
+
+    forward: the model as the loop calls it (behind DDP and torch.compile when they are on).
+    The update (AdamW, EMA) runs only if every rank's loss and gradients are finite.
+    Returns (loss summed over the micro-batches, gradient norm before clipping, updated).
+    """
+    tr = cfg.train
+    # Caption dropout from its own stream keyed by (seed, step, rank): same after resume.
+    drop = torch.Generator().manual_seed((tr.seed * 1_000_003 + state.step) * 4099 + info.rank)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=info.device)
+    for i, (images, captions) in enumerate(micro_batches):
+        images = to_model_range(images.to(info.device, non_blocking=True))
+        keep = torch.rand(len(captions), generator=drop) >= cfg.text.caption_dropout
+        captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
+        inner = info.enabled and i < tr.grad_accum - 1  # no all-reduce until the last
+        with forward.no_sync() if inner else contextlib.nullcontext():
+            with torch.autocast(info.device.type, dtype=state.amp or torch.float32,
+                                enabled=state.amp is not None):
+                loss = forward(images, captions) / tr.grad_accum
+            state.scaler.scale(loss).backward()
+        loss_sum += loss.detach().float()
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.trained_parameters(),
+                                               tr.grad_clip or float("inf"))
+    # NaN/inf gradients count as bad unless the fp16 scaler is on: it skips those steps itself.
+    finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | state.scaler.is_enabled())
+    state.step += 1
+    updated = distributed.all_ranks_true(finite, info.device)
+    if updated:
+        state.scaler.step(state.optimizer)
+        state.ema.update(state.model)
+    state.scaler.update()
+    state.scheduler.step()
+    return loss_sum, grad_norm, updated
+
+
+def count_bad_step(state: TrainState, cfg: Config, log: RunLog) -> None:
+    """Log a skipped step; raise NonFiniteLossError past train.max_bad_steps."""
+    state.bad_steps += 1
+    limit = cfg.train.max_bad_steps
+    log.print(f"step {state.step}: non-finite loss or gradient, step skipped "
+              f"({state.bad_steps} bad so far, train.max_bad_steps={limit})")
+    if state.bad_steps > limit:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {state.step} ({state.bad_steps} bad steps, "
+            f"train.max_bad_steps={limit}); stopping. The last good checkpoint is "
+            f"{latest_checkpoint(cfg.run_dir()) or '(none yet)'}; lower train.lr, or raise "
+            f"train.max_bad_steps to skip a few bad steps")
+
+
+@dataclass
+class Interval:
+    """Where the run was at the last log line, and the data-loader wait since then (s)."""
+    start_step: int
+    start: float = field(default_factory=time.perf_counter)
+    data_wait: float = 0.0
+
+
+def log_interval(interval: Interval, state: TrainState, loss_sum: torch.Tensor,
+                 grad_norm: torch.Tensor, cfg: Config, log: RunLog, progress) -> Interval:
+    """One log line (loss averaged over ranks, throughput, data wait); the next interval."""
+    elapsed = max(time.perf_counter() - interval.start, 1e-9)
+    images_per_s = (state.step - interval.start_step) * cfg.train.batch_size / elapsed
+    loss = distributed.mean_over_ranks(loss_sum)
+    log.scalars(state.step, {"loss": loss, "grad_norm": float(grad_norm),
+                             "lr": state.scheduler.get_last_lr()[0], "img_per_s": images_per_s,
+                             "data_wait": interval.data_wait / elapsed})
+    progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
+    return Interval(state.step)
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> str:
+    """Train the run `argv` describes (see the module docstring); returns its run directory."""
+    args = parse_args(argv)
+    # ------------------------------------------------------------ setup
+    info = distributed.setup(args.device)
+    cfg = load_config(args.config, args.set)
+    validate(cfg, world_size=info.world_size)  # fails before any file is written
+    tr, run_dir = cfg.train, cfg.run_dir()
+    if tr.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(tr.seed)  # same initial weights on every rank; per-rank streams later
+    run_lock = lock_run_dir(run_dir) if info.is_main else None  # one writer per run directory
+    log = start_run(cfg, info)
+
+    # ------------------------------------------------------------ data
+    train_set, val_set = open_datasets(cfg, info)
+    if info.is_main:  # images kept, and what prepare skipped and why
+        for split in (train_set, val_set):
+            log.print(describe_data(split))
+    loader = make_loader(cfg, info, train_set)
+
+    # ------------------------------------------------------------ model and optimizer
+    resume_path, resume = find_checkpoint(run_dir, info)
+    model = build_model(cfg, info, train_set, resume, log)
+    state = make_train_state(cfg, model, info.device, log)
+
+    # ------------------------------------------------------------ resume
+    if resume is None:
+        seed_everything(tr.seed + info.rank)  # each rank its own random streams from here on
     else:
-        seed_everything(tr.seed + info.rank)
-    del resume
-
-    ddp_model = DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None) \
-        if info.enabled else model
-    fwd = torch.compile(ddp_model) if tr.compile else ddp_model
-
-    def checkpoint(at_step: int) -> None:
-        rngs = distributed.all_gather_object(rng_state())  # every rank's RNG, for exact resume
-        if info.is_main:
-            state = {"model": trainable_state(model), "ema": ema.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "step": at_step, "bad_steps": bad_steps,
-                     "rng": rngs, "config": cfg.to_dict(), "text_vocab": text_extra_state(model),
-                     "world_size": info.world_size}
-            path = save_checkpoint(state, run_dir, at_step, keep_last=tr.keep_last)
-            log.print(f"step {at_step}: checkpoint {path}")
-        distributed.barrier()
+        resume_state(state, resume, cfg, info, log)
+        log.print(f"resumed from {resume_path} at step {state.step}")
+    del resume  # its tensors now live in `state`
+    forward = for_training(model, cfg, info)
 
     # ------------------------------------------------------------ loop
-    from tti.in_loop import InLoopMonitor
-
+    batches = resumable_batches(loader, tr.grad_accum, start_step=state.step)
     monitor = InLoopMonitor(cfg, run_dir, val_set, info) if info.is_main else None
-    batches = resumable_batches(loader, sampler, train_set, steps_per_epoch, tr.grad_accum,
-                                micro, start_step=step)
     model.train()
-    progress = log.progress(step, tr.steps)
-    t_last, seen, data_wait = time.perf_counter(), 0, 0.0
+    progress = log.progress(state.step, tr.steps)
+    interval = Interval(state.step)
     try:
-        while step < tr.steps:
+        while state.step < tr.steps:
             t_fetch = time.perf_counter()
             micro_batches = next(batches)
-            data_wait += time.perf_counter() - t_fetch
-            # Caption dropout from its own stream keyed by (seed, step, rank): same after resume.
-            drop_gen = torch.Generator().manual_seed((tr.seed * 1_000_003 + step) * 4099 + info.rank)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=info.device)
-            for i, (images, captions) in enumerate(micro_batches):
-                images = to_model_range(images.to(info.device, non_blocking=True))
-                keep = torch.rand(len(captions), generator=drop_gen) >= cfg.text.caption_dropout
-                captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-                inner = info.enabled and i < tr.grad_accum - 1  # no all-reduce until the last
-                with ddp_model.no_sync() if inner else contextlib.nullcontext():
-                    with torch.autocast(info.device.type, dtype=amp or torch.float32,
-                                        enabled=amp is not None):
-                        loss = fwd(images, captions) / tr.grad_accum
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach().float()
-                seen += len(captions) * info.world_size
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trained, tr.grad_clip or float("inf"))
-            # A NaN/inf loss on any rank (or NaN/inf gradients, unless the fp16 scaler is on,
-            # which skips those steps itself) skips this step on every rank.
-            finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | scaler.is_enabled())
-            step += 1
-            if distributed.all_ranks_true(finite, info.device):
-                scaler.step(optimizer)
-                ema.update(model)
-            else:
-                bad_steps += 1
-                log.print(f"step {step}: non-finite loss or gradient, step skipped "
-                          f"({bad_steps} bad so far, train.max_bad_steps={tr.max_bad_steps})")
-                if bad_steps > tr.max_bad_steps:
-                    raise NonFiniteLossError(
-                        f"non-finite loss or gradient at step {step} ({bad_steps} bad steps, "
-                        f"train.max_bad_steps={tr.max_bad_steps}); stopping. The last good "
-                        f"checkpoint is {latest_checkpoint(run_dir) or '(none yet)'}; lower "
-                        f"train.lr, or raise train.max_bad_steps to skip a few bad steps")
-            scaler.update()
-            scheduler.step()
+            interval.data_wait += time.perf_counter() - t_fetch
+            loss_sum, grad_norm, updated = train_step(state, forward, micro_batches, cfg, info)
+            if not updated:
+                count_bad_step(state, cfg, log)
             progress.update(1)
-            if check_replicas:
-                distributed.assert_replicas_equal(model, step)
-            if step % tr.log_every == 0 or step == tr.steps:
-                dt = time.perf_counter() - t_last
-                loss_mean = distributed.mean_over_ranks(loss_sum)
-                log.scalars(step, {"loss": loss_mean, "grad_norm": float(grad_norm),
-                                   "lr": scheduler.get_last_lr()[0],
-                                   "img_per_s": seen / max(dt, 1e-9),
-                                   "data_wait": data_wait / max(dt, 1e-9)})
-                progress.set_postfix(loss=f"{loss_mean:.4f}", img_s=f"{seen / max(dt, 1e-9):.0f}")
-                t_last, seen, data_wait = time.perf_counter(), 0, 0.0
-            if step % tr.ckpt_every == 0 or step == tr.steps:
-                checkpoint(step)
-            if monitor is not None and (step % tr.sample_every == 0 or step == tr.steps):
-                monitor.run(model, ema, step, log)
-            distributed.maybe_inject_fault(step, info.rank, info.world_size, run_dir)
+            last = state.step == tr.steps
+            if state.step % tr.log_every == 0 or last:
+                interval = log_interval(interval, state, loss_sum, grad_norm, cfg, log, progress)
+            if state.step % tr.ckpt_every == 0 or last:
+                save_train_state(state, cfg, info, log)
+            if monitor is not None and (state.step % tr.sample_every == 0 or last):
+                monitor.run(model, state.ema, state.step, log)
     finally:
         progress.close()
         log.close()
@@ -295,5 +294,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    from tti.cli import run_cli
     run_cli(main)

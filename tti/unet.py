@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tti.config import UNetConfig
+from tti.positions import CoordinateChannels, position_embedding
 from tti.text import TextBatch
 
 
@@ -30,30 +32,6 @@ def _zero(module: nn.Module) -> nn.Module:
     return module
 
 
-def sinusoidal_positions(size: int, channels: int) -> torch.Tensor:
-    """2-D sinusoidal position code for a size x size map -> float [1, size*size, channels].
-
-    Half the channels encode the column, half the row, each as sin/cos pairs at geometric
-    frequencies from half a period across the map (cos is then monotonic: left differs from
-    right) up to one period per two pixels; amplitude 1, like the normalised features it is
-    added to (a learned embedding initialised near zero takes long to matter)."""
-    quarter = max(channels // 4, 1)
-    freqs = math.pi * 2.0 ** torch.linspace(0, math.log2(size), quarter)  # rad per unit side
-    coord = (torch.arange(size) + 0.5) / size  # pixel centres in (0, 1)
-    angles = coord[:, None] * freqs[None]  # [size, quarter]
-    per_axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # [size, 2 * quarter]
-    rows = per_axis[:, None, :].expand(size, size, -1)
-    cols = per_axis[None, :, :].expand(size, size, -1)
-    code = torch.cat([cols, rows], dim=-1).reshape(1, size * size, -1)
-    return F.pad(code, (0, channels - code.shape[-1]))[..., :channels]
-
-
-def coordinate_channels(size: int) -> torch.Tensor:
-    """float [1, 2, size, size]: each pixel centre's x then y, in (-1, 1)."""
-    coord = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1
-    return torch.stack([coord[None, :].expand(size, size), coord[:, None].expand(size, size)])[None]
-
-
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding. t: int or float [B] -> float [B, dim]."""
     half = dim // 2
@@ -61,10 +39,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
-
-
-# Module switch so bench/train_throughput.py can time the explicit path against SDPA's kernel.
-EXPLICIT_ATTENTION_FOR_CPU_TRAINING = True
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -75,17 +49,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     [B, heads, N, L] (True = attend; every query row must have at least one True, which
     UNet.forward guarantees). Returns [B, heads, N, d].
     When training on CPU in bf16/fp16 (autograd recording), attention is written out as
-    matmul, masked softmax, matmul: for these short sequences (<= 256 queries, <= 64 keys)
-    the CPU flash kernel's bf16 backward was 19% of a shapes32 training step, and SDPA's
-    math backend spends ~4% of the step on its guards for fully masked rows (the `all` /
-    `where` over every score), which cannot occur here. The scores stay in the autocast
-    dtype (mean error 8e-4 against fp64 on unit-variance inputs, SDPA's math backend 5e-4;
-    the softmax itself accumulates in fp32). In fp32, and for sampling (no grad), SDPA
-    picks its kernel (the flash kernel was ~12% faster at batch 200 for sampling).
-    bench/train_throughput.py times the training step both ways.
+    matmul, masked softmax, matmul: for these short sequences the CPU flash kernel's
+    backward, and the math backend's guards for fully masked rows (which cannot occur here),
+    cost more than the attention itself. The scores stay in the autocast dtype; the softmax
+    accumulates in fp32. In fp32, and for sampling (no grad), SDPA picks its kernel.
+    docs/design_notes.md has the measurements; bench/train_throughput.py times both paths.
     """
-    if (EXPLICIT_ATTENTION_FOR_CPU_TRAINING and q.device.type == "cpu"
-            and q.dtype != torch.float32 and torch.is_grad_enabled() and q.requires_grad):
+    if (q.device.type == "cpu" and q.dtype != torch.float32 and torch.is_grad_enabled()
+            and q.requires_grad):
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # [B, heads, N, L]
         if attn_mask is not None:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
@@ -120,23 +91,17 @@ class TextTransformerBlock(nn.Module):
 
     The pixels of a [B, C, H, W] map are H*W tokens of width C; every sub-layer is
     pre-LayerNorm and residual, and the output projection is zero-initialised.
-    Self-attention costs O((HW)^2): at 16x16 it is ~15% of a 32px training step on CPU,
-    while cross-attention to ~14 text tokens is cheap, hence `self_attention` can be off.
+    Self-attention costs O((HW)^2) while cross-attention to a caption's few tokens is cheap,
+    hence `self_attention` can be off. `position_init` (None = no position embedding):
+    "random" or "sinusoidal", a learned embedding per pixel of the size x size map.
     """
 
-    def __init__(self, channels: int, context_dim: int, head_dim: int, ff_mult: int = 2,
-                 self_attention: bool = True, positions: int = 0, position_init: str = "random"):
+    def __init__(self, channels: int, context_dim: int, head_dim: int, size: int,
+                 ff_mult: int = 2, self_attention: bool = True, position_init: str | None = None):
         super().__init__()
         self.heads = channels // head_dim
         self.norm_in = nn.GroupNorm(_groups(channels), channels)
-        # A learned embedding per pixel position (positions = H*W; 0 = none). Attention is
-        # otherwise blind to where a pixel is, and "A to the left of B" needs exactly that.
-        self.pos = None
-        if positions:
-            side = math.isqrt(positions)
-            init = (sinusoidal_positions(side, channels) if position_init == "sinusoidal"
-                    else 0.02 * torch.randn(1, positions, channels))
-            self.pos = nn.Parameter(init)
+        self.pos = position_embedding(size, channels, position_init) if position_init else None
         self.self_attention = self_attention
         if self_attention:
             self.norm_self = nn.LayerNorm(channels)
@@ -253,179 +218,97 @@ class Stage(nn.Module):
         return x if self.attn is None else self.attn(x, context, attn_mask, has_text)
 
 
+
+
 class UNet(nn.Module):
     """Text-conditioned UNet: (x, t, text) -> a tensor shaped like x.
 
-    image_channels: channels of x (3 for RGB).
-    channels: width of each resolution level; level i works at image_size / 2**i.
-    num_res_blocks: residual blocks per level on the way down (one more on the way up).
-    attn_resolutions: feature-map sizes (e.g. 16, 8) that get a transformer block
-        (cross-attention to the text, feed-forward, and self-attention where asked).
-    self_attn_resolutions: the subset of attn_resolutions whose block also has
-        self-attention over pixels; None means all of them.
-    context_dim: width D of the text token embeddings.
-    head_dim: channels per attention head (every attended level's width must divide by it).
-    pooled_text: add a masked mean of the text tokens to the time embedding.
-    text_layers: trainable transformer layers over the text tokens before the UNet uses them
-        (TextAdapter, at width text_width); 0 = use the encoder's tokens as they are.
-    position_embedding: a learned embedding of each pixel's position in every transformer
-        block (tied to image_size: the model then only runs at that size).
-    position_init: "random" (N(0, 0.02)) or "sinusoidal" (a 2-D sin/cos code of amplitude 1).
-    coord_channels: feed each pixel's (x, y) as two extra input channels (CoordConv), so the
-        convolutions, not only attention, know where they are.
-    text_skip: cross-attention (and the pooled text) read the text layers' output and the
-        encoder's own tokens side by side (width text_width + context_dim). The text layers
-        are trained only through the diffusion loss and drop what the UNet does not use yet
-        (e.g. which object a caption puts on the left: linearly readable from MiniLM's
-        layer-3 tokens, not from the trained layers' output; bench/text_probe.py). The skip
-        makes the encoder's tokens readable again; measured, the keys still lose that role
-        in training (README, relation study), so it is off by default.
-
-    add_full_res_skips: at the full-resolution level the way up *adds* each skip to the
-        features instead of concatenating them (the upsample into that level maps to its
-        width). The full-resolution convolutions then run at channels[0] in and out, with no
-        1x1 skip projections: 12% fewer FLOPs, 2% fewer parameters, steps 1.09x (bf16) to
-        1.18x (fp32) faster at 32x32 (bench/train_throughput.py); the lower levels keep
-        concatenation. Measured, it learnt less within the quickstart's budget (seen
-        all-correct 0.432 against 0.582; README, Benchmarks), so it is off by default.
-    narrow_upsample: each upsampling conv maps to the width of the level it enters
-        (channels[i-1]) instead of keeping its input's width, so the first block of each
-        level on the way up reads channels[i-1] + its skip rather than channels[i] + its
-        skip; skips are still concatenated everywhere. The widest full-resolution conv of
-        the default shapes model goes from 96 to 64 input channels (3% fewer parameters).
+    cfg: model.unet (tti.config.UNetConfig, which describes each field; tti.config.validate
+    checks them). Level i works at image_size / 2**i with cfg.channels[i] channels: on the
+    way down cfg.num_res_blocks stages per level, one more on the way up, each a ResBlock
+    plus, at cfg.attn_resolutions, a TextTransformerBlock. context_dim: the width D of the
+    text tokens; image_channels: the channels of x (3 for RGB).
     """
 
-    def __init__(self, image_channels: int = 3, channels: tuple[int, ...] = (32, 64, 96),
-                 num_res_blocks: int = 1, attn_resolutions: tuple[int, ...] = (16, 8),
-                 image_size: int = 32, context_dim: int = 384, head_dim: int = 32,
-                 dropout: float = 0.0, pooled_text: bool = True,
-                 self_attn_resolutions: tuple[int, ...] | None = None,
-                 position_embedding: bool = False, text_layers: int = 0, text_width: int = 128,
-                 position_init: str = "random", coord_channels: bool = False,
-                 text_skip: bool = False, add_full_res_skips: bool = False,
-                 narrow_upsample: bool = False):
+    def __init__(self, cfg: UNetConfig, image_size: int, context_dim: int,
+                 image_channels: int = 3):
         super().__init__()
-        channels = tuple(int(c) for c in channels)
-        attn_resolutions = tuple(int(r) for r in attn_resolutions)
-        self_attn_resolutions = (attn_resolutions if self_attn_resolutions is None
-                                 else tuple(int(r) for r in self_attn_resolutions))
-        if not set(self_attn_resolutions) <= set(attn_resolutions):
-            raise ValueError(f"UNet: self_attn_resolutions {self_attn_resolutions} must be a subset "
-                             f"of attn_resolutions {attn_resolutions}")
-        levels = len(channels)
-        sizes = [image_size // 2 ** i for i in range(levels)]
-        self._validate(image_channels, channels, num_res_blocks, attn_resolutions, image_size,
-                       context_dim, head_dim, dropout, sizes)
-        self.image_channels = image_channels
-        self.image_size = image_size
-        self.context_dim = context_dim
-        self.channels = channels
-
-        emb_dim = 4 * channels[0]
-        self.time_dim = channels[0]
+        self.cfg = cfg
+        self.image_channels, self.image_size, self.context_dim = image_channels, image_size, context_dim
+        self.channels = channels = tuple(cfg.channels)
+        self.time_dim, emb_dim = channels[0], 4 * channels[0]
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
-        if text_layers < 0 or (text_layers and text_width % head_dim):
-            raise ValueError(f"UNet: text_layers must be >= 0 and text_width ({text_width}) "
-                             f"divisible by head_dim ({head_dim})")
-        if text_skip and not text_layers:
-            raise ValueError("UNet: text_skip needs text_layers > 0 (without text layers the "
-                             "encoder's tokens are what cross-attention reads anyway)")
-        self.text_adapter = (TextAdapter(context_dim, text_width, text_layers, head_dim)
-                             if text_layers else None)
-        self.text_skip = text_skip
-        # What cross-attention reads: the encoder's tokens, the text layers' output, or both.
-        cross_dim = (text_width + context_dim * text_skip) if text_layers else context_dim
-        self.text_pool = nn.Linear(cross_dim, emb_dim) if pooled_text else None
-
-        def stage(in_ch: int, out_ch: int, size: int) -> Stage:
-            attn = (TextTransformerBlock(out_ch, cross_dim, head_dim,
-                                         self_attention=size in self_attn_resolutions,
-                                         positions=size * size if position_embedding else 0,
-                                         position_init=position_init)
-                    if size in attn_resolutions else None)
-            return Stage(ResBlock(in_ch, out_ch, emb_dim, dropout), attn)
-
-        if position_init not in ("random", "sinusoidal"):
-            raise ValueError(f"UNet: position_init must be 'random' or 'sinusoidal', got {position_init!r}")
-        self.register_buffer("coords", coordinate_channels(image_size) if coord_channels else None,
-                             persistent=False)
-        self.conv_in = nn.Conv2d(image_channels + 2 * coord_channels, channels[0], 3, padding=1)
-        self.down = nn.ModuleList()
-        skip_channels = [channels[0]]
-        ch = channels[0]
-        for i, out_ch in enumerate(channels):
-            for _ in range(num_res_blocks):
-                self.down.append(stage(ch, out_ch, sizes[i]))
-                ch = out_ch
-                skip_channels.append(ch)
-            if i < levels - 1:
-                self.down.append(Downsample(ch))
-                skip_channels.append(ch)
-
-        self.mid = nn.ModuleList([stage(ch, ch, sizes[-1]),
-                                  Stage(ResBlock(ch, ch, emb_dim, dropout), None)])
-
-        self.up = nn.ModuleList()
-        self.up_adds_skip: list[bool] = []  # per up block: add its skip (True) or concatenate
-        for i, out_ch in reversed(list(enumerate(channels))):
-            for _ in range(num_res_blocks + 1):
-                # Every skip at level 0 has channels[0] channels (conv_in, the level's blocks).
-                adding = add_full_res_skips and i == 0
-                skip_ch = skip_channels.pop()
-                self.up.append(stage(ch if adding else ch + skip_ch, out_ch, sizes[i]))
-                self.up_adds_skip.append(adding)
-                ch = out_ch
-            if i > 0:
-                reduce = narrow_upsample or (add_full_res_skips and i == 1)
-                self.up.append(Upsample(ch, channels[i - 1] if reduce else None))
-                self.up_adds_skip.append(False)
-                ch = channels[i - 1] if reduce else ch
-
+        self.text_adapter = (TextAdapter(context_dim, cfg.text_width, cfg.text_layers, cfg.head_dim)
+                             if cfg.text_layers else None)
+        self.cross_dim = cfg.text_width if cfg.text_layers else context_dim  # what cross-attention reads
+        self.text_pool = nn.Linear(self.cross_dim, emb_dim) if cfg.pooled_text else None
+        self.coords = CoordinateChannels(image_size) if cfg.coord_channels else None
+        self.conv_in = nn.Conv2d(image_channels + 2 * cfg.coord_channels, channels[0], 3, padding=1)
+        sizes = [image_size // 2 ** i for i in range(len(channels))]
+        skip_channels = self._build_down(sizes, emb_dim)
+        ch = channels[-1]
+        self.mid = nn.ModuleList([self._stage(ch, ch, sizes[-1], emb_dim),
+                                  Stage(ResBlock(ch, ch, emb_dim, cfg.dropout), None)])
+        ch = self._build_up(sizes, emb_dim, skip_channels)
         self.norm_out = nn.GroupNorm(_groups(ch), ch)
         self.conv_out = _zero(nn.Conv2d(ch, image_channels, 3, padding=1))
 
-    @staticmethod
-    def _validate(image_channels, channels, num_res_blocks, attn_resolutions, image_size,
-                  context_dim, head_dim, dropout, sizes):
-        if image_channels < 1:
-            raise ValueError(f"UNet: image_channels must be >= 1, got {image_channels}")
-        if not channels or min(channels) < 1:
-            raise ValueError(f"UNet: channels must be a non-empty list of positive ints, got {channels}")
-        if num_res_blocks < 1:
-            raise ValueError(f"UNet: num_res_blocks must be >= 1, got {num_res_blocks}")
-        if image_size < 1 or image_size % 2 ** (len(channels) - 1):
-            raise ValueError(
-                f"UNet: image_size {image_size} must be divisible by 2**(len(channels)-1) = "
-                f"{2 ** (len(channels) - 1)} for {len(channels)} levels")
-        if context_dim < 1 or head_dim < 1:
-            raise ValueError(f"UNet: context_dim and head_dim must be >= 1, got {context_dim}, {head_dim}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"UNet: dropout must be in [0, 1), got {dropout}")
-        for r in attn_resolutions:
-            if r not in sizes:
-                raise ValueError(f"UNet: attention resolution {r} never occurs; the levels work at "
-                                 f"{sizes} for image_size {image_size}")
-            ch = channels[sizes.index(r)]
-            if ch % head_dim:
-                raise ValueError(f"UNet: level width {ch} at resolution {r} is not divisible by "
-                                 f"head_dim {head_dim}")
+    def _stage(self, in_ch: int, out_ch: int, size: int, emb_dim: int) -> Stage:
+        """A ResBlock, and a transformer block if `size` is one of cfg.attn_resolutions."""
+        cfg = self.cfg
+        attn = None
+        if size in cfg.attn_resolutions:
+            self_attn = cfg.self_attn_resolutions is None or size in cfg.self_attn_resolutions
+            attn = TextTransformerBlock(
+                out_ch, self.cross_dim, cfg.head_dim, size, self_attention=self_attn,
+                position_init=cfg.position_init if cfg.position_embedding else None)
+        return Stage(ResBlock(in_ch, out_ch, emb_dim, cfg.dropout), attn)
+
+    def _build_down(self, sizes: list, emb_dim: int) -> list:
+        """self.down: each level's stages, then a 2x downsample; returns the channels of
+        every skip connection (conv_in's output, then each block's), in order."""
+        self.down = nn.ModuleList()
+        ch = self.channels[0]
+        skip_channels = [ch]
+        for i, out_ch in enumerate(self.channels):
+            for _ in range(self.cfg.num_res_blocks):
+                self.down.append(self._stage(ch, out_ch, sizes[i], emb_dim))
+                ch = out_ch
+                skip_channels.append(ch)
+            if i < len(self.channels) - 1:
+                self.down.append(Downsample(ch))
+                skip_channels.append(ch)
+        return skip_channels
+
+    def _build_up(self, sizes: list, emb_dim: int, skip_channels: list) -> int:
+        """self.up: each level's stages (each reads the features concatenated with a skip),
+        then a 2x upsample (to the entered level's width if cfg.narrow_upsample); returns
+        the output width."""
+        self.up = nn.ModuleList()
+        ch = self.channels[-1]
+        for i, out_ch in reversed(list(enumerate(self.channels))):
+            for _ in range(self.cfg.num_res_blocks + 1):
+                self.up.append(self._stage(ch + skip_channels.pop(), out_ch, sizes[i], emb_dim))
+                ch = out_ch
+            if i > 0:
+                up_ch = self.channels[i - 1] if self.cfg.narrow_upsample else ch
+                self.up.append(Upsample(ch, up_ch))
+                ch = up_ch
+        return ch
 
     def text_context(self, tokens: torch.Tensor, mask: torch.Tensor,
                      attn_mask: torch.Tensor) -> torch.Tensor:
-        """What cross-attention and the pooled text read: the encoder's tokens, the text
-        layers' output, or (text_skip) both side by side, the text layers' channels first.
+        """What cross-attention and the pooled text read: the encoder's tokens, or the text
+        layers' output when there are text layers.
         tokens: float [B, L, context_dim] (padding zeroed); mask: bool [B, L];
         attn_mask: bool [B, 1, 1, L] -> float [B, L, cross_dim], padding zeroed."""
         if self.text_adapter is None:
             return tokens
-        adapted = self.text_adapter(tokens, attn_mask).masked_fill(~mask[..., None], 0.0)
-        return torch.cat([adapted, tokens], dim=-1) if self.text_skip else adapted
+        return self.text_adapter(tokens, attn_mask).masked_fill(~mask[..., None], 0.0)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
-        """x: float [B, C, H, W] (H = W = image_size); t: int or float [B] (or a scalar);
-        text: TextBatch(tokens float [B, L, context_dim], mask bool [B, L]).
-        Returns float [B, C, H, W]."""
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """Raise ValueError naming the first input of the wrong shape; returns t as [B]."""
         b = x.shape[0]
         if x.dim() != 4 or x.shape[1] != self.image_channels or x.shape[2:] != (self.image_size,) * 2:
             raise ValueError(f"UNet.forward: x must be [B, {self.image_channels}, {self.image_size}, "
@@ -441,9 +324,15 @@ class UNet(nn.Module):
         t = t.expand(b) if t.dim() == 0 else t
         if t.shape != (b,):
             raise ValueError(f"UNet.forward: t must be [B] = [{b}], got {tuple(t.shape)}")
+        return t
 
-        mask = mask.bool()
-        tokens = tokens.to(x.dtype).masked_fill(~mask[..., None], 0.0)  # padding can hold anything
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """x: float [B, C, H, W] (H = W = image_size); t: int or float [B] (or a scalar);
+        text: TextBatch(tokens float [B, L, context_dim], mask bool [B, L]).
+        Returns float [B, C, H, W]."""
+        t = self._check_inputs(x, t, text)
+        mask = text.mask.bool()
+        tokens = text.tokens.to(x.dtype).masked_fill(~mask[..., None], 0.0)  # padding can hold anything
         count = mask.sum(1, keepdim=True)
         # Bool, so multiplying by it keeps autocast's dtype (a float32 factor would promote
         # every transformer block's residual stream to float32 under bf16 autocast).
@@ -458,20 +347,16 @@ class UNet(nn.Module):
             emb = emb + self.text_pool(pooled)
         emb = F.silu(emb)
 
-        if self.coords is not None:
-            x = torch.cat([x, self.coords.to(x.dtype).expand(b, -1, -1, -1)], dim=1)
-        h = self.conv_in(x)
+        h = self.conv_in(x if self.coords is None else self.coords(x))
         skips = [h]
         for block in self.down:
             h = block(h) if isinstance(block, Downsample) else block(h, emb, tokens, attn_mask, has_text)
             skips.append(h)
         for block in self.mid:
             h = block(h, emb, tokens, attn_mask, has_text)
-        for block, adds_skip in zip(self.up, self.up_adds_skip):
+        for block in self.up:
             if isinstance(block, Upsample):
                 h = block(h)
-            elif adds_skip:
-                h = block(h + skips.pop(), emb, tokens, attn_mask, has_text)
             else:
                 h = block(torch.cat([h, skips.pop()], dim=1), emb, tokens, attn_mask, has_text)
         return self.conv_out(F.silu(self.norm_out(h)))

@@ -4,14 +4,12 @@ A shapes caption names two objects in either order and phrases their relation se
 ("A to the right of B", "below B there is A", "B with A above it", ...), so which object
 goes left/top depends on the words *and* the word order together. The canonical phrasing
 ("a A to the left of a B" / "a A above a B", A the left/top object) makes it plain word
-order. Trained on the real captions alone, the UNet never learns which object goes where
-(README, relation study); with every caption canonical it learns "the first-named object
-goes left/top" within 80k images but then misreads the other phrasings. This wrapper
-replaces a share of the training captions with their canonical phrasing, so that word
-order predicts the layout in most captions while the model still sees every phrasing:
-with half of them canonical, the quickstart UNet (coord + sin) learnt the order rule by
-80k images and then the relation words on top of it (in-loop relation on the real val
-captions 0.92 at 160k; README, relation study).
+order. Trained on the real captions alone, the UNet did not learn which object goes where;
+with every caption canonical it learnt "the first-named object goes left/top" but then
+misread the other phrasings. This wrapper replaces a share of the training captions with
+their canonical phrasing, so that word order predicts the layout in most captions while the
+model still sees every phrasing: it then learns the order rule first and the relation words
+on top of it (docs/design_notes.md has the runs).
 
 It uses what the shapes generator knows (each caption's scene) and so does not apply to
 COCO; validation captions are never rewritten.

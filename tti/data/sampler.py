@@ -35,19 +35,26 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def resumable_batches(loader, sampler: ResumableSampler, dataset, steps_per_epoch: int,
-                      accum: int, micro: int, start_step: int = 0):
+def steps_per_epoch(loader, accum: int) -> int:
+    """Optimizer steps of `accum` micro-batches in one epoch of `loader` (a DataLoader drawing
+    from a ResumableSampler); a partial last step is dropped."""
+    return loader.sampler.num_samples // loader.batch_size // accum
+
+
+def resumable_batches(loader, accum: int, start_step: int = 0):
     """Yield, for each optimizer step from `start_step` on, the list of its `accum`
     micro-batches: step s always gets the same items whether or not the run restarted.
 
-    A partial last epoch is dropped (each epoch gives exactly `steps_per_epoch` steps).
-    `dataset.set_epoch` picks the epoch's caption draw.
+    loader: a DataLoader (drop_last=True) over a dataset with `set_epoch` (which picks the
+    epoch's caption draw), drawing from a ResumableSampler. Each epoch gives exactly
+    `steps_per_epoch(loader, accum)` steps.
     """
-    epoch, offset = divmod(start_step, steps_per_epoch)
+    sampler, per_epoch = loader.sampler, steps_per_epoch(loader, accum)
+    epoch, offset = divmod(start_step, per_epoch)
     while True:
-        sampler.set_epoch(epoch, start=offset * accum * micro)
-        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start=offset * accum * loader.batch_size)
+        loader.dataset.set_epoch(epoch)
         it = iter(loader)
-        for _ in range(steps_per_epoch - offset):
+        for _ in range(per_epoch - offset):
             yield [next(it) for _ in range(accum)]
         epoch, offset = epoch + 1, 0

@@ -1,0 +1,123 @@
+"""What a training run carries from step to step and across restarts: `TrainState` (model,
+EMA, optimizer, LR schedule, fp16 loss scaler, step counters), made fresh, saved as one
+checkpoint with the config and every rank's RNG states, and resumed from the latest one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tti import distributed
+from tti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, rng_state,
+                            save_checkpoint, set_rng_state)
+from tti.config import Config
+from tti.ema import EMA
+from tti.model import TextToImage, amp_dtype, precision_name, text_extra_state, trainable_state
+from tti.run_log import RunLog
+
+
+@dataclass
+class TrainState:
+    """What the loop updates and a checkpoint holds (besides the config and RNG states)."""
+    model: TextToImage
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: torch.dtype | None  # autocast dtype of the forward pass; None = fp32
+    step: int = 0
+    bad_steps: int = 0
+
+    def trained_parameters(self) -> list:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's (CPU and CUDA) global random streams."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def lr_lambda(cfg: Config):
+    """Step -> learning-rate factor: linear warm-up, then constant or cosine down to 0.1."""
+    tr = cfg.train
+
+    def factor(step: int) -> float:
+        if step < tr.warmup_steps:
+            return (step + 1) / tr.warmup_steps
+        if tr.lr_decay == "cosine":
+            progress = (step - tr.warmup_steps) / max(1, tr.steps - tr.warmup_steps)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return factor
+
+
+def make_train_state(cfg: Config, model: TextToImage, device: torch.device, log: RunLog) -> TrainState:
+    """AdamW over the trainable weights (a fine-tuned encoder at text.lr), its LR schedule,
+    the fp16 loss scaler (off otherwise) and the EMA, all fresh."""
+    tr = cfg.train
+    groups = [{"params": [p for p in model.generator.parameters() if p.requires_grad],
+               "lr": tr.lr}]
+    text_params = [p for p in model.text.parameters() if p.requires_grad]
+    if text_params:
+        groups.append({"params": text_params, "lr": cfg.text.lr})
+    # Fused: one kernel updates every parameter (the per-parameter loop costs time on CPU).
+    optimizer = torch.optim.AdamW(groups, weight_decay=tr.weight_decay, betas=(0.9, 0.999),
+                                  fused=device.type in ("cpu", "cuda"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    amp = amp_dtype(tr.precision, device)
+    model.sample_dtype = amp  # in-loop grids sample at the training precision
+    log.print(f"precision: {precision_name(amp)} (train.precision={tr.precision})")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+    return TrainState(model, EMA(model, tr.ema_decay), optimizer, scheduler, scaler, amp)
+
+
+def find_checkpoint(run_dir: str, info: distributed.DistInfo) -> tuple[str | None, dict | None]:
+    """(path, contents) of the checkpoint this run resumes from, or (None, None) when fresh.
+    Rank 0 picks it, so every rank resumes from the same one."""
+    path = distributed.broadcast_object(latest_checkpoint(run_dir))
+    if path is None:
+        return None, None
+    if not os.path.isfile(path):
+        raise CheckpointError(f"rank {info.rank} cannot see {path}, which rank 0 resumes "
+                              f"from: run.results_dir must be on storage shared by all nodes")
+    return path, load_checkpoint(path)
+
+
+def resume_state(state: TrainState, resume: dict, cfg: Config, info: distributed.DistInfo,
+                 log: RunLog) -> None:
+    """Load a checkpoint's weights, EMA, optimizer, schedule, step and this rank's RNGs
+    (the contents `find_checkpoint` returned) into `state`."""
+    state.model.load_state_dict(resume["model"], strict=False)
+    state.ema.load_state_dict(resume["ema"])
+    state.optimizer.load_state_dict(resume["optimizer"])
+    state.scheduler.load_state_dict(resume["scheduler"])
+    state.scaler.load_state_dict(resume["scaler"])
+    state.step, state.bad_steps = resume["step"], resume.get("bad_steps", 0)
+    if len(resume["rng"]) == info.world_size:
+        set_rng_state(resume["rng"][info.rank])
+    else:  # another world size: per-rank random streams cannot continue
+        seed_everything(cfg.train.seed + 1_000_003 * state.step + info.rank)
+        log.print(f"warning: the checkpoint was written by {len(resume['rng'])} ranks, this "
+                  f"run has {info.world_size}: random streams re-seeded")
+
+
+def save_train_state(state: TrainState, cfg: Config, info: distributed.DistInfo, log: RunLog) -> None:
+    """Rank 0 writes a checkpoint of `state` with every rank's RNG states; all ranks wait."""
+    rngs = distributed.all_gather_object(rng_state())  # every rank's RNG, for exact resume
+    if info.is_main:
+        checkpoint = {
+            "model": trainable_state(state.model), "ema": state.ema.state_dict(),
+            "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+            "scaler": state.scaler.state_dict(), "step": state.step,
+            "bad_steps": state.bad_steps, "rng": rngs, "config": cfg.to_dict(),
+            "text_vocab": text_extra_state(state.model), "world_size": info.world_size}
+        path = save_checkpoint(checkpoint, cfg.run_dir(), state.step, keep_last=cfg.train.keep_last)
+        log.print(f"step {state.step}: checkpoint {path}")
+    distributed.barrier()
