@@ -17,7 +17,9 @@ A run lives in results/<dataset>_<model>/<run_idx>/ and resumes automatically fr
 checkpoints/latest.pt: model, EMA, optimizer, LR schedule, step, data order and every
 rank's RNGs (bitwise on CPU with train.deterministic=true). Only rank 0 writes logs,
 samples and checkpoints. A NaN/inf loss skips the step on all ranks, and stops the run
-(NonFiniteLossError) once more than train.max_bad_steps steps were bad.
+(NonFiniteLossError) once more than train.max_bad_steps steps were bad. With
+train.fid_every > 0, every rank samples its share of a fixed val subset for FID
+(tti/fid_monitor.py) and checkpoints/best.pt keeps the step with the lowest.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from tti.cli import UserError, run_cli
 from tti.config import Config, ConfigError, load_config, save_config, validate
 from tti.data.coco import collate, load_split
 from tti.data.sampler import ResumableSampler, resumable_batches, steps_per_epoch
+from tti.fid_monitor import FIDMonitor
 from tti.in_loop import InLoopMonitor
 from tti.model import TextToImage, build, to_model_range
 from tti.run_lock import lock_run_dir
@@ -265,6 +268,7 @@ def main(argv=None) -> str:
     # ------------------------------------------------------------ loop
     batches = resumable_batches(loader, tr.grad_accum, start_step=state.step)
     monitor = InLoopMonitor(cfg, run_dir, val_set, info) if info.is_main else None
+    fid = FIDMonitor(cfg, val_set, info, log) if tr.fid_every else None  # on every rank
     model.train()
     progress = log.progress(state.step, tr.steps)
     interval = Interval(state.step)
@@ -284,6 +288,8 @@ def main(argv=None) -> str:
                 save_train_state(state, cfg, info, log)
             if monitor is not None and (state.step % tr.sample_every == 0 or last):
                 monitor.run(model, state.ema, state.step, log)
+            if fid is not None and fid.due(state.step, last):
+                fid.run(state, log)
     finally:
         progress.close()
         log.close()
