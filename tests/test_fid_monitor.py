@@ -141,6 +141,20 @@ def test_a_relaunch_keeps_the_best_and_the_cached_reference(two_rank_run):
     assert "FID reference:" not in new_log and f"step {STEPS + 1}: FID " in new_log
 
 
+def test_fid_checks_leave_training_as_it_was(two_rank_run, tmp_path):
+    """The same 2 steps with and without an FID after each end with equal weights, EMA and
+    random streams: sampling swaps the EMA weights back and draws from its own generators."""
+    from tti import train
+
+    root = two_rank_run[0]
+    with_fid = train.main(train_args(root, tmp_path / "with", "train.fid_samples=2"))
+    without = train.main(train_args(root, tmp_path / "without", "train.fid_every=0"))
+    assert len(fid_rows(with_fid)) == STEPS
+    a, b = (load(os.path.join(d, "checkpoints", "latest.pt")) for d in (with_fid, without))
+    for key in ("model", "ema", "optimizer", "rng"):
+        assert_equal(a[key], b[key], key)
+
+
 # ---------------------------------------------------------------- pieces, without processes
 
 
