@@ -46,14 +46,17 @@ def count(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def text_encoder(name: str) -> torch.nn.Module:
-    """The encoder `text.name` names: roberta-base's shape with random weights, else the
-    model itself (offline: a folder or packaged-minilm)."""
-    if name == "roberta-base":
+def text_encoder(t) -> torch.nn.Module:
+    """The encoder `t` (the config's text section) names, up to its text.hidden_layer, with
+    gradients on: roberta-base's shape with random weights, else the model itself (offline:
+    a folder or packaged-minilm)."""
+    if t.name == "roberta-base":
         from transformers import RobertaConfig, RobertaModel
-        return RobertaModel(RobertaConfig(), add_pooling_layer=False)
+        config = RobertaConfig()
+        config.num_hidden_layers = t.hidden_layer % (config.num_hidden_layers + 1)
+        return RobertaModel(config, add_pooling_layer=False)
     from tti.text import TextEncoder
-    return TextEncoder(name).model
+    return TextEncoder(t.name, hidden_layer=t.hidden_layer).model.requires_grad_(True)
 
 
 def encoder_flops(encoder: torch.nn.Module, tokens: int, backward: bool) -> float:
@@ -89,9 +92,10 @@ def inception_flops() -> float:
         return count(lambda: load_inception("cpu")(torch.zeros(1, 3, INCEPTION_SIZE, INCEPTION_SIZE)))
 
 
-def rows_for(cfg, tokens_list: list[int], inception: float) -> list[dict]:
-    """One row per (text-encoder setting, token count) of a config."""
-    encoder = text_encoder(cfg.text.name)
+def rows_for(cfg, tokens_list: list[int], inception: float, encoder=None) -> list[dict]:
+    """One row per (text-encoder setting, token count) of a config; `encoder`: the one
+    text_encoder(cfg.text) returns, if made already."""
+    encoder = encoder or text_encoder(cfg.text)
     s, tr = cfg.sample, cfg.train
     guided = 1 if s.guidance == 1.0 else 2
     modes = ["fine-tuned"] if cfg.text.finetune else ["frozen, text store", "frozen, run every step"]
@@ -103,8 +107,8 @@ def rows_for(cfg, tokens_list: list[int], inception: float) -> list[dict]:
         for mode in modes:
             if mode == "frozen, text store" and tokens != tokens_list[0]:
                 continue  # the store makes the encoder free in training: one row is enough
-            text_train = {"fine-tuned": encoder_flops(encoder, tokens, backward=True),
-                          "frozen, text store": 0.0, "frozen, run every step": encode}[mode]
+            text_train = (encoder_flops(encoder, tokens, backward=True) if mode == "fine-tuned"
+                          else encode if mode == "frozen, run every step" else 0.0)
             per_image = train + text_train
             fid_check = tr.fid_samples * sample
             between = tr.fid_every * tr.batch_size * per_image
