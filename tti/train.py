@@ -5,9 +5,11 @@ CPU, or one GPU (the embedded default):
 One node, 8 GPUs (one process per GPU; each picks its GPU by LOCAL_RANK):
     torchrun --standalone --nproc_per_node=8 -m tti.train --config configs/coco64_ft_roberta.yaml
 Two nodes, 8 GPUs each: run this on every node (MASTER = node 0's address; the run
-directory, under run.results_dir, must be on storage every node sees):
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=MASTER:29500 \
-        --rdzv-id=tti-coco64 -m tti.train --config configs/coco64_ft_roberta.yaml
+directory, under run.results_dir, must be on storage every node sees; the variable gives
+every restart a new store, see tti/distributed.py):
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 \
+        --rdzv-backend=c10d --rdzv-endpoint=MASTER:29500 --rdzv-id=tti-coco64 --max-restarts=3 \
+        -m tti.train --config configs/coco64_ft_roberta.yaml
 Survive worker failures: torchrun restarts the whole group (up to 3 times here) and every
 rank resumes from the last checkpoint:
     torchrun --standalone --max-restarts=3 --nproc_per_node=8 -m tti.train --config ...
