@@ -5,13 +5,12 @@ changes nothing); a relaunch keeps the best across the restart and reuses the ca
 reference; the SVD form of the Fréchet distance equals pytorch-fid's sqrtm form."""
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from processes import run_to_the_end
 
 from tti.metrics import fid
 
@@ -22,13 +21,9 @@ FID_RUN = [f"train.steps={STEPS}", "train.fid_every=1", f"train.fid_samples={FID
 
 
 def train_args(root, results, *extra):
-    from test_train import TINY
+    from test_train import tiny_args
 
-    args = ["--config", "configs/shapes32.yaml", "--device", "cpu",
-            "--set", f"data.root={root}", "--set", f"run.results_dir={results}"]
-    for item in TINY + FID_RUN + list(extra):
-        args += ["--set", item]
-    return args
+    return tiny_args(root, results, *FID_RUN, *extra)
 
 
 def fid_rows(run_dir):
@@ -50,16 +45,7 @@ def two_rank_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("results")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "tti.train", *train_args(root, results)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 300 s:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    run_to_the_end(cmd, 300, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO))
     return str(root), str(results), os.path.join(str(results), "shapes32_diffusion", "0")
 
 
