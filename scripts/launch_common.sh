@@ -2,8 +2,8 @@
 # Sourced by the launchers: $1 = $gpu_ids, comma-separated GPU ids (one process per GPU), or
 # "cpu" / "" for one CPU process, or "cpu:N" for N CPU processes under torchrun (gloo), which
 # is how the tests run every launcher's torchrun branch.
-# Sets CUDA_VISIBLE_DEVICES, DEVICE, NPROC, WORLD (processes on all nodes) and LAUNCH: python for one
-# process, else torchrun with NPROC processes. Environment switches:
+# Sets CUDA_VISIBLE_DEVICES, DEVICE, NPROC, WORLD (processes on all nodes) and LAUNCH:
+# python for one process, else torchrun with NPROC processes. Environment switches:
 #   TTI_MAX_RESTARTS=N     torchrun restarts a failed group up to N times (resume from latest)
 #   TTI_NNODES=K TTI_RDZV_ENDPOINT=host:port [TTI_RDZV_ID=name]
 #                          multi-node: run the same launcher on every node
