@@ -8,8 +8,8 @@
 # $dataset_path (from the folder you call from) holds annotations/captions_{train,val}2014.json,
 # train2014/ and val2014/. The run lives in results/coco64_ft_roberta_diffusion/$run_idx and
 # resumes from its latest checkpoint when launched again.
-# TTI_CONFIG picks another config (e.g. configs/coco32_frozen_roberta.yaml, configs/coco32_cpu.yaml);
-# the run folder is then results/<its run.dataset>_<its model.kind>/$run_idx.
+# TTI_CONFIG picks another config (e.g. configs/coco32_frozen_roberta.yaml or
+# configs/coco32_cpu.yaml); the run folder is then results/<run.dataset>_<model.kind>/$run_idx.
 set -euo pipefail
 if (( $# < 3 )); then
   echo "usage: $0 \$gpu_ids \$run_idx \$dataset_path [--set key=value ...]" >&2; exit 2

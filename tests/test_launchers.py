@@ -74,7 +74,8 @@ def test_training_launcher_reads_the_dataset_from_the_callers_folder(coco64_run,
 
 def test_eval_launcher_samples_the_run_of_its_config(coco64_run, place):
     repo, user = place
-    (repo / "results" / "shapes32_diffusion" / "0" / "checkpoints").mkdir(parents=True)  # same index
+    # Another config's run with the same index: the launcher must not pick it, nor stop at it.
+    (repo / "results" / "shapes32_diffusion" / "0" / "checkpoints").mkdir(parents=True)
     result = bash(repo / "run_tti_eval_coco.sh", "cpu:2", 0, "A red bus.", cwd=user,
                   TTI_SAMPLE_ARGS="--n 1 --steps 2")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -90,7 +91,7 @@ def test_export_launcher_runs_two_processes_and_writes_in_the_callers_folder(coc
     out = user / "eval_data_run_0"
     assert json.loads((out / "export_info.json").read_text())["world_size"] == 2
     for side in ("gt", "tti"):
-        assert sorted(os.listdir(out / side / "images")) == ["000000.png", "000001.png", "000002.png"]
+        assert sorted(os.listdir(out / side / "images")) == [f"00000{i}.png" for i in range(3)]
 
 
 def test_aligndraw_launcher_trains_two_processes(place):

@@ -129,8 +129,9 @@ def test_data_workers_are_capped_by_the_cpus_each_rank_may_use(monkeypatch):
         monkeypatch.setattr(distributed, "usable_cpus", lambda: cpus)
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
         assert train.data_workers(cfg, log) == expected
+    capped = ((6, 4, 1), (6, 1, 6), (2, 4, 0))  # (CPUs, ranks on the node, workers)
     assert lines == [f"data.num_workers=8 capped to {n}: this process may use {c} CPU(s), "
-                     f"shared by {r} rank(s) on this node" for c, r, n in ((6, 4, 1), (6, 1, 6), (2, 4, 0))]
+                     f"shared by {r} rank(s) on this node" for c, r, n in capped]
     monkeypatch.undo()
     assert distributed.usable_cpus() == len(os.sched_getaffinity(0))
 
@@ -142,8 +143,8 @@ def test_unreachable_encoder_fails_before_any_data_or_run_directory(tmp_path, mo
     from tti.text import TextEncoderError
 
     fixture = write_coco_fixture(tmp_path / "coco")
-    args = ["--config", "configs/coco64_ft_roberta.yaml", "--device", "cpu",
-            "--set", f"data.root={fixture.root}", "--set", f"run.results_dir={tmp_path / 'results'}"]
+    args = ["--config", "configs/coco64_ft_roberta.yaml", "--device", "cpu", "--set",
+            f"data.root={fixture.root}", "--set", f"run.results_dir={tmp_path / 'results'}"]
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TextEncoderError, match="--set text.name=/path/to/roberta-base"):

@@ -5,7 +5,8 @@ group; the bash launchers run this module once before torchrun, so a mistake pri
 instead of one per rank inside torchrun's failure report:
 
     python -m tti.preflight --world-size 4 --config configs/coco64_ft_roberta.yaml --set ...
-    python -m tti.preflight --run-dir-only --config configs/coco64_ft_roberta.yaml --set run.run_idx=0
+    python -m tti.preflight --run-dir-only --config configs/coco64_ft_roberta.yaml \
+        --set run.run_idx=0
 
 Both print the run directory, results/<run.dataset>_<model.kind>/<run.run_idx>, on success.
 """
