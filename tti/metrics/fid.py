@@ -241,7 +241,7 @@ def _covariance_factor(features: np.ndarray) -> np.ndarray:
 
 def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
     """FID between two feature sets [N1, D] and [N2, D] (N >= 2): frechet_distance of their
-    stats, computed without sqrtm, the slow part at D = 2048 (docs/fid_during_training.md).
+    stats, computed without sqrtm, the slow part at D = 2048 (docs/training_on_coco.md).
 
     With A^T A = sigma1 and B^T B = sigma2, the eigenvalues of sigma1 sigma2 are the squared
     singular values of A B^T, so tr sqrtm(sigma1 sigma2) is the sum of those singular values
