@@ -18,7 +18,6 @@ import glob
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import zlib
@@ -26,6 +25,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from processes import run_to_the_end
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CKPT_EVERY, FAULT_AT = 4, 2, 3
@@ -186,15 +186,7 @@ def torchrun(tmp, shapes_root, max_restarts=0, env=None, *extra):
     # A worker stuck longer than TTI_TEST_HANG_S prints its stack and exits (no orphans).
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TTI_TEST_HANG_S="150",
                     **(env or {}))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=200)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 200 s:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    output = run_to_the_end(cmd, 200, cwd=REPO, env=full_env)
     records = [json.load(open(record_dir / f"rank{r}.json")) for r in range(2)]
     return records[0]["run_dir"], records, output
 

@@ -27,12 +27,17 @@ def shapes_root(tmp_path_factory):
     return str(root)
 
 
-def run(shapes_root, results, *extra):
+def tiny_args(shapes_root, results, *extra) -> list:
+    """tti.train's arguments for a TINY shapes run in `results`, then the `extra` --set items."""
     args = ["--config", "configs/shapes32.yaml", "--device", "cpu",
             "--set", f"data.root={shapes_root}", "--set", f"run.results_dir={results}"]
     for item in TINY + list(extra):
         args += ["--set", item]
-    return train.main(args)
+    return args
+
+
+def run(shapes_root, results, *extra):
+    return train.main(tiny_args(shapes_root, results, *extra))
 
 
 def logged_losses(run_dir):

@@ -126,6 +126,8 @@ class TrainConfig:
     log_every: int = 25
     sample_every: int = 500          # in-loop sample grid (and judge accuracy, see eval_samples)
     eval_samples: int = 0            # val captions judged in-loop (embedded shapes dataset only)
+    fid_every: int = 0               # FID of the EMA weights on a fixed val subset every N steps; 0 = off
+    fid_samples: int = 2000          # val images (one caption and seed each) that FID generates
     ckpt_every: int = 500
     keep_last: int = 3               # step-numbered checkpoints kept (plus latest)
     max_bad_steps: int = 0           # non-finite losses tolerated (skipped) before stopping
@@ -493,6 +495,8 @@ def _check_train(tr: TrainConfig, world_size: int) -> None:
     for name in ("log_every", "sample_every", "ckpt_every", "keep_last"):
         value = getattr(tr, name)
         _check(value >= 1, f"train.{name}", f"must be >= 1, got {value}")
-    for name in ("eval_samples", "max_bad_steps"):
+    for name in ("eval_samples", "max_bad_steps", "fid_every"):
         value = getattr(tr, name)
         _check(value >= 0, f"train.{name}", f"must be >= 0, got {value}")
+    _check(tr.fid_samples >= 2, "train.fid_samples",
+           f"must be >= 2 (FID needs a covariance), got {tr.fid_samples}")

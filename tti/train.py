@@ -5,9 +5,11 @@ CPU, or one GPU (the embedded default):
 One node, 8 GPUs (one process per GPU; each picks its GPU by LOCAL_RANK):
     torchrun --standalone --nproc_per_node=8 -m tti.train --config configs/coco64_ft_roberta.yaml
 Two nodes, 8 GPUs each: run this on every node (MASTER = node 0's address; the run
-directory, under run.results_dir, must be on storage every node sees):
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=MASTER:29500 \
-        --rdzv-id=tti-coco64 -m tti.train --config configs/coco64_ft_roberta.yaml
+directory, under run.results_dir, must be on storage every node sees; the variable gives
+every restart a new store, see tti/distributed.py):
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 \
+        --rdzv-backend=c10d --rdzv-endpoint=MASTER:29500 --rdzv-id=tti-coco64 --max-restarts=3 \
+        -m tti.train --config configs/coco64_ft_roberta.yaml
 Survive worker failures: torchrun restarts the whole group (up to 3 times here) and every
 rank resumes from the last checkpoint:
     torchrun --standalone --max-restarts=3 --nproc_per_node=8 -m tti.train --config ...
@@ -17,7 +19,9 @@ A run lives in results/<dataset>_<model>/<run_idx>/ and resumes automatically fr
 checkpoints/latest.pt: model, EMA, optimizer, LR schedule, step, data order and every
 rank's RNGs (bitwise on CPU with train.deterministic=true). Only rank 0 writes logs,
 samples and checkpoints. A NaN/inf loss skips the step on all ranks, and stops the run
-(NonFiniteLossError) once more than train.max_bad_steps steps were bad.
+(NonFiniteLossError) once more than train.max_bad_steps steps were bad. With
+train.fid_every > 0, every rank samples its share of a fixed val subset for FID
+(tti/fid_monitor.py) and checkpoints/best.pt keeps the step with the lowest.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from tti.cli import UserError, run_cli
 from tti.config import Config, ConfigError, load_config, save_config
 from tti.data.coco import collate, load_split
 from tti.data.sampler import ResumableSampler, resumable_batches, steps_per_epoch
+from tti.fid_monitor import FIDMonitor
 from tti.in_loop import InLoopMonitor
 from tti.model import TextToImage, build, to_model_range
 from tti.preflight import check_training
@@ -284,6 +289,7 @@ def main(argv=None) -> str:
     # ------------------------------------------------------------ loop
     batches = resumable_batches(loader, tr.grad_accum, start_step=state.step)
     monitor = InLoopMonitor(cfg, run_dir, val_set, info) if info.is_main else None
+    fid = FIDMonitor(cfg, val_set, info, log) if tr.fid_every else None  # on every rank
     model.train()
     progress = log.progress(state.step, tr.steps)
     interval = Interval(state.step)
@@ -306,6 +312,8 @@ def main(argv=None) -> str:
             final_grid = last and tr.steps >= tr.sample_every
             if monitor is not None and (state.step % tr.sample_every == 0 or final_grid):
                 monitor.run(model, state.ema, state.step, log)
+            if fid is not None and fid.due(state.step, last):
+                fid.run(state, log)
     finally:
         progress.close()
         log.close()

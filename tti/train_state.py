@@ -108,16 +108,23 @@ def resume_state(state: TrainState, resume: dict, cfg: Config, info: distributed
                   f"run has {info.world_size}: random streams re-seeded")
 
 
-def save_train_state(state: TrainState, cfg: Config, info: distributed.DistInfo, log: RunLog) -> None:
-    """Rank 0 writes a checkpoint of `state` with every rank's RNG states; all ranks wait."""
+def checkpoint_contents(state: TrainState, cfg: Config, info: distributed.DistInfo) -> dict | None:
+    """What a checkpoint of `state` holds, every rank's RNG states included: the dict on rank
+    0, None elsewhere. A collective: every rank calls it."""
     rngs = distributed.all_gather_object(rng_state())  # every rank's RNG, for exact resume
-    if info.is_main:
-        checkpoint = {
-            "model": trainable_state(state.model), "ema": state.ema.state_dict(),
+    if not info.is_main:
+        return None
+    return {"model": trainable_state(state.model), "ema": state.ema.state_dict(),
             "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
             "scaler": state.scaler.state_dict(), "step": state.step,
             "bad_steps": state.bad_steps, "rng": rngs, "config": cfg.to_dict(),
             "text_vocab": text_extra_state(state.model), "world_size": info.world_size}
+
+
+def save_train_state(state: TrainState, cfg: Config, info: distributed.DistInfo, log: RunLog) -> None:
+    """Rank 0 writes a checkpoint of `state` with every rank's RNG states; all ranks wait."""
+    checkpoint = checkpoint_contents(state, cfg, info)
+    if info.is_main:
         path = save_checkpoint(checkpoint, cfg.run_dir(), state.step, keep_last=cfg.train.keep_last)
         log.print(f"step {state.step}: checkpoint {path}")
     distributed.barrier()
