@@ -41,6 +41,7 @@ from tti.in_loop import InLoopMonitor
 from tti.model import TextToImage, build, to_model_range
 from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
+from tti.text_store import TextStore, build_store
 from tti.train_state import (TrainState, find_checkpoint, make_train_state, resume_state,
                              save_train_state, seed_everything)
 
@@ -122,20 +123,30 @@ def make_loader(cfg: Config, info: distributed.DistInfo, train_set) -> DataLoade
 # ---------------------------------------------------------------- model and optimizer
 
 
-def build_model(cfg: Config, info: distributed.DistInfo, train_set, resume: dict | None,
+def build_model(cfg: Config, info: distributed.DistInfo, train_set, val_set, resume: dict | None,
                 log: RunLog) -> TextToImage:
-    """The model a config describes, on this rank's device, its caption cache warmed."""
+    """The model a config describes, on this rank's device, its text store open."""
     captions = [c for i in range(len(train_set)) for c in train_set.captions(i)]
     # alignDRAW's word vocabulary: rebuilt from the checkpoint on resume, else from the captions.
     vocab = resume.get("text_vocab") if resume else None
     model = build(cfg, train_captions=captions, vocab_state=vocab).to(info.device)
-    if hasattr(model.text, "warm"):
-        t0 = time.time()
-        n = model.text.warm(captions + cfg.sample.captions, progress=info.is_main)
-        log.print(f"text cache: {n} distinct captions encoded in {time.time() - t0:.1f}s")
+    if getattr(model.text, "use_cache", False):
+        val_captions = [c for i in range(len(val_set)) for c in val_set.captions(i)]
+        open_text_store(model.text, captions + val_captions + cfg.sample.captions, info, log)
     n_params = sum(p.numel() for p in model.generator.parameters())
     log.print(f"{cfg.model.kind} model: {n_params / 1e6:.2f}M parameters")
     return model
+
+
+def open_text_store(encoder, captions: list[str], info: distributed.DistInfo, log: RunLog) -> None:
+    """A frozen encoder's states of `captions` (and ""), computed once: local rank 0 of each
+    node writes or extends the store, then every rank maps it read-only."""
+    if info.local_rank == 0:
+        t0 = time.time()
+        n = build_store(encoder, captions, encoder.store_dir, progress=True)
+        log.print(f"text store {encoder.store_dir}: {n} captions encoded in {time.time() - t0:.1f}s")
+    distributed.barrier()
+    encoder.use_store(TextStore(encoder.store_dir))
 
 
 def for_training(model: TextToImage, cfg: Config, info: distributed.DistInfo):
@@ -250,7 +261,7 @@ def main(argv=None) -> str:
 
     # ------------------------------------------------------------ model and optimizer
     resume_path, resume = find_checkpoint(run_dir, info)
-    model = build_model(cfg, info, train_set, resume, log)
+    model = build_model(cfg, info, train_set, val_set, resume, log)
     state = make_train_state(cfg, model, info.device, log)
 
     # ------------------------------------------------------------ resume
