@@ -42,6 +42,7 @@ from tti.model import TextToImage, build, to_model_range
 from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
 from tti.text_store import TextStore, build_store
+from tti.utilisation import model_flops_per_image, utilisation
 from tti.train_state import (TrainState, find_checkpoint, make_train_state, resume_state,
                              save_train_state, seed_everything)
 
@@ -213,25 +214,43 @@ def count_bad_step(state: TrainState, cfg: Config, log: RunLog) -> None:
             f"train.max_bad_steps to skip a few bad steps")
 
 
+def count_flops(model: TextToImage, train_set, cfg: Config, info: distributed.DistInfo,
+                amp: torch.dtype | None, log: RunLog) -> float:
+    """Training FLOPs per image, counted once on one micro-batch of the first training items
+    (the loader and the random streams are left untouched)."""
+    micro = cfg.train.batch_size // (info.world_size * cfg.train.grad_accum)
+    images, captions = collate([train_set[i] for i in range(micro)])
+    flops = model_flops_per_image(model, to_model_range(images.to(info.device)), captions, amp)
+    log.print(f"training FLOPs per image: {flops / 1e9:.3f} GFLOP (forward + backward, "
+              f"torch.utils.flop_counter on {micro} images)")
+    return flops
+
+
 @dataclass
 class Interval:
-    """Where the run was at the last log line, and the data-loader wait since then (s)."""
+    """Where the run was at the last log line, and the data-loader wait since then (s);
+    the run's training FLOPs per image (0 on ranks that do not log)."""
     start_step: int
+    flops_per_image: float = 0.0
     start: float = field(default_factory=time.perf_counter)
     data_wait: float = 0.0
 
 
 def log_interval(interval: Interval, state: TrainState, loss_sum: torch.Tensor,
-                 grad_norm: torch.Tensor, cfg: Config, log: RunLog, progress) -> Interval:
-    """One log line (loss averaged over ranks, throughput, data wait); the next interval."""
+                 grad_norm: torch.Tensor, cfg: Config, info: distributed.DistInfo, log: RunLog,
+                 progress) -> Interval:
+    """One log line (loss averaged over ranks, throughput, FLOP/s, data wait, peak memory);
+    the next interval."""
     elapsed = max(time.perf_counter() - interval.start, 1e-9)
     images_per_s = (state.step - interval.start_step) * cfg.train.batch_size / elapsed
     loss = distributed.mean_over_ranks(loss_sum)
     log.scalars(state.step, {"loss": loss, "grad_norm": float(grad_norm),
                              "lr": state.scheduler.get_last_lr()[0], "img_per_s": images_per_s,
-                             "data_wait": interval.data_wait / elapsed})
+                             "data_wait": interval.data_wait / elapsed,
+                             **utilisation(images_per_s, interval.flops_per_image,
+                                           info.world_size, info.device)})
     progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
-    return Interval(state.step)
+    return Interval(state.step, interval.flops_per_image)
 
 
 # ---------------------------------------------------------------- main
@@ -271,6 +290,7 @@ def main(argv=None) -> str:
         resume_state(state, resume, cfg, info, log)
         log.print(f"resumed from {resume_path} at step {state.step}")
     del resume  # its tensors now live in `state`
+    flops = count_flops(model, train_set, cfg, info, state.amp, log) if info.is_main else 0.0
     forward = for_training(model, cfg, info)
 
     # ------------------------------------------------------------ loop
@@ -278,7 +298,7 @@ def main(argv=None) -> str:
     monitor = InLoopMonitor(cfg, run_dir, val_set, info) if info.is_main else None
     model.train()
     progress = log.progress(state.step, tr.steps)
-    interval = Interval(state.step)
+    interval = Interval(state.step, flops)
     try:
         while state.step < tr.steps:
             t_fetch = time.perf_counter()
@@ -290,7 +310,8 @@ def main(argv=None) -> str:
             progress.update(1)
             last = state.step == tr.steps
             if state.step % tr.log_every == 0 or last:
-                interval = log_interval(interval, state, loss_sum, grad_norm, cfg, log, progress)
+                interval = log_interval(interval, state, loss_sum, grad_norm, cfg, info, log,
+                                        progress)
             if state.step % tr.ckpt_every == 0 or last:
                 save_train_state(state, cfg, info, log)
             if monitor is not None and (state.step % tr.sample_every == 0 or last):
