@@ -63,9 +63,12 @@ class TextToImage(nn.Module):
 
     def forward(self, images: torch.Tensor, captions: list) -> torch.Tensor:
         """images: float [B, 3, H, W] in [-1, 1]; captions: B strings -> scalar loss."""
-        return self.generator.loss(images, self.text(captions))
+        return self.generator.loss(images, self.encode(captions))
 
+    @torch.compiler.disable
     def encode(self, captions: list) -> TextBatch:
+        """B captions -> TextBatch. Left out of torch.compile (train.compile), which would
+        otherwise guard on every caption's text and recompile for each new batch."""
         return self.text(captions)
 
     @torch.no_grad()
