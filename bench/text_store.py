@@ -10,9 +10,9 @@ is not here) and a real frozen encoder (the packaged MiniLM by default):
    encoder's time is measured inside each step, so its share does not depend on how busy a
    shared machine is;
 3. memory: 1 and 2 processes ("ranks", --ranks) each open the store through TextEncoder and
-   read every caption; RSS, PSS (shared pages split between the processes that map them) and
-   private memory each rank adds. Beside it the same with the states held the old way, a
-   per-process dict of fp32 tensors (filled from the store, which holds the same values).
+   read every caption; the RSS, PSS (shared pages split between the processes that map them),
+   heap and mapped-file pages each rank adds. Beside it the same with the states held the old
+   way, a per-process dict of fp32 tensors (filled from the store, which holds the same values).
 
     OMP_NUM_THREADS=1 python -m bench.text_store                # CPU, a few minutes
     OMP_NUM_THREADS=1 python -m bench.text_store --captions 2000 --steps 3 --ranks 1,2
@@ -170,15 +170,17 @@ def bench_step(args, encoder, store: TextStore, pool: list[str], device) -> None
 
 
 def memory_kib() -> dict:
-    """This process's Rss, Pss and private memory in KiB (/proc/self/smaps_rollup, Linux)."""
+    """This process's resident memory in KiB (/proc/self/smaps_rollup, Linux): rss, pss (each
+    page divided by the processes that map it), anon (its own heap: never shared here) and
+    file (pages of mapped files, shared through the page cache)."""
     fields = {}
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
             parts = line.split()
             if len(parts) == 3 and parts[2] == "kB":
                 fields[parts[0].rstrip(":")] = int(parts[1])
-    return {"rss": fields["Rss"], "pss": fields["Pss"],
-            "private": fields["Private_Clean"] + fields["Private_Dirty"]}
+    return {"rss": fields["Rss"], "pss": fields["Pss"], "anon": fields["Anonymous"],
+            "file": fields["Rss"] - fields["Anonymous"]}
 
 
 def reader(folder: str, encoder_name: str, mode: str, barrier, results) -> None:
@@ -213,8 +215,8 @@ def bench_memory(folder: str, encoder_name: str, ranks: list[int]) -> None:
     context = multiprocessing.get_context("spawn")
     size_mib = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / 2 ** 20
     print(f"\n== memory each rank adds by reading every caption (store files {size_mib:.1f} MiB) ==")
-    print(f"{'ranks':>5} {'how':>18} {'RSS/rank':>10} {'PSS/rank':>10} {'private/rank':>13} "
-          f"{'PSS all ranks':>14}  (MiB)")
+    print(f"{'ranks':>5} {'how':>18} {'RSS/rank':>9} {'PSS/rank':>9} {'heap/rank':>10} "
+          f"{'file pages/rank':>16} {'PSS all ranks':>14}  (MiB)")
     for mode in ("store", "dict"):
         for n in ranks:
             barrier, results = context.Barrier(n), context.Queue()
@@ -227,8 +229,8 @@ def bench_memory(folder: str, encoder_name: str, ranks: list[int]) -> None:
                 p.join()
             mib = {k: statistics.mean(r[k] for r in rows) / 1024 for k in rows[0]}
             how = "text store (mmap)" if mode == "store" else "fp32 dict (old)"
-            print(f"{n:>5} {how:>18} {mib['rss']:10.1f} {mib['pss']:10.1f} {mib['private']:13.1f} "
-                  f"{mib['pss'] * n:14.1f}")
+            print(f"{n:>5} {how:>18} {mib['rss']:9.1f} {mib['pss']:9.1f} {mib['anon']:10.1f} "
+                  f"{mib['file']:16.1f} {mib['pss'] * n:14.1f}")
 
 
 def main(argv=None) -> None:

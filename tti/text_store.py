@@ -21,10 +21,10 @@ captions the store lacks, the store is rebuilt with them, copying the states it 
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from tti.cli import UserError
+from tti.run_lock import RunLock
 
 FORMAT = 1
 FILES = ("tokens.npy", "hashes.npy", "rows.npy", "text.npy", "text_ends.npy", "meta.json")
@@ -149,22 +150,6 @@ class TextStore:
 # ---------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: str):
-    """Serialise builds of one store (e.g. nodes sharing a disk, or two runs on one node)."""
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): builds are not serialised there
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_store(encoder, captions, folder: str, chunk: int = 256, progress: bool = False) -> int:
     """Make `folder` a store holding the states of every caption in `captions` and of "".
 
@@ -174,8 +159,9 @@ def build_store(encoder, captions, folder: str, chunk: int = 256, progress: bool
     Returns how many captions were encoded (0 when the store already held them all).
     """
     identity = encoder_identity(encoder)
-    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
-    with _exclusive_lock(f"{folder}.lock"):
+    parent, name = os.path.split(os.path.abspath(folder))
+    # One builder at a time (two runs on a node, or nodes sharing a disk): the others wait.
+    with RunLock(parent, f"{name}.lock").acquire(wait_s=math.inf):
         for stale in glob.glob(glob.escape(folder) + ".old-*"):  # a swap that was killed
             shutil.rmtree(stale, ignore_errors=True)
         base = TextStore(folder) if is_complete(folder) else None

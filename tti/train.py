@@ -131,9 +131,10 @@ def build_model(cfg: Config, info: distributed.DistInfo, train_set, val_set, res
     # alignDRAW's word vocabulary: rebuilt from the checkpoint on resume, else from the captions.
     vocab = resume.get("text_vocab") if resume else None
     model = build(cfg, train_captions=captions, vocab_state=vocab).to(info.device)
-    if getattr(model.text, "use_cache", False):
-        val_captions = [c for i in range(len(val_set)) for c in val_set.captions(i)]
-        open_text_store(model.text, captions + val_captions + cfg.sample.captions, info, log)
+    if getattr(model.text, "use_cache", False):  # the captions matter where the store is built
+        every = (captions + [c for i in range(len(val_set)) for c in val_set.captions(i)]
+                 + cfg.sample.captions) if info.local_rank == 0 else []
+        open_text_store(model.text, every, info, log)
     n_params = sum(p.numel() for p in model.generator.parameters())
     log.print(f"{cfg.model.kind} model: {n_params / 1e6:.2f}M parameters")
     return model
@@ -141,7 +142,8 @@ def build_model(cfg: Config, info: distributed.DistInfo, train_set, val_set, res
 
 def open_text_store(encoder, captions: list[str], info: distributed.DistInfo, log: RunLog) -> None:
     """A frozen encoder's states of `captions` (and ""), computed once: local rank 0 of each
-    node writes or extends the store, then every rank maps it read-only."""
+    node writes the store, or adds what it lacks; then every rank maps it read-only.
+    `captions` are read on local rank 0 only."""
     if info.local_rank == 0:
         t0 = time.time()
         n = build_store(encoder, captions, encoder.store_dir, progress=True)
