@@ -42,9 +42,9 @@ from tti.model import TextToImage, build, to_model_range
 from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
 from tti.text_store import TextStore, build_store
-from tti.utilisation import model_flops_per_image, utilisation
 from tti.train_state import (TrainState, find_checkpoint, make_train_state, resume_state,
                              save_train_state, seed_everything)
+from tti.utilisation import model_flops_per_image, utilisation
 
 
 class NonFiniteLossError(UserError, RuntimeError):
