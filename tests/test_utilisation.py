@@ -1,9 +1,12 @@
 """Utilisation numbers: the FLOP counter counts forward and backward (checked against a
-count by hand), counting leaves training untouched, and GPU names map to the right peak."""
+count by hand), counting leaves training untouched (random streams, gradients, and calls to
+forward, which hooks count as training steps), and GPU names map to the right peak."""
 import pytest
 import torch
 import torch.nn as nn
 
+from tti.model import TextToImage
+from tti.text import TextBatch
 from tti.utilisation import model_flops_per_image, peak_tflops, train_flops_per_image, utilisation
 
 
@@ -19,21 +22,30 @@ def test_flops_are_counted_forward_and_backward():
 
 
 class NoisyLoss(nn.Module):
-    """A model(images, captions) -> loss that draws noise, as the diffusion loss does."""
+    """A generator whose loss(images, text) draws noise, as the diffusion loss does."""
 
     def __init__(self):
         super().__init__()
         self.linear = nn.Linear(12, 1)
 
-    def forward(self, images, captions):
-        noisy = images.flatten(1) + torch.randn(images.shape[0], 12)
+    def loss(self, images, text):
+        noisy = images.flatten(1) + torch.randn(images.shape[0], 12) + text.tokens.sum()
         return self.linear(noisy).square().mean()
 
 
-def test_counting_leaves_random_streams_and_gradients_as_they_were():
-    model, images = NoisyLoss(), torch.zeros(3, 3, 2, 2)
+class Lengths(nn.Module):
+    """A text encoder: each caption's length as its only token."""
+
+    def forward(self, captions):
+        lengths = torch.tensor([[[float(len(c))]] for c in captions])
+        return TextBatch(lengths, torch.ones(len(captions), 1, dtype=torch.bool))
+
+
+def test_counting_leaves_random_streams_gradients_and_forward_alone(monkeypatch):
+    model, images = TextToImage(Lengths(), NoisyLoss()), torch.zeros(3, 3, 2, 2)
+    monkeypatch.setattr(TextToImage, "forward", lambda *a: pytest.fail("forward was called"))
     before = torch.get_rng_state()
-    flops = model_flops_per_image(model, images, ["a", "b", "c"], amp=None)
+    flops = model_flops_per_image(model, images, ["a", "bb", "c"], amp=None)
     assert flops == (2 * 12 + 2 * 12) * 1  # forward + weight gradient, per image
     assert torch.equal(torch.get_rng_state(), before)
     assert all(p.grad is None for p in model.parameters())

@@ -39,9 +39,12 @@ def model_flops_per_image(model, images: torch.Tensor, captions: list[str],
     fp32). The random streams and the gradients are left as they were (none)."""
     device = images.device
     devices = [device] if device.type == "cuda" else []
+    # TextToImage.forward's computation, not a call to it: what hooks forward (DDP, tests)
+    # sees stays one call per training micro-batch.
+    loss = lambda: model.generator.loss(images, model.encode(captions))
     with torch.random.fork_rng(devices=devices):  # the loss draws timesteps and noise
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            flops = train_flops_per_image(lambda: model(images, captions), len(captions))
+            flops = train_flops_per_image(loss, len(captions))
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the count is not part of training's peak
