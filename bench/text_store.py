@@ -12,10 +12,15 @@ is not here) and a real frozen encoder (the packaged MiniLM by default):
 3. memory: 1 and 2 processes ("ranks", --ranks) each open the store through TextEncoder and
    read every caption; the RSS, PSS (shared pages split between the processes that map them),
    heap and mapped-file pages each rank adds. Beside it the same with the states held the old
-   way, a per-process dict of fp32 tensors (filled from the store, which holds the same values).
+   way, a per-process dict of fp32 tensors (filled from the store, which holds the same values);
+4. with --checkpoint (a shapes run whose store is here): the same model samples val captions
+   with the same noise from fp16 (store) and fp32 (live) states, judged caption by caption,
+   beside the same with other noise.
 
     OMP_NUM_THREADS=1 python -m bench.text_store                # CPU, a few minutes
     OMP_NUM_THREADS=1 python -m bench.text_store --captions 2000 --steps 3 --ranks 1,2
+    OMP_NUM_THREADS=1 python -m bench.text_store --skip build,step,memory \
+        --checkpoint results/shapes32_diffusion/0
 """
 from __future__ import annotations
 
@@ -233,6 +238,51 @@ def bench_memory(folder: str, encoder_name: str, ranks: list[int]) -> None:
                   f"{mib['file']:16.1f} {mib['pss'] * n:14.1f}")
 
 
+# ---------------------------------------------------------------- 4. fp16 against fp32 states
+
+
+def bench_precision(checkpoint: str, n: int, steps: int) -> None:
+    """One trained model (a shapes run whose store is on this machine) samples n val captions
+    with the same noise twice: states from the store (fp16) and from the live encoder (fp32);
+    then once more from the store with other noise, to compare with. Judge verdicts and pixels."""
+    from tti.data.coco import load_split
+    from tti.in_loop import shapes_val_captions
+    from tti.metrics.judge import judge_image
+    from tti.model import load_for_inference
+    from tti.sample import generate
+
+    model, cfg = load_for_inference(checkpoint, "cpu")
+    stored = model.text
+    if stored.store is None:
+        raise SystemExit(f"--checkpoint {checkpoint}: its text store ({stored.store_dir}) is not here")
+    live = TextEncoder(stored.name, cache=False, tokenizer=stored.tokenizer, model=stored.model,
+                       hidden_layer=stored.hidden_layer, max_length=stored.max_length)
+    val = load_split(cfg.data.root, cfg.data.val_split, cfg.data.image_size, cache_dir=cfg.data.cache_dir)
+    captions = shapes_val_captions(val, n)
+    error = 0.0
+    for start in range(0, n, 64):
+        a, b = stored(captions[start:start + 64]), live(captions[start:start + 64])
+        error = max(error, float((a.tokens - b.tokens)[b.mask].abs().max()))
+    opts = dict(model.sampler_options(cfg), steps=steps)
+    runs = {}
+    for name, encoder, seed in (("store fp16", stored, 1), ("live fp32", live, 1),
+                                ("store fp16, other noise", stored, 2)):
+        model.text = encoder
+        images = generate(model, captions, n=1, seed=seed, **opts)
+        runs[name] = (images, np.array([judge_image(im, c)["all"] for im, c in zip(images, captions)]))
+    model.text = stored
+    print(f"\n== fp16 store against fp32 states: {checkpoint}, {n} val captions, DDIM {steps}, "
+          f"guidance {opts['guidance']} (largest state difference {error:.4f}) ==")
+    (base, base_ok), others = runs["store fp16"], list(runs.items())[1:]
+    print(f"store fp16: all correct {base_ok.mean():.3f}")
+    for name, (images, ok) in others:
+        pixels = (images.int() - base.int()).abs()
+        print(f"{name}: all correct {ok.mean():.3f}; verdicts that differ from store fp16: "
+              f"{int((ok != base_ok).sum())} of {n}; pixels differing by > 8 levels: "
+              f"{(pixels > 8).float().mean():.2%}, mean difference {pixels.float().mean():.2f} "
+              f"levels (of 255)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", type=int, default=5000, help="distinct captions stored")
@@ -245,10 +295,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per encoder")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--ranks", default="1,2", help="process counts for the memory part")
-    parser.add_argument("--skip", default="", help="parts to skip: comma-separated build/step/memory "
-                                                   "(build always runs: the others need the store)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="also compare fp16 and fp32 states through this shapes run's model")
+    parser.add_argument("--probe-captions", type=int, default=200)
+    parser.add_argument("--skip", default="", help="parts to skip, comma-separated: build, step, "
+                                                   "memory (step and memory need the build)")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    if "build" in skip and not {"step", "memory"} <= skip:
+        parser.error("--skip build needs --skip step,memory too: they read the store it builds")
     device = torch.device("cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"{os.cpu_count()} CPUs; text from --config {args.config}")
@@ -256,14 +311,17 @@ def main(argv=None) -> None:
     pool = coco_like_captions(args.captions)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
-        name = cfg.text.name if args.encoder == PACKAGED_MINILM else args.encoder
-        encoder = make_encoder(name, cfg.text.hidden_layer, cfg.text.max_length, pool, work)
-        folder = store_folder(work, encoder_identity(encoder))
-        store = bench_build(encoder, pool, folder)
+        if "build" not in skip:
+            name = cfg.text.name if args.encoder == PACKAGED_MINILM else args.encoder
+            encoder = make_encoder(name, cfg.text.hidden_layer, cfg.text.max_length, pool, work)
+            folder = store_folder(work, encoder_identity(encoder))
+            store = bench_build(encoder, pool, folder)
         if "step" not in skip:
             bench_step(args, encoder, store, pool, device)
         if "memory" not in skip:
             bench_memory(folder, encoder.name, [int(r) for r in args.ranks.split(",")])
+    if args.checkpoint:
+        bench_precision(args.checkpoint, args.probe_captions, steps=25)
     print(f"\ntotal bench time {time.perf_counter() - started:.0f} s")
 
 
