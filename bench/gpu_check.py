@@ -44,7 +44,8 @@ DRY_MODEL = ["model.unet.channels=[16, 32]", "model.unet.num_res_blocks=1",
              "model.unet.head_dim=16", "model.unet.text_layers=0", "data.image_size=32"]
 DRY_THROUGHPUT = DRY_MODEL + ["train.batch_size=4", "text.max_length=8"]  # one text length: one compile
 DRY_JUDGE = DRY_MODEL + ["data.shapes_train=48", "data.shapes_val=8", "train.batch_size=8",
-                         "train.eval_samples=8", "sample.steps=2", "model.diffusion.timesteps=100"]
+                         "train.eval_samples=8", "sample.steps=2", "model.diffusion.timesteps=100",
+                         "sample.captions=['a large red circle']"]
 
 
 def parse_args(argv=None):

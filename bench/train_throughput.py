@@ -230,7 +230,7 @@ def bench_unets(args, device, amp, ours, option_ablations=None):
     return trainers[0].model
 
 
-def bench_text_cache(args, device, amp, unet, hidden_layer: int = -1):
+def bench_text_store(args, device, amp, unet, hidden_layer: int = -1):
     """The frozen encoder's share of a Diffusion.loss step, text from the store and live."""
     import os
     import tempfile
@@ -303,7 +303,7 @@ def main():
     for amp in precisions:
         trained_ours = bench_unets(args, device, amp, ours, option_ablations)
     if not args.skip_text:
-        bench_text_cache(args, device, precisions[-1], ours if not args.compile else trained_ours,
+        bench_text_store(args, device, precisions[-1], ours if not args.compile else trained_ours,
                          hidden_layer=cfg.text.hidden_layer)
     print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")
 

@@ -100,7 +100,7 @@ class TextStore:
     def __init__(self, folder: str):
         self.folder = folder
         self.meta = json.loads(Path(folder, "meta.json").read_text(encoding="utf-8"))
-        # Plain ndarray views of the maps: np.memmap's own indexing costs ~10x per lookup.
+        # Plain ndarray views of the maps: np.memmap indexes through slow Python-level code.
         load = lambda name: np.load(os.path.join(folder, name), mmap_mode="r").view(np.ndarray)
         self._tokens, self._hashes, self._rows = load("tokens.npy"), load("hashes.npy"), load("rows.npy")
         self._text, self._text_ends = load("text.npy"), load("text_ends.npy")
