@@ -202,8 +202,6 @@ def main(argv=None) -> list[dict]:
     shapes = is_shapes_dataset(root)
     if not shapes:
         print(f"{root} is not the embedded shapes dataset: no caption accuracy, only speed/FID")
-    for caption in dict.fromkeys(it.caption for it in items):
-        model.encode([caption])  # fill the caption cache now, so it is not timed below
     timesteps = cfg.model.diffusion.timesteps
     rows = ([parse_setting(t, n) for t in args.settings] if args.settings
             else grid(args.full, n, args.ddpm_n))

@@ -44,7 +44,7 @@ class DataConfig:
     train_split: str = "train2014"
     val_split: str = "val2014"
     image_size: int = 32
-    cache_dir: Optional[str] = None  # packed uint8 cache; default <root>/cache
+    cache_dir: Optional[str] = None  # packed uint8 cache and text store; default <root>/cache
     num_workers: int = 2             # DataLoader workers (and prepare's worker processes)
     max_bad_fraction: float = 0.01   # prepare fails if more images than this are unreadable
     generate_shapes: bool = False    # build the embedded dataset into root if it is missing
@@ -62,7 +62,7 @@ class TextConfig:
     lr: float = 1e-5                 # encoder learning rate when fine-tuned
     max_length: int = 32
     hidden_layer: int = -1           # encoder hidden state the UNet reads: -1 = last, k = layer k
-    cache: bool = True               # frozen encoder: encode each caption once
+    cache: bool = True               # frozen encoder: states from the text store
     caption_dropout: float = 0.1     # share of captions replaced by "" (classifier-free guidance)
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from tti.config import PRECISIONS, Config, ConfigError, UNetConfig, from_dict
 from tti.text import TextBatch, TextEncoder
+from tti.text_store import TextStore, encoder_identity, is_complete, store_folder
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -62,9 +63,12 @@ class TextToImage(nn.Module):
 
     def forward(self, images: torch.Tensor, captions: list) -> torch.Tensor:
         """images: float [B, 3, H, W] in [-1, 1]; captions: B strings -> scalar loss."""
-        return self.generator.loss(images, self.text(captions))
+        return self.generator.loss(images, self.encode(captions))
 
+    @torch.compiler.disable
     def encode(self, captions: list) -> TextBatch:
+        """B captions -> TextBatch. Left out of torch.compile (train.compile), which would
+        otherwise guard on every caption's text and recompile for each new batch."""
         return self.text(captions)
 
     @torch.no_grad()
@@ -105,11 +109,11 @@ def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn
     encoder = TextEncoder(t.name, finetune=t.finetune, max_length=t.max_length, cache=t.cache,
                           hidden_layer=t.hidden_layer)
     if encoder.use_cache:
-        # Next to the packed image cache: every run on this dataset reuses the embeddings.
+        # Next to the packed image cache: every run on this dataset reuses the states.
         cache_dir = cfg.data.cache_dir or os.path.join(cfg.data.root, "cache")
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in t.name)
-        layer = "" if encoder.hidden_layer == encoder.depth else f"_layer{encoder.hidden_layer}"
-        encoder.cache_file = os.path.join(cache_dir, f"text_{safe}_{t.max_length}{layer}.pt")
+        encoder.store_dir = store_folder(cache_dir, encoder_identity(encoder))
+        if is_complete(encoder.store_dir):  # e.g. sampling on the machine that trained
+            encoder.use_store(TextStore(encoder.store_dir))
     return encoder
 
 

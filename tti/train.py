@@ -47,8 +47,10 @@ from tti.model import TextToImage, build, to_model_range
 from tti.preflight import check_training
 from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
+from tti.text_store import TextStore, build_store
 from tti.train_state import (TrainState, find_checkpoint, make_train_state, resume_state,
                              save_train_state, seed_everything)
+from tti.utilisation import model_flops_per_image, utilisation
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -144,20 +146,32 @@ def make_loader(cfg: Config, info: distributed.DistInfo, train_set, workers: int
 # ---------------------------------------------------------------- model and optimizer
 
 
-def build_model(cfg: Config, info: distributed.DistInfo, train_set, resume: dict | None,
+def build_model(cfg: Config, info: distributed.DistInfo, train_set, val_set, resume: dict | None,
                 log: RunLog) -> TextToImage:
-    """The model a config describes, on this rank's device, its caption cache warmed."""
+    """The model a config describes, on this rank's device, its text store open."""
     captions = [c for i in range(len(train_set)) for c in train_set.captions(i)]
     # alignDRAW's word vocabulary: rebuilt from the checkpoint on resume, else from the captions.
     vocab = resume.get("text_vocab") if resume else None
     model = build(cfg, train_captions=captions, vocab_state=vocab).to(info.device)
-    if hasattr(model.text, "warm"):
-        t0 = time.time()
-        n = model.text.warm(captions + cfg.sample.captions, progress=info.is_main)
-        log.print(f"text cache: {n} distinct captions encoded in {time.time() - t0:.1f}s")
+    if getattr(model.text, "use_cache", False):  # the captions matter where the store is built
+        every = (captions + [c for i in range(len(val_set)) for c in val_set.captions(i)]
+                 + cfg.sample.captions) if info.local_rank == 0 else []
+        open_text_store(model.text, every, info, log)
     n_params = sum(p.numel() for p in model.generator.parameters())
     log.print(f"{cfg.model.kind} model: {n_params / 1e6:.2f}M parameters")
     return model
+
+
+def open_text_store(encoder, captions: list[str], info: distributed.DistInfo, log: RunLog) -> None:
+    """A frozen encoder's states of `captions` (and ""), computed once: local rank 0 of each
+    node writes the store, or adds what it lacks; then every rank maps it read-only.
+    `captions` are read on local rank 0 only."""
+    if info.local_rank == 0:
+        t0 = time.time()
+        n = build_store(encoder, captions, encoder.store_dir, progress=True)
+        log.print(f"text store {encoder.store_dir}: {n} captions encoded in {time.time() - t0:.1f}s")
+    distributed.barrier()
+    encoder.use_store(TextStore(encoder.store_dir))
 
 
 def for_training(model: TextToImage, cfg: Config, info: distributed.DistInfo):
@@ -224,25 +238,43 @@ def count_bad_step(state: TrainState, cfg: Config, log: RunLog) -> None:
             f"train.max_bad_steps to skip a few bad steps")
 
 
+def count_flops(model: TextToImage, train_set, cfg: Config, info: distributed.DistInfo,
+                amp: torch.dtype | None, log: RunLog) -> float:
+    """Training FLOPs per image, counted once on one micro-batch of the first training items
+    (the loader and the random streams are left untouched)."""
+    micro = cfg.train.batch_size // (info.world_size * cfg.train.grad_accum)
+    images, captions = collate([train_set[i] for i in range(micro)])
+    flops = model_flops_per_image(model, to_model_range(images.to(info.device)), captions, amp)
+    log.print(f"training FLOPs per image: {flops / 1e9:.3f} GFLOP (forward + backward, "
+              f"torch.utils.flop_counter on {micro} images)")
+    return flops
+
+
 @dataclass
 class Interval:
-    """Where the run was at the last log line, and the data-loader wait since then (s)."""
+    """Where the run was at the last log line, and the data-loader wait since then (s);
+    the run's training FLOPs per image (0 on ranks that do not log)."""
     start_step: int
+    flops_per_image: float = 0.0
     start: float = field(default_factory=time.perf_counter)
     data_wait: float = 0.0
 
 
 def log_interval(interval: Interval, state: TrainState, loss_sum: torch.Tensor,
-                 grad_norm: torch.Tensor, cfg: Config, log: RunLog, progress) -> Interval:
-    """One log line (loss averaged over ranks, throughput, data wait); the next interval."""
+                 grad_norm: torch.Tensor, cfg: Config, info: distributed.DistInfo, log: RunLog,
+                 progress) -> Interval:
+    """One log line (loss averaged over ranks, throughput, FLOP/s, data wait, peak memory);
+    the next interval."""
     elapsed = max(time.perf_counter() - interval.start, 1e-9)
     images_per_s = (state.step - interval.start_step) * cfg.train.batch_size / elapsed
     loss = distributed.mean_over_ranks(loss_sum)
     log.scalars(state.step, {"loss": loss, "grad_norm": float(grad_norm),
                              "lr": state.scheduler.get_last_lr()[0], "img_per_s": images_per_s,
-                             "data_wait": interval.data_wait / elapsed})
+                             "data_wait": interval.data_wait / elapsed,
+                             **utilisation(images_per_s, interval.flops_per_image,
+                                           info.world_size, info.device)})
     progress.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}")
-    return Interval(state.step)
+    return Interval(state.step, interval.flops_per_image)
 
 
 # ---------------------------------------------------------------- main
@@ -274,7 +306,7 @@ def main(argv=None) -> str:
 
     # ------------------------------------------------------------ model and optimizer
     resume_path, resume = find_checkpoint(run_dir, info)
-    model = build_model(cfg, info, train_set, resume, log)
+    model = build_model(cfg, info, train_set, val_set, resume, log)
     state = make_train_state(cfg, model, info.device, log)
 
     # ------------------------------------------------------------ resume
@@ -284,6 +316,7 @@ def main(argv=None) -> str:
         resume_state(state, resume, cfg, info, log)
         log.print(f"resumed from {resume_path} at step {state.step}")
     del resume  # its tensors now live in `state`
+    flops = count_flops(model, train_set, cfg, info, state.amp, log) if info.is_main else 0.0
     forward = for_training(model, cfg, info)
 
     # ------------------------------------------------------------ loop
@@ -292,7 +325,7 @@ def main(argv=None) -> str:
     fid = FIDMonitor(cfg, val_set, info, log) if tr.fid_every else None  # on every rank
     model.train()
     progress = log.progress(state.step, tr.steps)
-    interval = Interval(state.step)
+    interval = Interval(state.step, flops)
     try:
         while state.step < tr.steps:
             t_fetch = time.perf_counter()
@@ -304,7 +337,8 @@ def main(argv=None) -> str:
             progress.update(1)
             last = state.step == tr.steps
             if state.step % tr.log_every == 0 or last:
-                interval = log_interval(interval, state, loss_sum, grad_norm, cfg, log, progress)
+                interval = log_interval(interval, state, loss_sum, grad_norm, cfg, info, log,
+                                        progress)
             if state.step % tr.ckpt_every == 0 or last:
                 save_train_state(state, cfg, info, log)
             # The last step samples too, unless the whole run is shorter than one interval
