@@ -345,8 +345,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
 
 
 def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
+    """Write `cfg` as YAML to `path` atomically (a kill leaves the old file or the new one)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- validation

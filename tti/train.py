@@ -15,9 +15,12 @@ rank resumes from the last checkpoint:
 Any config field can be overridden: `--set train.steps=200 --set run.run_idx=3`.
 A run lives in results/<dataset>_<model>/<run_idx>/ and resumes automatically from its
 checkpoints/latest.pt: model, EMA, optimizer, LR schedule, step, data order and every
-rank's RNGs (bitwise on CPU with train.deterministic=true). Only rank 0 writes logs,
-samples and checkpoints. A NaN/inf loss skips the step on all ranks, and stops the run
-(NonFiniteLossError) once more than train.max_bad_steps steps were bad.
+rank's RNGs (bitwise on CPU with train.deterministic=true). A relaunch may change the
+settings tti/resume_config.py marks APPLIED (steps, lr, logging, ...): they are logged and
+recorded in the run's history.jsonl; the others (model, data, text encoder, ...) are refused.
+Only rank 0 writes logs, samples and checkpoints. A NaN/inf loss skips the step on all
+ranks, and stops the run (NonFiniteLossError) once more than train.max_bad_steps steps were
+bad; a step the fp16 loss scaler skips (inf/nan gradients) leaves the EMA alone.
 """
 from __future__ import annotations
 
@@ -34,11 +37,12 @@ from torch.utils.data import DataLoader
 from tti import distributed
 from tti.checkpoint import latest_checkpoint
 from tti.cli import UserError, run_cli
-from tti.config import Config, ConfigError, load_config, save_config, validate
+from tti.config import Config, ConfigError, load_config, validate
 from tti.data.coco import collate, load_split
 from tti.data.sampler import ResumableSampler, resumable_batches, steps_per_epoch
 from tti.in_loop import InLoopMonitor
 from tti.model import TextToImage, build, to_model_range
+from tti.resume_config import record_launch, resume_changes
 from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
 from tti.train_state import (TrainState, find_checkpoint, make_train_state, resume_state,
@@ -62,12 +66,10 @@ def parse_args(argv=None):
 
 
 def start_run(cfg: Config, info: distributed.DistInfo) -> RunLog:
-    """Open the run directory's log (rank 0 writes; other ranks log nothing) and save the
-    config beside it."""
+    """Open the run directory's log (rank 0 writes; other ranks log nothing). config.yaml
+    follows once the run's settings are settled (tti.resume_config.record_launch)."""
     run_dir = cfg.run_dir()
     log = RunLog(run_dir, info.is_main)
-    if info.is_main:
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
     log.print(f"run directory: {run_dir}  (world size {info.world_size}, device {info.device})")
     return log
 
@@ -180,10 +182,13 @@ def train_step(state: TrainState, forward, micro_batches: list, cfg: Config,
     finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | state.scaler.is_enabled())
     state.step += 1
     updated = distributed.all_ranks_true(finite, info.device)
+    scale = state.scaler.get_scale()
     if updated:
         state.scaler.step(state.optimizer)
-        state.ema.update(state.model)
     state.scaler.update()
+    # The fp16 scaler skips the optimizer step on inf/nan gradients, and then lowers its scale.
+    if updated and state.scaler.get_scale() >= scale:
+        state.ema.update(state.model)
     state.scheduler.step()
     return loss_sum, grad_norm, updated
 
@@ -239,6 +244,9 @@ def main(argv=None) -> str:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(tr.seed)  # same initial weights on every rank; per-rank streams later
     run_lock = lock_run_dir(run_dir) if info.is_main else None  # one writer per run directory
+    resume_path, resume = find_checkpoint(run_dir, info)
+    # A setting that cannot change mid-run fails here, before any file is written.
+    changes = resume_changes(resume["config"], cfg, resume["step"], resume_path) if resume else {}
     log = start_run(cfg, info)
 
     # ------------------------------------------------------------ data
@@ -249,17 +257,18 @@ def main(argv=None) -> str:
     loader = make_loader(cfg, info, train_set)
 
     # ------------------------------------------------------------ model and optimizer
-    resume_path, resume = find_checkpoint(run_dir, info)
     model = build_model(cfg, info, train_set, resume, log)
     state = make_train_state(cfg, model, info.device, log)
+    state.data = train_set.fingerprint()
 
     # ------------------------------------------------------------ resume
     if resume is None:
         seed_everything(tr.seed + info.rank)  # each rank its own random streams from here on
     else:
-        resume_state(state, resume, cfg, info, log)
+        resume_state(state, resume, resume_path, cfg, info, log)
         log.print(f"resumed from {resume_path} at step {state.step}")
     del resume  # its tensors now live in `state`
+    record_launch(cfg, state.step, changes, resume_path, info.world_size, log)
     forward = for_training(model, cfg, info)
 
     # ------------------------------------------------------------ loop
