@@ -13,32 +13,21 @@ import torch
 import yaml
 from test_run_lock import tree_digest
 from test_train import TINY
+from test_train import run as train_run
+from test_train import shapes_root  # noqa: F401  (a module fixture: the 96/16-image shapes set)
 
-from tti import train
 from tti.checkpoint import CheckpointError, load_checkpoint
 from tti.config import Config, ConfigError, load_config
-from tti.data.shapes import write_coco
 from tti.model import build, load_trainable_state, trainable_state
 from tti.resume_config import APPLIED, FIXED, HISTORY_FILE, POLICY, policy
 from tti.run_lock import LOCK_FILE
 
 STEPS = 3  # the finished run's steps; its last checkpoint is at this step
-BASE = ["train.lr_decay=constant", f"train.ckpt_every={STEPS}", "train.sample_every=1000"]
-
-
-@pytest.fixture(scope="module")
-def shapes_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    write_coco(str(root), n_train=96, n_val=16, image_size=32, seed=0)
-    return str(root)
+BASE = ["train.lr_decay=constant", f"train.ckpt_every={STEPS}"]
 
 
 def run(root, results, *extra):
-    args = ["--config", "configs/shapes32.yaml", "--device", "cpu",
-            "--set", f"data.root={root}", "--set", f"run.results_dir={results}"]
-    for item in TINY + BASE + list(extra):
-        args += ["--set", item]
-    return train.main(args)
+    return train_run(root, results, *BASE, *extra)
 
 
 @pytest.fixture(scope="module")

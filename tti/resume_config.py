@@ -9,9 +9,10 @@ under. The new config is compared with it key by key:
 - APPLIED keys take effect from the resumed step on: the log prints them as a diff and
   <run_dir>/history.jsonl records them (one line per launch, with its step and time).
 
-`POLICY` holds the decision for every config key (the key's own entry, else the closest
-section's), with its reason; tests/test_resume_config.py fails on a key left undecided.
-How the applied ones reach the optimizer, schedule, EMA and scaler: tti/train_state.py.
+A train.steps below the resumed step is refused too. `POLICY` holds the decision for every
+config key (the key's own entry, else the closest section's), with its reason;
+tests/test_resume.py fails on a key left undecided. How the applied ones reach the
+optimizer, schedule, EMA and scaler: tti/train_state.py; the decisions: docs/robustness.md.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ POLICY = {
     "train.weight_decay": (APPLIED, "set on the optimizer's groups on resume"),
     "train.grad_clip": (APPLIED, "read at every step"),
     "train.ema_decay": (APPLIED, "the EMA's decay from the resumed step on"),
-    "train.precision": (APPLIED, "the autocast dtype; the fp16 loss scale starts fresh if it was off"),
+    "train.precision": (APPLIED, "the autocast dtype; a new fp16 loss scaler starts fresh"),
     "train.deterministic": (APPLIED, "how kernels run"),
     "train.compile": (APPLIED, "how kernels run"),
     "train.log_every": (APPLIED, "logging"),
