@@ -21,3 +21,20 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def coco_fixture(tmp_path_factory):
+    """The COCO-like fixture (tests/coco_fixture.py), written once per session."""
+    from coco_fixture import write_coco_fixture
+
+    return write_coco_fixture(tmp_path_factory.mktemp("coco") / "coco")
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(coco_fixture, tmp_path_factory):
+    """A tiny random RoBERTa folder (tti.tiny_roberta) whose BPE learnt the fixture's captions:
+    what the tests load where a config names roberta-base. Built once per session."""
+    from tti.tiny_roberta import build_tiny_roberta
+
+    return build_tiny_roberta(tmp_path_factory.mktemp("roberta") / "m", coco_fixture.all_captions())

@@ -136,12 +136,13 @@ def test_unreadable_images_are_counted_in_the_training_log(shapes_with_a_bad_ima
     ("train.batch_size=16", 3, "16 is not divisible by 3 processes x 1 grad_accum: use 15 or 18"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, monkeypatch, override, world_size, words):
-    monkeypatch.setattr(distributed, "setup", lambda device=None: distributed.DistInfo(
-        0, 0, world_size, torch.device("cpu")))  # as if torchrun had started `world_size` ranks
+    if world_size > 1:  # as torchrun tells rank 0 of `world_size` processes
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": str(world_size)}.items():
+            monkeypatch.setenv(key, value)
 
     def no_work(*args, **kwargs):
-        raise AssertionError("the model was built before the config was checked")
-    monkeypatch.setattr(train, "build", no_work)
+        raise AssertionError("the process group was joined before the config was checked")
+    monkeypatch.setattr(distributed, "setup", no_work)
     root, results = tmp_path / "data", tmp_path / "results"
     with pytest.raises(ConfigError, match=re.escape(words)):
         train.main(["--config", "configs/shapes32.yaml", "--device", "cpu",

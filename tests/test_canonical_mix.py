@@ -106,6 +106,6 @@ def test_config_key_is_validated_and_training_opens_the_mix(shapes_root):
                       [f"data.root={shapes_root}", "data.generate_shapes=false",
                        "data.canonical_caption_fraction=0.5"])
     validate(cfg)
-    train_set, val_set = open_datasets(cfg, setup("cpu"))
+    train_set, val_set = open_datasets(cfg, setup("cpu"), workers=0)
     assert isinstance(train_set, CanonicalCaptionMix) and train_set.fraction == 0.5
     assert not isinstance(val_set, CanonicalCaptionMix)  # validation captions stay as written

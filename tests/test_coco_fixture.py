@@ -22,7 +22,6 @@ from tti import train
 from tti.data.coco import collate, load_split
 from tti.data.prepare import centre_square
 from tti.text import TextEncoder
-from tti.tiny_roberta import build_tiny_roberta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -32,18 +31,13 @@ IMAGE_FIELDS = {"license", "file_name", "coco_url", "height", "width", "date_cap
 
 
 @pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    return write_coco_fixture(tmp_path_factory.mktemp("coco") / "coco")
+def fixture(coco_fixture):  # conftest.py writes it once per session
+    return coco_fixture
 
 
 @pytest.fixture(scope="module")
 def packed(fixture):
     return {split: load_split(fixture.root, split, SIZE, num_workers=0) for split in SPLITS}
-
-
-@pytest.fixture(scope="module")
-def tiny_roberta(fixture, tmp_path_factory):
-    return build_tiny_roberta(tmp_path_factory.mktemp("roberta") / "m", fixture.all_captions())
 
 
 def annotations(fixture, split):

@@ -31,7 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CKPT_EVERY, FAULT_AT = 4, 2, 3
 # fp32: bf16 kernels block by batch size, so 2 x B and 1 x 2B would differ by rounding.
 EQUIVALENCE = ["text.caption_dropout=0", "train.batch_size=16", f"train.steps={STEPS}",
-               f"train.ckpt_every={CKPT_EVERY}", "train.ema_decay=0.9", "train.precision=fp32"]
+               f"train.ckpt_every={CKPT_EVERY}", "train.ema_decay=0.9", "train.precision=fp32",
+               f"train.sample_every={STEPS}"]
 
 
 def keyed_noise(loss_fn):
@@ -354,6 +355,7 @@ def test_device_is_chosen_by_local_rank(monkeypatch):
     ("0,1,2", "2", "torchrun --standalone --nproc_per_node=3 --max-restarts=2 cuda"),
     ("4,5", "", "torchrun --standalone --nproc_per_node=2 --max-restarts=0 cuda"),
     ("cpu", "", "python cpu"),
+    ("cpu:2", "", "torchrun --standalone --nproc_per_node=2 --max-restarts=0 cpu"),
     ("0", "1", "torchrun --standalone --nproc_per_node=1 --max-restarts=1 cuda"),
 ])
 def test_launchers_start_one_process_per_listed_gpu(tmp_path, gpu_ids, restarts, expected):
@@ -364,7 +366,16 @@ def test_launchers_start_one_process_per_listed_gpu(tmp_path, gpu_ids, restarts,
     out = subprocess.run(["bash", "-c", script, "bash", gpu_ids], cwd=tmp_path, env=env,
                          capture_output=True, text=True, check=True).stdout.split()
     assert " ".join(out[:len(expected.split())]) == expected
-    assert out[len(expected.split()):] == ([] if gpu_ids == "cpu" else [gpu_ids])
+    assert out[len(expected.split()):] == ([] if gpu_ids.startswith("cpu") else [gpu_ids])
+
+
+@pytest.mark.parametrize("gpu_ids", ["cpu:0", "cpu:two", "0,a", "gpu0"])
+def test_launchers_refuse_gpu_ids_they_cannot_read(tmp_path, gpu_ids):
+    script = f'source {REPO}/scripts/launch_common.sh "$1"; echo started'
+    result = subprocess.run(["bash", "-c", script, "bash", gpu_ids], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert f"$gpu_ids '{gpu_ids}': expected GPU ids (0,1,2,3), cpu, or cpu:N" in result.stderr
 
 
 def test_launcher_multi_node_switches(tmp_path):

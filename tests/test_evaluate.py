@@ -179,6 +179,9 @@ def test_run_tti_eval_coco_writes_grid_and_gif(tiny_run_dir, tmp_path):
     env["TTI_RUN_DIR"] = str(tmp_path)
     result = subprocess.run(["bash", script, "cpu", "0"], env=env, capture_output=True, text=True)
     assert result.returncode == 1 and "no checkpoints/latest.pt" in result.stderr
+    # Without TTI_RUN_DIR: the run of TTI_CONFIG (default coco64_ft_roberta) with that index.
     del env["TTI_RUN_DIR"]
+    env["TTI_CONFIG"] = "configs/coco32_cpu.yaml"
     result = subprocess.run(["bash", script, "cpu", "987654321"], env=env, capture_output=True, text=True)
-    assert result.returncode == 1 and "no run with index 987654321" in result.stderr
+    assert result.returncode == 1
+    assert result.stderr.startswith("results/coco32_cpu_diffusion/987654321 has no checkpoints")

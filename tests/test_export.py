@@ -268,21 +268,6 @@ def test_gen_images_for_metrics_on_cpu(tiny_run, tmp_path):
     assert usage.returncode == 2 and "usage" in usage.stderr
 
 
-def test_run_tti_eval_coco_asks_for_tti_run_dir_when_ambiguous(tmp_path):
-    # A copy of the launcher in a scratch "repository" with two runs sharing index 3.
-    os.makedirs(tmp_path / "scripts")
-    shutil.copy(os.path.join(REPO, "run_tti_eval_coco.sh"), tmp_path)
-    shutil.copy(os.path.join(REPO, "scripts", "launch_common.sh"), tmp_path / "scripts")
-    for run in ("shapes32_diffusion", "coco64_ft_roberta_diffusion"):
-        os.makedirs(tmp_path / "results" / run / "3" / "checkpoints")
-    result = subprocess.run(["bash", str(tmp_path / "run_tti_eval_coco.sh"), "cpu", "3"],
-                            capture_output=True, text=True)
-    assert result.returncode == 1
-    assert "results/shapes32_diffusion/3" in result.stderr
-    assert "results/coco64_ft_roberta_diffusion/3" in result.stderr
-    assert "TTI_RUN_DIR" in result.stderr
-
-
 def test_per_sample_generators_make_each_image_independent_of_its_batch():
     from tti.aligndraw import AlignDraw
     from tti.diffusion import Diffusion

@@ -91,3 +91,62 @@ def test_sample_cli_writes_grid_and_gif(shapes_root, tmp_path):
                  "--caption", "a small red circle above a large blue square", "--n", "3",
                  "--steps", "4", "--guidance", "2", "--out", str(out2), "--device", "cpu"])
     assert list(Image.open(out2).getdata()) == list(grid.getdata())
+
+
+def grids(run_dir):
+    folder = os.path.join(run_dir, "samples")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_grids_every_interval_and_at_the_end_unless_the_run_is_shorter(shapes_root, tmp_path):
+    run_dir = run(shapes_root, tmp_path / "long", "train.steps=3", "train.sample_every=2")
+    assert grids(run_dir) == ["step_0000002.png", "step_0000003.png"]
+    short = run(shapes_root, tmp_path / "short", "train.steps=2", "train.sample_every=3")
+    assert grids(short) == []
+    # The run says which file and which --set items made it (its folder is named by
+    # run.dataset, which an override of text.name, say, would leave as the file said).
+    header = open(os.path.join(short, "config.yaml")).read().split("\nrun:")[0].splitlines()
+    assert header[0].startswith("# From configs/shapes32.yaml, then these --set overrides")
+    assert header[2:] == [f"#   --set {item}" for item in
+                          [f"data.root={shapes_root}", f"run.results_dir={tmp_path / 'short'}"]
+                          + TINY + ["train.steps=2", "train.sample_every=3"]]
+    log = open(os.path.join(short, "log.txt")).read()
+    assert "config: configs/shapes32.yaml --set data.root=" in log
+    assert "--set train.sample_every=3\n" in log
+
+
+def test_data_workers_are_capped_by_the_cpus_each_rank_may_use(monkeypatch):
+    from types import SimpleNamespace
+
+    from tti import distributed
+    from tti.config import load_config
+
+    cfg = load_config("configs/coco64_ft_roberta.yaml")
+    assert cfg.data.num_workers == 8
+    lines = []
+    log = SimpleNamespace(print=lines.append)
+    for cpus, ranks, expected in ((64, 4, 8), (6, 4, 1), (6, 1, 6), (2, 4, 0)):
+        monkeypatch.setattr(distributed, "usable_cpus", lambda: cpus)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+        assert train.data_workers(cfg, log) == expected
+    capped = ((6, 4, 1), (6, 1, 6), (2, 4, 0))  # (CPUs, ranks on the node, workers)
+    assert lines == [f"data.num_workers=8 capped to {n}: this process may use {c} CPU(s), "
+                     f"shared by {r} rank(s) on this node" for c, r, n in capped]
+    monkeypatch.undo()
+    assert distributed.usable_cpus() == len(os.sched_getaffinity(0))
+
+
+def test_unreachable_encoder_fails_before_any_data_or_run_directory(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    from coco_fixture import write_coco_fixture
+
+    from tti.text import TextEncoderError
+
+    fixture = write_coco_fixture(tmp_path / "coco")
+    args = ["--config", "configs/coco64_ft_roberta.yaml", "--device", "cpu", "--set",
+            f"data.root={fixture.root}", "--set", f"run.results_dir={tmp_path / 'results'}"]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TextEncoderError, match="--set text.name=/path/to/roberta-base"):
+        train.main(args)
+    assert not (fixture.root / "cache").exists() and not (tmp_path / "results").exists()

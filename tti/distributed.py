@@ -30,6 +30,22 @@ class DistInfo:
         return self.world_size > 1 or dist.is_initialized()
 
 
+def world_size_from_env() -> int:
+    """The processes torchrun started (WORLD_SIZE), or 1 without torchrun; known before setup."""
+    return int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ else 1
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's share)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cpus or 1
+
+
+def local_world_size() -> int:
+    """The processes torchrun started on this node (1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def setup(device: str | None = None) -> DistInfo:
     """Initialise the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     if device is None:
@@ -40,7 +56,7 @@ def setup(device: str | None = None) -> DistInfo:
             torch.cuda.set_device(dev)
         return DistInfo(0, 0, 1, dev)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
+    world_size = world_size_from_env()
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "

@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from tti.config import Config, ConfigError, from_dict, save_config
+from tti.config import Config, ConfigError, from_dict
 
 FIXED, APPLIED = "fixed", "applied"
 HISTORY_FILE = "history.jsonl"
@@ -134,18 +134,16 @@ def resume_changes(saved: dict, cfg: Config, step: int, checkpoint: str) -> dict
     return changes
 
 
-def record_launch(cfg: Config, step: int, changes: dict, checkpoint: str | None,
+def record_launch(run_dir: str, step: int, changes: dict, checkpoint: str | None,
                   world_size: int, log) -> None:
-    """Once a launch's settings are settled (after any resume): the log shows what it changed;
-    rank 0 (`log.is_main`) makes config.yaml the config this run uses and appends one line to
-    history.jsonl: time, step, the checkpoint resumed from (null when fresh), world size and
-    the applied changes {key: [old, new]}."""
+    """Once a launch's settings are settled (after any resume): the log shows what it changed
+    and rank 0 (`log.is_main`) appends one line to <run_dir>/history.jsonl: time, step, the
+    checkpoint resumed from (null when fresh), world size and the applied changes
+    {key: [old, new]}."""
     if changes:
         log.print(f"resumed with changed settings: {describe(changes)}")
     if not log.is_main:
         return
-    run_dir = cfg.run_dir()
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
              "resumed_from": checkpoint, "world_size": world_size,
              "changes": {k: list(v) for k, v in changes.items()}}

@@ -37,11 +37,12 @@ from torch.utils.data import DataLoader
 from tti import distributed
 from tti.checkpoint import latest_checkpoint
 from tti.cli import UserError, run_cli
-from tti.config import Config, ConfigError, load_config, validate
+from tti.config import Config, ConfigError, load_config, save_config
 from tti.data.coco import collate, load_split
 from tti.data.sampler import ResumableSampler, resumable_batches, steps_per_epoch
 from tti.in_loop import InLoopMonitor
 from tti.model import TextToImage, build, to_model_range
+from tti.preflight import check_training
 from tti.resume_config import record_launch, resume_changes
 from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
@@ -65,26 +66,49 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- setup
 
 
-def start_run(cfg: Config, info: distributed.DistInfo) -> RunLog:
+def start_run(cfg: Config, info: distributed.DistInfo, args) -> RunLog:
     """Open the run directory's log (rank 0 writes; other ranks log nothing). config.yaml
-    follows once the run's settings are settled (tti.resume_config.record_launch)."""
+    follows once the run's settings are settled (settle_config)."""
     run_dir = cfg.run_dir()
     log = RunLog(run_dir, info.is_main)
     log.print(f"run directory: {run_dir}  (world size {info.world_size}, device {info.device})")
+    # The folder is named by run.dataset whatever --set changed: say what did change.
+    log.print(f"config: {args.config}" + "".join(f" --set {item}" for item in args.set))
     return log
+
+
+def settle_config(cfg: Config, args, info: distributed.DistInfo) -> None:
+    """Rank 0 writes config.yaml, the config this run uses, headed by the file and the --set
+    items it came from; called once any resume has passed its checks, so a refused relaunch
+    leaves the old one in place."""
+    if info.is_main:
+        save_config(cfg, os.path.join(cfg.run_dir(), "config.yaml"), source=args.config,
+                    overrides=args.set)
+
+
+def data_workers(cfg: Config, log: RunLog) -> int:
+    """data.num_workers, capped by the CPUs this rank may use (shared by the node's ranks)."""
+    asked, cpus = cfg.data.num_workers, distributed.usable_cpus()
+    ranks = distributed.local_world_size()
+    if asked <= cpus // ranks:
+        return asked
+    log.print(f"data.num_workers={asked} capped to {cpus // ranks}: this process may use "
+              f"{cpus} CPU(s), shared by {ranks} rank(s) on this node")
+    return cpus // ranks
 
 
 # ---------------------------------------------------------------- data
 
 
-def open_datasets(cfg: Config, info: distributed.DistInfo):
-    """Generate the embedded dataset if asked, pack the image caches, open both splits.
+def open_datasets(cfg: Config, info: distributed.DistInfo, workers: int):
+    """Generate the embedded dataset if asked, pack the image caches (in `workers` processes),
+    open both splits.
 
     One process per node (local rank 0) does the work, so nodes need not share a disk.
     """
     d = cfg.data
     open_split = lambda split: load_split(d.root, split, d.image_size, cache_dir=d.cache_dir,
-                                          num_workers=max(1, d.num_workers),
+                                          num_workers=max(1, workers),
                                           max_bad_fraction=d.max_bad_fraction,
                                           seed=cfg.train.seed)
     if info.local_rank == 0:
@@ -102,15 +126,16 @@ def open_datasets(cfg: Config, info: distributed.DistInfo):
     return train_set, open_split(d.val_split)
 
 
-def make_loader(cfg: Config, info: distributed.DistInfo, train_set) -> DataLoader:
+def make_loader(cfg: Config, info: distributed.DistInfo, train_set, workers: int) -> DataLoader:
     """This rank's loader of micro-batches (train.batch_size / world size / grad_accum
-    images uint8 [B, 3, S, S] with B captions), in an order a resumed run can continue."""
+    images uint8 [B, 3, S, S] with B captions), in an order a resumed run can continue,
+    read by `workers` processes (0: this one)."""
     tr = cfg.train
     micro = tr.batch_size // (info.world_size * tr.grad_accum)
     sampler = ResumableSampler(train_set, num_replicas=info.world_size, rank=info.rank,
                                seed=tr.seed)
     loader = DataLoader(train_set, batch_size=micro, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, collate_fn=collate,
+                        num_workers=workers, collate_fn=collate,
                         pin_memory=info.device.type == "cuda",
                         # Its own generator: creating an iterator must not draw from the
                         # global RNG, or a resumed run (new iterator mid-epoch) diverges.
@@ -235,9 +260,10 @@ def main(argv=None) -> str:
     """Train the run `argv` describes (see the module docstring); returns its run directory."""
     args = parse_args(argv)
     # ------------------------------------------------------------ setup
-    info = distributed.setup(args.device)
     cfg = load_config(args.config, args.set)
-    validate(cfg, world_size=info.world_size)  # fails before any file is written
+    # Config and encoder mistakes fail here: no process group, no data packed, no run directory.
+    check_training(cfg, distributed.world_size_from_env())
+    info = distributed.setup(args.device)
     tr, run_dir = cfg.train, cfg.run_dir()
     if tr.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it
@@ -247,14 +273,15 @@ def main(argv=None) -> str:
     resume_path, resume = find_checkpoint(run_dir, info)
     # A setting that cannot change mid-run fails here, before any file is written.
     changes = resume_changes(resume["config"], cfg, resume["step"], resume_path) if resume else {}
-    log = start_run(cfg, info)
+    log = start_run(cfg, info, args)
 
     # ------------------------------------------------------------ data
-    train_set, val_set = open_datasets(cfg, info)
+    workers = data_workers(cfg, log)
+    train_set, val_set = open_datasets(cfg, info, workers)
     if info.is_main:  # images kept, and what prepare skipped and why
         for split in (train_set, val_set):
             log.print(describe_data(split))
-    loader = make_loader(cfg, info, train_set)
+    loader = make_loader(cfg, info, train_set, workers)
 
     # ------------------------------------------------------------ model and optimizer
     model = build_model(cfg, info, train_set, resume, log)
@@ -268,7 +295,8 @@ def main(argv=None) -> str:
         resume_state(state, resume, resume_path, cfg, info, log)
         log.print(f"resumed from {resume_path} at step {state.step}")
     del resume  # its tensors now live in `state`
-    record_launch(cfg, state.step, changes, resume_path, info.world_size, log)
+    settle_config(cfg, args, info)
+    record_launch(run_dir, state.step, changes, resume_path, info.world_size, log)
     forward = for_training(model, cfg, info)
 
     # ------------------------------------------------------------ loop
@@ -291,7 +319,10 @@ def main(argv=None) -> str:
                 interval = log_interval(interval, state, loss_sum, grad_norm, cfg, log, progress)
             if state.step % tr.ckpt_every == 0 or last:
                 save_train_state(state, cfg, info, log)
-            if monitor is not None and (state.step % tr.sample_every == 0 or last):
+            # The last step samples too, unless the whole run is shorter than one interval
+            # (a smoke run's grid shows nothing learnt and can cost minutes on a CPU).
+            final_grid = last and tr.steps >= tr.sample_every
+            if monitor is not None and (state.step % tr.sample_every == 0 or final_grid):
                 monitor.run(model, state.ema, state.step, log)
     finally:
         progress.close()

@@ -1,0 +1,116 @@
+"""What each shipped config costs to train, counted on a CPU: parameters, the fp32 training
+state they need, and FLOPs per training image (torch.utils.flop_counter).
+
+    python -m bench.config_costs                         # every configs/*.yaml, a markdown table
+    python -m bench.config_costs configs/coco64_ft_roberta.yaml
+
+The FLOPs are one training step's forward + backward of the model the config builds
+(`tti.model.build`: text encoder + UNet diffusion loss, or alignDRAW's bound), divided by
+the batch, on a batch of the config's own grid captions (sample.captions) at its image size,
+with attention through the math kernel so the counter sees every matmul. The text encoder
+counts as it runs in training: forward + backward when fine-tuned, forward when frozen
+without a cache, nothing when its cache holds the caption. Not counted: the AdamW and EMA
+updates (a few FLOPs per parameter per step) and data loading.
+
+No weights are downloaded: roberta-base is built from its configuration (12 layers, width
+768, vocabulary 50,265) with random weights, the same FLOPs and parameters as the real
+model, and its captions are tokenized by the packaged MiniLM's tokenizer (roberta-base's own
+BPE cannot be fetched here; the token count is printed). alignDRAW's word embeddings depend
+on the training vocabulary and are left out of its parameter count (`word_dim` per word).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from tti.config import Config, load_config
+from tti.model import TextToImage, build, build_generator
+from tti.text import TextEncoder, packaged_minilm_path
+
+# roberta-base's config.json, as from_pretrained("roberta-base") reads it.
+ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12,
+                    num_attention_heads=12, intermediate_size=3072,
+                    max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+                    bos_token_id=0, pad_token_id=1, eos_token_id=2)
+FALLBACK_CAPTIONS = "configs/shapes32.yaml"  # for a config with no grid captions of its own
+
+
+def model_for(cfg: Config, captions: list[str]) -> TextToImage:
+    """The model `cfg` trains, with a random roberta-base where the config names it."""
+    if cfg.text.name != "roberta-base":
+        return build(cfg, train_captions=captions)
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    t = cfg.text
+    text = TextEncoder(t.name, finetune=t.finetune, max_length=t.max_length, cache=t.cache,
+                       hidden_layer=t.hidden_layer,
+                       tokenizer=AutoTokenizer.from_pretrained(packaged_minilm_path()),
+                       model=RobertaModel(RobertaConfig(**ROBERTA_BASE)))
+    return TextToImage(text, build_generator(cfg, text))
+
+
+def count(model: TextToImage, images: torch.Tensor, captions: list[str]) -> tuple[float, float]:
+    """(training FLOPs per image, of which the text encoder's) for one step on this batch.
+    The two parts are counted apart: the counter's per-module split misses backward passes."""
+    model.train()
+    with FlopCounterMode(display=False) as text_counter, sdpa_kernel([SDPBackend.MATH]):
+        text = model.text(captions)
+        if text.tokens.requires_grad:  # fine-tuned: its backward runs too
+            text.tokens.backward(torch.randn_like(text.tokens))
+    text = type(text)(text.tokens.detach(), text.mask)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        model.generator.loss(images, text).backward()
+    model.zero_grad(set_to_none=True)
+    text_flops = text_counter.get_total_flops()
+    return (counter.get_total_flops() + text_flops) / len(captions), text_flops / len(captions)
+
+
+def costs(path: str) -> dict:
+    """One row of the table for the config file at `path`."""
+    cfg = load_config(path)
+    captions = cfg.sample.captions or load_config(FALLBACK_CAPTIONS).sample.captions
+    torch.manual_seed(0)
+    model = model_for(cfg, captions)
+    if getattr(model.text, "use_cache", False):
+        model.text.warm(captions, cache_file=None)  # as after the first epoch
+    size = cfg.data.image_size
+    images = torch.rand(len(captions), 3, size, size) * 2 - 1
+    flops, text_flops = count(model, images, captions)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    if cfg.model.kind == "aligndraw":
+        trainable -= model.generator.caption_encoder.embed.weight.numel()
+    tokenizer = getattr(model.text, "tokenizer", None)
+    tokens = (sum(len(ids) for ids in tokenizer(captions)["input_ids"]) / len(captions)
+              if tokenizer is not None else None)
+    # fp32 weights, gradients, AdamW's two moments and the EMA copy of every trained weight;
+    # a frozen encoder's weights once. Activations come on top.
+    state_bytes = 4 * (5 * trainable + frozen)
+    return {"config": os.path.basename(path), "trainable": trainable, "frozen": frozen,
+            "state_gb": state_bytes / 1e9, "gflops": flops / 1e9,
+            "text_gflops": text_flops / 1e9, "tokens": tokens}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="*", help="config files (default: configs/*.yaml)")
+    args = parser.parse_args()
+    paths = args.configs or sorted(glob.glob("configs/*.yaml"))
+    print("| config | trained params | frozen params | fp32 state (GB) | train GFLOP/image "
+          "| of which text encoder | tokens/caption |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for path in paths:
+        r = costs(path)
+        tokens = f"{r['tokens']:.1f}" if r["tokens"] is not None else "words"
+        print(f"| {r['config']} | {r['trainable'] / 1e6:.2f}M | {r['frozen'] / 1e6:.2f}M | "
+              f"{r['state_gb']:.2f} | {r['gflops']:.3f} | {r['text_gflops']:.3f} | {tokens} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
