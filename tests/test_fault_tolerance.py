@@ -131,12 +131,11 @@ def test_disk_full_during_a_save_stops_in_one_line_and_the_relaunch_resumes(
     args = train_args(shapes_root, tmp_path) + ["--set", "train.steps=4", "--set",
                                                 "train.ckpt_every=2"]
     saves, real_save = [], torch.save
+    fill_the_disk = half_then(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))  # wraps real_save
 
     def second_save_fills_the_disk(obj, f, *rest, **kwargs):
         saves.append(1)
-        save = half_then(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) if len(saves) == 2 \
-            else real_save
-        return save(obj, f, *rest, **kwargs)
+        return (fill_the_disk if len(saves) == 2 else real_save)(obj, f, *rest, **kwargs)
     monkeypatch.setattr(torch, "save", second_save_fills_the_disk)
     with pytest.raises(SystemExit) as stopped:
         run_cli(train.main, args)
