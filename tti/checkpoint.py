@@ -182,6 +182,23 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return state
 
 
+def mismatched_keys(expected: dict, found: dict, show: int = 5) -> str:
+    """What keeps `found` (name -> tensor) from loading strictly where `expected` is: '' when
+    the names and shapes agree, else e.g. "missing a.w, a.b; unexpected c.w; shape d.w
+    (3, 4) here, (3, 5) in the checkpoint" (the first `show` of each, and how many)."""
+    def names(keys: list) -> str:
+        more = f" and {len(keys) - show} more" if len(keys) > show else ""
+        return ", ".join(keys[:show]) + more
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(expected[k].shape)} here, {tuple(found[k].shape)} in the checkpoint"
+              for k in expected if k in found and expected[k].shape != found[k].shape]
+    parts = [f"{what} {names(keys)}" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
+    return "; ".join(parts)
+
+
 def rng_state() -> dict:
     """Every random state a resumed run needs: python, numpy, torch CPU and CUDA."""
     import random

@@ -348,10 +348,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
 
 def save_config(cfg: Config, path: str, source: Optional[str] = None,
                 overrides: Optional[list] = None) -> None:
-    """Write `cfg` as YAML. With `source` (the YAML file) a comment header names it and every
-    `--set` item applied: a run's folder is named by run.dataset, which an override of, say,
-    text.name leaves as the file said."""
-    with open(path, "w") as f:
+    """Write `cfg` as YAML, atomically (a kill leaves the old file or the new one). With
+    `source` (the YAML file) a comment header names it and every `--set` item applied: a
+    run's folder is named by run.dataset, which an override of, say, text.name leaves as the
+    file said."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         if source is not None and overrides:
             f.write(f"# From {source}, then these --set overrides (the run folder's name comes "
                     f"from run.dataset,\n# which they may have left as the file said):\n")
@@ -359,6 +361,7 @@ def save_config(cfg: Config, path: str, source: Optional[str] = None,
         elif source is not None:
             f.write(f"# From {source}, with no --set overrides.\n")
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- validation

@@ -17,9 +17,12 @@ rank resumes from the last checkpoint:
 Any config field can be overridden: `--set train.steps=200 --set run.run_idx=3`.
 A run lives in results/<dataset>_<model>/<run_idx>/ and resumes automatically from its
 checkpoints/latest.pt: model, EMA, optimizer, LR schedule, step, data order and every
-rank's RNGs (bitwise on CPU with train.deterministic=true). Only rank 0 writes logs,
-samples and checkpoints. A NaN/inf loss skips the step on all ranks, and stops the run
-(NonFiniteLossError) once more than train.max_bad_steps steps were bad. With
+rank's RNGs (bitwise on CPU with train.deterministic=true). A relaunch may change the
+settings tti/resume_config.py marks APPLIED (steps, lr, logging, ...): they are logged and
+recorded in the run's history.jsonl; the others (model, data, text encoder, ...) are refused.
+Only rank 0 writes logs, samples and checkpoints. A NaN/inf loss skips the step on all
+ranks, and stops the run (NonFiniteLossError) once more than train.max_bad_steps steps were
+bad; a step the fp16 loss scaler skips (inf/nan gradients) leaves the EMA alone. With
 train.fid_every > 0, every rank samples its share of a fixed val subset for FID
 (tti/fid_monitor.py) and checkpoints/best.pt keeps the step with the lowest.
 """
@@ -45,6 +48,7 @@ from tti.fid_monitor import FIDMonitor
 from tti.in_loop import InLoopMonitor
 from tti.model import TextToImage, build, to_model_range
 from tti.preflight import check_training
+from tti.resume_config import record_launch, resume_changes
 from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
 from tti.text_store import TextStore, build_store
@@ -70,17 +74,23 @@ def parse_args(argv=None):
 
 
 def start_run(cfg: Config, info: distributed.DistInfo, args) -> RunLog:
-    """Open the run directory's log (rank 0 writes; other ranks log nothing) and save the
-    config beside it, headed by the file and the --set items it came from."""
+    """Open the run directory's log (rank 0 writes; other ranks log nothing). config.yaml
+    follows once the run's settings are settled (settle_config)."""
     run_dir = cfg.run_dir()
     log = RunLog(run_dir, info.is_main)
-    if info.is_main:
-        save_config(cfg, os.path.join(run_dir, "config.yaml"), source=args.config,
-                    overrides=args.set)
     log.print(f"run directory: {run_dir}  (world size {info.world_size}, device {info.device})")
     # The folder is named by run.dataset whatever --set changed: say what did change.
     log.print(f"config: {args.config}" + "".join(f" --set {item}" for item in args.set))
     return log
+
+
+def settle_config(cfg: Config, args, info: distributed.DistInfo) -> None:
+    """Rank 0 writes config.yaml, the config this run uses, headed by the file and the --set
+    items it came from; called once any resume has passed its checks, so a refused relaunch
+    leaves the old one in place."""
+    if info.is_main:
+        save_config(cfg, os.path.join(cfg.run_dir(), "config.yaml"), source=args.config,
+                    overrides=args.set)
 
 
 def data_workers(cfg: Config, log: RunLog) -> int:
@@ -216,10 +226,13 @@ def train_step(state: TrainState, forward, micro_batches: list, cfg: Config,
     finite = torch.isfinite(loss_sum) & (torch.isfinite(grad_norm) | state.scaler.is_enabled())
     state.step += 1
     updated = distributed.all_ranks_true(finite, info.device)
+    scale = state.scaler.get_scale()
     if updated:
         state.scaler.step(state.optimizer)
-        state.ema.update(state.model)
     state.scaler.update()
+    # The fp16 scaler skips the optimizer step on inf/nan gradients, and then lowers its scale.
+    if updated and state.scaler.get_scale() >= scale:
+        state.ema.update(state.model)
     state.scheduler.step()
     return loss_sum, grad_norm, updated
 
@@ -294,6 +307,9 @@ def main(argv=None) -> str:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(tr.seed)  # same initial weights on every rank; per-rank streams later
     run_lock = lock_run_dir(run_dir) if info.is_main else None  # one writer per run directory
+    resume_path, resume = find_checkpoint(run_dir, info)
+    # A setting that cannot change mid-run fails here, before any file is written.
+    changes = resume_changes(resume["config"], cfg, resume["step"], resume_path) if resume else {}
     log = start_run(cfg, info, args)
 
     # ------------------------------------------------------------ data
@@ -305,17 +321,19 @@ def main(argv=None) -> str:
     loader = make_loader(cfg, info, train_set, workers)
 
     # ------------------------------------------------------------ model and optimizer
-    resume_path, resume = find_checkpoint(run_dir, info)
     model = build_model(cfg, info, train_set, val_set, resume, log)
     state = make_train_state(cfg, model, info.device, log)
+    state.data = train_set.fingerprint()
 
     # ------------------------------------------------------------ resume
     if resume is None:
         seed_everything(tr.seed + info.rank)  # each rank its own random streams from here on
     else:
-        resume_state(state, resume, cfg, info, log)
+        resume_state(state, resume, resume_path, cfg, info, log)
         log.print(f"resumed from {resume_path} at step {state.step}")
     del resume  # its tensors now live in `state`
+    settle_config(cfg, args, info)
+    record_launch(run_dir, state.step, changes, resume_path, info.world_size, log)
     flops = count_flops(model, train_set, cfg, info, state.amp, log) if info.is_main else 0.0
     forward = for_training(model, cfg, info)
 
