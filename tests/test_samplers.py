@@ -186,3 +186,30 @@ def test_dpmpp2m_equals_diffusers_dpmsolver_multistep(prediction, schedule, shif
         # float32 rounding, which eps -> x0 amplifies by 1 / sqrt(ab) (~180 here at t = T - 1)
         torch.testing.assert_close(trajectory[i], scheduler.model_outputs[-1], atol=1e-4, rtol=0)
     torch.testing.assert_close(images, x.clamp(-1, 1), atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ the command lines
+
+
+def test_sample_and_export_clis_take_dpmpp2m(tmp_path_factory):
+    """`--sampler dpmpp2m` on tti.sample (grid + one GIF frame per step) and tti.export
+    (recorded in export_info.json)."""
+    import json
+    import os
+
+    from PIL import Image
+
+    from tiny_run import train_tiny_run
+    from tti import export, sample
+
+    run = train_tiny_run(tmp_path_factory)
+    out = tmp_path_factory.mktemp("cli")
+    sample.main(["--checkpoint", run, "--caption", "a large red circle", "--n", "2", "--device", "cpu",
+                 "--sampler", "dpmpp2m", "--steps", "3", "--eta", "0.5",
+                 "--out", str(out / "grid.png"), "--gif", str(out / "denoise.gif")])
+    with Image.open(out / "denoise.gif") as gif:
+        assert gif.n_frames == 3
+    export.main(["--checkpoint", run, "--out-dir", str(out / "export"), "--n", "2", "--device", "cpu",
+                 "--sampler", "dpmpp2m", "--steps", "3"])
+    info = json.load(open(os.path.join(out, "export", "export_info.json")))
+    assert info["sampler_options"]["sampler"] == "dpmpp2m" and info["sampler_options"]["steps"] == 3

@@ -220,6 +220,7 @@ def check_settings(info_path: str, settings: dict, overwrite: bool) -> None:
 
 
 def parse_args(argv=None):
+    from tti.diffusion import SAMPLERS
     from tti.model import PRECISIONS
 
     p = argparse.ArgumentParser(prog="python -m tti.export", description=__doc__,
@@ -229,7 +230,7 @@ def parse_args(argv=None):
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=5000,
                    help="images to export (COCO papers use 30000; capped at the val size). "
                         "Under torchrun write --num-samples (torchrun takes --n for its own)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--eta", type=float, default=None)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from tti.diffusion import SAMPLERS
 from tti.model import PRECISIONS, load_for_inference, to_uint8
 
 LABEL_WIDTH = 240
@@ -91,7 +92,7 @@ def main(argv=None):
     p.add_argument("--caption", action="append", default=[], help="repeatable")
     p.add_argument("--captions-file", help="one caption per line")
     p.add_argument("--n", type=int, default=8, help="samples per caption")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default=None)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--guidance", type=float, default=None)
