@@ -84,7 +84,14 @@ def test_order_separation_is_positive_on_the_data_and_zero_on_a_symmetric_image(
     assert abs(colour_separation(both, "red", "blue")) < 1e-4
 
 
-def test_cli_writes_verdicts_and_compares_a_later_study_against_them(tmp_path_factory, capsys):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tiny_run import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory)
+
+
+def test_cli_writes_verdicts_and_compares_a_later_study_against_them(tiny_run, tmp_path_factory, capsys):
     """bench.sampling end to end on a tiny run: the .json keeps each row's per-caption verdicts;
     a second study with --against pairs its rows with them (identical settings: +0.0 points),
     and one over another number of captions is refused. Run again with the same --out, a
@@ -92,11 +99,9 @@ def test_cli_writes_verdicts_and_compares_a_later_study_against_them(tmp_path_fa
     import json
 
     from bench.sampling import main
-    from tiny_run import train_tiny_run
 
-    run = train_tiny_run(tmp_path_factory)
     out = tmp_path_factory.mktemp("study") / "first.md"
-    base = ["--checkpoint", run, "--n", "4", "--batch-size", "4", "--device", "cpu"]
+    base = ["--checkpoint", tiny_run, "--n", "4", "--batch-size", "4", "--device", "cpu"]
     first = main(base + ["--settings", "ddim:2:2", "dpmpp2m:3:2", "--out", str(out)])
     saved = json.load(open(out.with_suffix(".json")))
     assert [r["sampler"] for r in saved] == ["gt", "ddim", "dpmpp2m"]
@@ -120,7 +125,7 @@ def test_cli_writes_verdicts_and_compares_a_later_study_against_them(tmp_path_fa
                          "--against", str(out.with_suffix(".json"))])
 
 
-def test_guidance_sweep_draws_fid_and_accuracy_against_guidance(tmp_path_factory, monkeypatch):
+def test_guidance_sweep_draws_fid_and_accuracy_against_guidance(tiny_run, tmp_path_factory, monkeypatch):
     """--guidance-sweep: one row per guidance scale, FID on, and a PNG of both curves. The
     Inception is swapped for colour statistics (tests/test_evaluate.py explains why)."""
     import numpy as np
@@ -128,15 +133,13 @@ def test_guidance_sweep_draws_fid_and_accuracy_against_guidance(tmp_path_factory
 
     from bench.sampling import SWEEP_GUIDANCES, main
     from test_evaluate import colour_features
-    from tiny_run import train_tiny_run
     from tti.metrics import fid as fid_module
 
     monkeypatch.setattr(fid_module, "_run_inception",
                         lambda batches, device, total, progress: np.concatenate(
                             [colour_features(b) for b in batches]))
-    run = train_tiny_run(tmp_path_factory)
     out = tmp_path_factory.mktemp("sweep") / "sweep.md"
-    results = main(["--checkpoint", run, "--n", "4", "--batch-size", "4", "--device", "cpu",
+    results = main(["--checkpoint", tiny_run, "--n", "4", "--batch-size", "4", "--device", "cpu",
                     "--guidance-sweep", "--sweep-sampler", "dpmpp2m:2", "--out", str(out)])
     rows = results[1:]
     assert [r["guidance"] for r in rows] == list(SWEEP_GUIDANCES)
@@ -144,4 +147,4 @@ def test_guidance_sweep_draws_fid_and_accuracy_against_guidance(tmp_path_factory
     with Image.open(out.with_suffix(".png")) as png:
         assert png.format == "PNG" and png.size[0] > 600
     with pytest.raises(SystemExit, match="not sampler:steps"):
-        main(["--checkpoint", run, "--n", "2", "--guidance-sweep", "--sweep-sampler", "euler:2"])
+        main(["--checkpoint", tiny_run, "--n", "2", "--guidance-sweep", "--sweep-sampler", "euler:2"])
