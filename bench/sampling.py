@@ -301,7 +301,8 @@ def load_study(args):
 
 
 def sample_all(model, items, rows: list[dict], args, timesteps: int) -> list[tuple[dict, torch.Tensor]]:
-    """(result row with timing, uint8 images) per row, after printing the expected duration."""
+    """(result row with timing, uint8 images) per row, in the rows' order, after printing the
+    expected duration."""
     # A short probe (2 DDIM steps, guided) turns UNet evaluations into an expected duration.
     probe = items[:min(len(items), args.batch_size)]
     start = time.perf_counter()
@@ -314,12 +315,14 @@ def sample_all(model, items, rows: list[dict], args, timesteps: int) -> list[tup
     weights = sum(p.detach().double().sum().item() for p in model.generator.parameters())
     identity = dict(weights=weights, items=[it.caption for it in items], seed=args.seed,
                     device=args.device, batch_size=args.batch_size, precision=str(model.sample_dtype))
-    sampled = []
-    for row in rows:
+    sampled = [None] * len(rows)
+    # Cheapest first, so the short rows of a long study are done (and kept) early.
+    for i in sorted(range(len(rows)), key=lambda i: unet_evaluations(rows[i], timesteps)):
+        row = rows[i]
         images, seconds = sample_or_reuse(model, items, row, args, rows_dir, identity)
         result = dict(row, steps=timesteps if row["sampler"] == "ddpm" else row["steps"],
                       seconds=round(seconds, 2), images_per_s=len(images) / seconds)
-        sampled.append((result, images))
+        sampled[i] = (result, images)
         print(f"  {row['sampler']} steps={result['steps']} g={row['guidance']:g} n={len(images)}: "
               f"{result['images_per_s']:.2f} img/s", flush=True)
     return sampled
