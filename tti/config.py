@@ -136,7 +136,7 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"            # ddim | ddpm
+    sampler: str = "ddim"            # ddim | ddpm | dpmpp2m (tti/samplers.py)
     steps: int = 50
     eta: float = 0.0
     guidance: float = 2.0
