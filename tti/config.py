@@ -125,6 +125,7 @@ class TrainConfig:
     deterministic: bool = False      # torch deterministic algorithms (exact resume on CPU)
     log_every: int = 25
     sample_every: int = 500          # in-loop sample grid (and judge accuracy, see eval_samples)
+    sample_at_end: bool = True       # the last step too (quickstart.sh: off, it samples and judges next)
     eval_samples: int = 0            # val captions judged in-loop (embedded shapes dataset only)
     ckpt_every: int = 500
     keep_last: int = 3               # step-numbered checkpoints kept (plus latest)

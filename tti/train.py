@@ -42,6 +42,7 @@ from tti.model import TextToImage, build, to_model_range
 from tti.preflight import check_training
 from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
+from tti.threads import use_free_cpus
 from tti.train_state import (TrainState, find_checkpoint, make_train_state, resume_state,
                              save_train_state, seed_everything)
 
@@ -303,7 +304,7 @@ def main(argv=None) -> str:
                 save_train_state(state, cfg, info, log)
             # The last step samples too, unless the whole run is shorter than one interval
             # (a smoke run's grid shows nothing learnt and can cost minutes on a CPU).
-            final_grid = last and tr.steps >= tr.sample_every
+            final_grid = last and tr.sample_at_end and tr.steps >= tr.sample_every
             if monitor is not None and (state.step % tr.sample_every == 0 or final_grid):
                 monitor.run(model, state.ema, state.step, log)
     finally:
@@ -316,4 +317,5 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
+    use_free_cpus()  # not in main(): in-process callers (tests) keep their own thread count
     run_cli(main)
