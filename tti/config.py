@@ -8,6 +8,7 @@ config values; the modules that read a config trust it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -18,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from tti.aligndraw import PRESETS as ALIGNDRAW_PRESETS
+from tti.atomic_file import atomic_file
 from tti.cli import UserError
 from tti.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 
@@ -167,6 +169,9 @@ class Config:
 RETIRED = {"model.unet.text_skip": False, "model.unet.add_full_res_skips": False}
 
 
+_EXPECTED = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _type_error(key: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(f"{key}: expected {expected}, got {value!r}", (key.split("[")[0],))
 
@@ -176,29 +181,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
         return None if value is None else _coerce(value, args[0], key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, "true/false", value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _type_error(key, "an integer", value)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _type_error(key, "a number", value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(key, "a string", value)
+    if tp in _EXPECTED:
+        if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if tp is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, tp) or (isinstance(value, bool) and tp is not bool):
+            raise _type_error(key, _EXPECTED[tp], value)
+        return value
     if tp is list or origin is list:
         if not isinstance(value, (list, tuple)):
             raise _type_error(key, "a list", value)
@@ -352,8 +345,7 @@ def save_config(cfg: Config, path: str, source: Optional[str] = None,
     `source` (the YAML file) a comment header names it and every `--set` item applied: a
     run's folder is named by run.dataset, which an override of, say, text.name leaves as the
     file said."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         if source is not None and overrides:
             f.write(f"# From {source}, then these --set overrides (the run folder's name comes "
                     f"from run.dataset,\n# which they may have left as the file said):\n")
@@ -361,7 +353,6 @@ def save_config(cfg: Config, path: str, source: Optional[str] = None,
         elif source is not None:
             f.write(f"# From {source}, with no --set overrides.\n")
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- validation
@@ -381,13 +372,34 @@ def _one_of(value: str, allowed: tuple, key: str) -> None:
     _check(value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}")
 
 
+def _holds(value, rule: str) -> bool:
+    """`value` against a rule written as the error says it: '>= 1', '> 0', 'in [0, 1]' or
+    'in [0, 1)' (NaN holds none)."""
+    op, _, bound = rule.partition(" ")
+    if op == ">=":
+        return value >= float(bound)
+    if op == ">":
+        return value > float(bound)
+    low, high = (float(b) for b in bound.strip("[]()").split(", "))
+    return low <= value and (value <= high if bound.endswith("]") else value < high)
+
+
+def _bounds(section, prefix: str, rules: dict) -> None:
+    """Checks each field of `section` against its rule: {field name: rule (see _holds)}."""
+    for name, rule in rules.items():
+        value = getattr(section, name)
+        _check(_holds(value, rule), f"{prefix}.{name}", f"must be {rule}, got {value}")
+
+
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Every rule on config values, in one place: an impossible value fails here, before any
     work, naming the key. `world_size`: the processes that share train.batch_size. Rules that
     need the data or the model (training-set size, text.hidden_layer's range, the fields of
     model.aligndraw.overrides) are checked where those are opened."""
     _check_data(cfg.data)
-    _check_text(cfg.text)
+    _check(bool(cfg.text.name), "text.name", "must name an encoder (an HF id, a folder, "
+           "packaged-minilm or vocab)")
+    _bounds(cfg.text, "text", {"caption_dropout": "in [0, 1)", "max_length": ">= 2", "lr": "> 0"})
     m = cfg.model
     _one_of(m.kind, MODEL_KINDS, "model.kind")
     if m.kind == "diffusion":
@@ -395,30 +407,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         _check_diffusion(m.diffusion, cfg.sample)
     else:
         _one_of(m.aligndraw.preset, tuple(ALIGNDRAW_PRESETS), "model.aligndraw.preset")
-    _check_sample(cfg.sample)
+    _bounds(cfg.sample, "sample", {"guidance": ">= 0", "eta": ">= 0"})
     _check_train(cfg.train, world_size)
 
 
 def _check_data(d: DataConfig) -> None:
     _check(d.image_size in IMAGE_SIZES, "data.image_size",
            f"must be one of {'/'.join(map(str, IMAGE_SIZES))}, got {d.image_size}")
-    _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction",
-           f"must be in [0, 1], got {d.max_bad_fraction}")
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _bounds(d, "data", {"max_bad_fraction": "in [0, 1]", "num_workers": ">= 0",
+                        "canonical_caption_fraction": "in [0, 1]"})
     _check(d.shapes_train >= 1 and d.shapes_val >= 1, "data.shapes_train",
            f"and data.shapes_val must be >= 1, got {d.shapes_train} and {d.shapes_val}",
            "data.shapes_val")
-    _check(0 <= d.canonical_caption_fraction <= 1, "data.canonical_caption_fraction",
-           f"must be in [0, 1], got {d.canonical_caption_fraction}")
-
-
-def _check_text(t: TextConfig) -> None:
-    _check(bool(t.name), "text.name", "must name an encoder (an HF id, a folder, "
-           "packaged-minilm or vocab)")
-    _check(0 <= t.caption_dropout < 1, "text.caption_dropout",
-           f"must be in [0, 1), got {t.caption_dropout}")
-    _check(t.max_length >= 2, "text.max_length", f"must be >= 2, got {t.max_length}")
-    _check(t.lr > 0, "text.lr", f"must be > 0, got {t.lr}")
 
 
 def _check_unet(u: UNetConfig, image_size: int) -> None:
@@ -428,10 +428,8 @@ def _check_unet(u: UNetConfig, image_size: int) -> None:
     _check(image_size % factor == 0, "data.image_size",
            f"{image_size} is not divisible by the UNet's downsampling factor {factor} "
            f"(model.unet.channels has {len(u.channels)} levels)", "model.unet.channels")
-    _check(u.num_res_blocks >= 1, "model.unet.num_res_blocks",
-           f"must be >= 1, got {u.num_res_blocks}")
-    _check(0 <= u.dropout < 1, "model.unet.dropout", f"must be in [0, 1), got {u.dropout}")
-    _check(u.head_dim >= 1, "model.unet.head_dim", f"must be >= 1, got {u.head_dim}")
+    _bounds(u, "model.unet", {"num_res_blocks": ">= 1", "dropout": "in [0, 1)", "head_dim": ">= 1",
+                              "text_layers": ">= 0"})
     sizes = [image_size // 2 ** i for i in range(len(u.channels))]
     for r in u.attn_resolutions:
         _check(r in sizes, "model.unet.attn_resolutions",
@@ -446,7 +444,6 @@ def _check_unet(u: UNetConfig, image_size: int) -> None:
         _check(not extra, "model.unet.self_attn_resolutions",
                f"{extra} not in model.unet.attn_resolutions {u.attn_resolutions} "
                "(self-attention lives inside the attention blocks)", "model.unet.attn_resolutions")
-    _check(u.text_layers >= 0, "model.unet.text_layers", f"must be >= 0, got {u.text_layers}")
     if u.text_layers:
         _check(u.text_width > 0 and u.text_width % u.head_dim == 0, "model.unet.text_width",
                f"{u.text_width} must be a positive multiple of model.unet.head_dim {u.head_dim}",
@@ -457,19 +454,13 @@ def _check_unet(u: UNetConfig, image_size: int) -> None:
 def _check_diffusion(d: DiffusionConfig, s: SampleConfig) -> None:
     _one_of(d.schedule, SCHEDULES, "model.diffusion.schedule")
     _one_of(d.prediction, PREDICTIONS, "model.diffusion.prediction")
-    _check(d.timesteps >= 2, "model.diffusion.timesteps", f"must be >= 2, got {d.timesteps}")
-    _check(d.shift > 0, "model.diffusion.shift", f"must be > 0, got {d.shift}")
+    _bounds(d, "model.diffusion", {"timesteps": ">= 2", "shift": "> 0"})
     _check(d.min_snr_gamma is None or d.min_snr_gamma > 0, "model.diffusion.min_snr_gamma",
            f"must be > 0 or null, got {d.min_snr_gamma}")
     _one_of(s.sampler, SAMPLERS, "sample.sampler")
     _check(1 <= s.steps <= d.timesteps, "sample.steps",
            f"must be in [1, model.diffusion.timesteps={d.timesteps}], got {s.steps}",
            "model.diffusion.timesteps")
-
-
-def _check_sample(s: SampleConfig) -> None:
-    _check(s.guidance >= 0, "sample.guidance", f"must be >= 0, got {s.guidance}")
-    _check(s.eta >= 0, "sample.eta", f"must be >= 0, got {s.eta}")
 
 
 def _valid_batch_sizes(batch_size: int, multiple: int) -> str:
@@ -479,27 +470,19 @@ def _valid_batch_sizes(batch_size: int, multiple: int) -> str:
 
 
 def _check_train(tr: TrainConfig, world_size: int) -> None:
-    _check(tr.batch_size > 0, "train.batch_size", f"must be > 0, got {tr.batch_size}")
-    _check(tr.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {tr.grad_accum}")
+    _bounds(tr, "train", {"batch_size": "> 0", "grad_accum": ">= 1", "steps": ">= 1", "lr": "> 0",
+                          "warmup_steps": ">= 0", "weight_decay": ">= 0", "ema_decay": "in [0, 1)",
+                          "log_every": ">= 1", "sample_every": ">= 1", "ckpt_every": ">= 1",
+                          "keep_last": ">= 1", "eval_samples": ">= 0", "max_bad_steps": ">= 0",
+                          "fid_every": ">= 0"})
     per_step = world_size * tr.grad_accum
     processes = f"{world_size} process{'es' if world_size != 1 else ''}"
     _check(tr.batch_size % per_step == 0, "train.batch_size",
            f"{tr.batch_size} is not divisible by {processes} x {tr.grad_accum} grad_accum: "
            f"use {_valid_batch_sizes(tr.batch_size, per_step)}", "train.grad_accum")
-    _check(tr.steps >= 1, "train.steps", f"must be >= 1, got {tr.steps}")
-    _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
-    _check(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}")
     _one_of(tr.lr_decay, LR_DECAYS, "train.lr_decay")
-    _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
+    _one_of(tr.precision, PRECISIONS, "train.precision")
     _check(tr.grad_clip >= 0, "train.grad_clip",
            f"must be >= 0 (0 disables clipping), got {tr.grad_clip}")
-    _check(0 <= tr.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {tr.ema_decay}")
-    _one_of(tr.precision, PRECISIONS, "train.precision")
-    for name in ("log_every", "sample_every", "ckpt_every", "keep_last"):
-        value = getattr(tr, name)
-        _check(value >= 1, f"train.{name}", f"must be >= 1, got {value}")
-    for name in ("eval_samples", "max_bad_steps", "fid_every"):
-        value = getattr(tr, name)
-        _check(value >= 0, f"train.{name}", f"must be >= 0, got {value}")
     _check(tr.fid_samples >= 2, "train.fid_samples",
            f"must be >= 2 (FID needs a covariance), got {tr.fid_samples}")

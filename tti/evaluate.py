@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from tti.atomic_file import write_json
 from tti.cli import check_at_least, run_cli
 from tti.export import ExportError
 from tti.metrics.fid import DEFAULT_RESIZE, RESIZE_MODES
@@ -242,10 +243,7 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
         except (RuntimeError, ValueError, OSError) as error:
             result[UNAVAILABLE_KEY[name]] = str(error) or type(error).__name__
         result["seconds"][name] = round(time.perf_counter() - start, 2)
-    tmp = os.path.join(eval_dir, ".metrics.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out_path)
+    write_json(out_path, result, indent=1)
     return result
 
 

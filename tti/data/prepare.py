@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from tti.atomic_file import write_json
 from tti.cli import UserError
 
 log = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ def _pack_rows(records, image_dir: Path, image_size: int, paths: CachePaths, fin
         paths.progress.unlink(missing_ok=True)
         images = np.lib.format.open_memmap(paths.partial, mode="w+", dtype=np.uint8, shape=shape)
         state = {"fingerprint": fingerprint, "done": 0, "bad": [], "upscaled": 0}
-        _write_json(paths.progress, state)
+        write_json(paths.progress, state)
     else:
         images = np.lib.format.open_memmap(paths.partial, mode="r+")
         log.info("resuming %s at row %d of %d", paths.partial, state["done"], n)
@@ -324,11 +325,11 @@ def _pack_rows(records, image_dir: Path, image_size: int, paths: CachePaths, fin
                 _check_bad_fraction(state["bad"], n, max_bad_fraction, final=state["done"] == n)
                 if state["done"] % checkpoint_every == 0:
                     images.flush()
-                    _write_json(paths.progress, state)
+                    write_json(paths.progress, state)
     finally:  # also on an exception: what is written so far is kept for the rerun
         bar.close()
         images.flush()
-        _write_json(paths.progress, state)
+        write_json(paths.progress, state)
         del images
     return state["bad"], (state.get("upscaled", 0), state.get("upscaled_example"))
 
@@ -343,13 +344,6 @@ def _load_progress(paths: CachePaths, fingerprint: str, shape: tuple) -> dict | 
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return state if ok else None
-
-
-def _write_json(path: Path, obj) -> None:
-    """Write by rename, so a kill leaves either the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _check_bad_fraction(bad: list, total: int, max_bad_fraction: float, final: bool) -> None:
@@ -374,7 +368,7 @@ def _finish(paths: CachePaths, records, bad, stats, split, image_size, max_bad_f
              "num_images": len(keep), "images_file": paths.images.name, "skipped": stats,
              "unreadable_examples": [f"{path}: {reason}" for _, path, reason in bad[:NUM_EXAMPLES]],
              "rows": [records[row] for row in keep]}
-    _write_json(paths.index, index)
+    write_json(paths.index, index)
     if bad_rows:  # copy the good rows into a dense file; the rename below is still atomic
         source = np.load(paths.partial, mmap_mode="r")
         dense = np.lib.format.open_memmap(paths.compact, mode="w+", dtype=np.uint8,
