@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from tti.atomic_file import write_json
 from tti.cli import UserError
+from tti.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +261,8 @@ def prepare(root, split: str, image_size: int, cache_dir=None, num_workers: int 
     if _complete_and_fresh(paths, annotation_file):
         return paths.images
     paths.images.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(paths.lock):
+    # One builder per cache (nodes sharing a disk, two runs on one node): the others wait.
+    with RunLock(paths.lock.parent, paths.lock.name).acquire(wait_s=math.inf):
         if _complete_and_fresh(paths, annotation_file):  # done by another process meanwhile
             return paths.images
         if paths.complete():
@@ -396,19 +399,3 @@ def _note_upscaled(upscaled: tuple, records: list, split: str, image_size: int) 
     log.warning("%s: upscaled %d of %d images whose short side is under %d px (e.g. %s, "
                 "%dx%d): they hold less detail than the packed size suggests", split, count,
                 len(records), image_size, records[row]["file_name"], width, height)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path):
-    """Serialise prepare() calls on one cache (e.g. every DDP rank calling it on one host)."""
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): no lock, run prepare on one process there
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
