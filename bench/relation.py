@@ -13,7 +13,7 @@
 
     python -m bench.relation --checkpoint results/shapes32_long_diffusion/0 --n 200
 
-For the "oracle" training run of the README's relation study, `--write-canonical SRC OUT`
+For the "oracle" training run of the relation study (docs/studies/relation.md), `--write-canonical SRC OUT`
 copies a shapes dataset's annotations with one caption per image in canonical order ("A to
 the left of B" / "A above B": the first-named object is the left/top one) and links its
 image folders, so that the order is plain word order:

@@ -41,7 +41,7 @@ def phase_times(state, batches, cfg, n: int) -> dict:
         (images, captions), = timed("data (next batch, collate)", lambda: next(batches))
         state.optimizer.zero_grad(set_to_none=True)
         images = to_model_range(images)
-        text = timed("text (cached tokens + trainable layers)", lambda: model.text(captions))
+        text = timed("text (stored tokens + trainable layers)", lambda: model.text(captions))
         with torch.autocast("cpu", dtype=state.amp or torch.float32, enabled=state.amp is not None):
             loss = timed("UNet forward + loss", lambda: model.generator.loss(images, text))
         timed("backward", loss.backward)
@@ -64,9 +64,9 @@ def main():
     cfg = load_config(args.config, args.set)
     info = distributed.setup("cpu")
     log = RunLog("/tmp/tti_step_profile", False)  # not the main rank: writes nothing
-    train_set, _ = open_datasets(cfg, info, 0)
+    train_set, val_set = open_datasets(cfg, info, 0)
     batches = resumable_batches(make_loader(cfg, info, train_set, 0), cfg.train.grad_accum, 0)
-    model = build_model(cfg, info, train_set, None, log).train()
+    model = build_model(cfg, info, train_set, val_set, None, log).train()
     state = make_train_state(cfg, model, info.device, log)
     print(f"{args.config} {' '.join(args.set)}: batch {cfg.train.batch_size}, "
           f"{torch.get_num_threads()} thread(s), autocast {state.amp}")

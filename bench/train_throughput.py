@@ -15,8 +15,9 @@ when training on CPU in bf16/fp16 (the ablation of that choice). When our UNet n
 upsampling (model.unet.narrow_upsample), a further row times it with that option off.
 
 Then, with the real frozen encoder (TextEncoder("packaged-minilm") at the config's
-text.hidden_layer), a full Diffusion.loss
-step with the caption-embedding cache on and off, and the encoder's share of the step.
+text.hidden_layer), a full Diffusion.loss step with the text from the text store and from
+the live encoder, and the encoder's share of the step (bench/text_store.py does the same for
+the COCO config, with the store's size and memory per rank).
 
 Run from the repository root (diffusers is a bench-only dependency, see requirements-dev.txt):
     python -m bench.train_throughput                       # CPU: fp32 and bf16, ~4 minutes
@@ -35,8 +36,6 @@ import time
 
 import torch
 import torch.nn as nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 import tti.unet
 from tti.config import load_config
@@ -44,10 +43,9 @@ from tti.diffusion import Diffusion
 from tti.model import amp_dtype, build_unet, precision_name
 from tti.text import PACKAGED_MINILM, TextBatch, TextEncoder
 from tti.threads import use_free_cpus
+from tti.utilisation import peak_tflops, train_flops_per_image
 
 HEAD_DIM = 32
-# Dense bf16 peak (TFLOP/s) of cards we may be lent, to turn img/s into utilisation.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def count_params(model: nn.Module) -> int:
@@ -125,12 +123,11 @@ class Trainer:
 
     def train_flops_per_image(self, raw_model: nn.Module, n: int = 4) -> float:
         """Forward + backward FLOPs per image, counted on n images (FLOPs are linear in the
-        batch); attention runs through the math kernel, whose matmuls the counter sees."""
+        batch) by the counter the training log uses."""
         n = min(n, self.x.shape[0])
-        with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
-            self.loss(raw_model, n).backward()
+        flops = train_flops_per_image(lambda: self.loss(raw_model, n), n)
         raw_model.zero_grad(set_to_none=True)
-        return counter.get_total_flops() / n
+        return flops
 
 
 def autocast(device: torch.device, amp):
@@ -234,58 +231,31 @@ def bench_unets(args, device, amp, ours, option_ablations=None):
     return trainers[0].model
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+def bench_text_store(args, device, amp, unet, hidden_layer: int = -1):
+    """The frozen encoder's share of a Diffusion.loss step, text from the store and live."""
+    import os
+    import tempfile
 
+    from bench.text_store import encoder_share, print_share
+    from tti.text_store import TextStore, build_store
 
-def bench_text_cache(args, device, amp, unet, hidden_layer: int = -1):
-    cached = TextEncoder(PACKAGED_MINILM, cache=True, hidden_layer=hidden_layer).to(device)
+    stored = TextEncoder(PACKAGED_MINILM, hidden_layer=hidden_layer).to(device)
     # The same (already truncated) model, asked for the same hidden state.
-    uncached = TextEncoder(PACKAGED_MINILM, cache=False, tokenizer=cached.tokenizer,
-                           model=cached.model, hidden_layer=cached.hidden_layer)
-    diffusion = Diffusion(unet, image_size=args.size).to(device)
-    opt = torch.optim.AdamW(diffusion.parameters(), lr=1e-4, fused=True)
+    live = TextEncoder(PACKAGED_MINILM, cache=False, tokenizer=stored.tokenizer,
+                       model=stored.model, hidden_layer=stored.hidden_layer)
     pool = shapes_captions(4 * args.batch)
-    cached(pool)  # fill the cache, as after the first epoch of a frozen-encoder run
-    images = torch.rand(args.batch, 3, args.size, args.size, device=device) * 2 - 1
-    rng = random.Random(0)
-    results = {"on": ([], []), "off": ([], [])}
-
-    def run(key, encoder):
-        def step(record):
-            captions = rng.sample(pool, args.batch)
-            start = time.perf_counter()
-            text = encoder(captions)
-            sync(device)
-            encoded = time.perf_counter()
-            with autocast(device, amp):
-                loss = diffusion.loss(images, text)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sync(device)
-            if record:
-                results[key][0].append(time.perf_counter() - start)
-                results[key][1].append(encoded - start)
-        return step
-
-    alternate([run("on", cached), run("off", uncached)], args.steps, args.warmup)
-    tokens = cached.tokenizer(pool, padding=True, return_tensors="pt")["attention_mask"].sum(1)
+    with tempfile.TemporaryDirectory() as work:
+        folder = os.path.join(work, "store")
+        build_store(stored, pool, folder)
+        stored.use_store(TextStore(folder))
+        diffusion = Diffusion(unet, image_size=args.size).to(device)
+        results = encoder_share(diffusion, {"text store": stored, "live encoder": live}, pool,
+                                args.batch, args.size, device, amp, args.steps, args.warmup)
+    tokens = stored.tokenizer(pool, padding=True, return_tensors="pt")["attention_mask"].sum(1)
     print(f"\n== Diffusion.loss step with the frozen {PACKAGED_MINILM} encoder, hidden state "
-          f"{cached.hidden_layer} of {cached.depth} "
+          f"{stored.hidden_layer} of {stored.depth} "
           f"(captions of {tokens.float().mean():.1f} tokens on average) ==")
-    steps, encs = {}, {}
-    for key, (totals, enc_times) in results.items():
-        steps[key], encs[key] = statistics.median(totals), statistics.median(enc_times)
-        print(f"cache {key:3s}: {steps[key] * 1e3:7.1f} ms/step  {args.batch / steps[key]:7.1f} img/s  "
-              f"encoder {encs[key] * 1e3:6.1f} ms = {100 * encs[key] / steps[key]:4.1f}% of the step")
-    # The encoder time is measured inside each step, so this is robust to a noisy machine.
-    saved = encs["off"] - encs["on"]
-    print(f"cache saves {saved * 1e3:.1f} ms/step = {100 * saved / steps['off']:.1f}% of the uncached "
-          f"step; measured step-time ratio off/on {steps['off'] / steps['on']:.2f}x")
+    print_share(results, args.batch)
 
 
 def main():
@@ -297,8 +267,9 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile both UNets")
     parser.add_argument("--size", type=int, default=32, help="image resolution")
     parser.add_argument("--text-len", type=int, default=14, help="text tokens per caption")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the CPUs free now, tti.threads)")
-    parser.add_argument("--skip-text", action="store_true", help="skip the encoder-cache part")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the CPUs free now, tti.threads)")
+    parser.add_argument("--skip-text", action="store_true", help="skip the text-store part")
     parser.add_argument("--precision", default="fp32,auto",
                         help="comma-separated: fp32, bf16, fp16, auto (what training uses); "
                              "the UNet comparison runs once per entry")
@@ -336,7 +307,7 @@ def main():
     for amp in precisions:
         trained_ours = bench_unets(args, device, amp, ours, option_ablations)
     if not args.skip_text:
-        bench_text_cache(args, device, precisions[-1], ours if not args.compile else trained_ours,
+        bench_text_store(args, device, precisions[-1], ours if not args.compile else trained_ours,
                          hidden_layer=cfg.text.hidden_layer)
     print(f"\ntotal bench time {time.perf_counter() - start:.0f} s")
 

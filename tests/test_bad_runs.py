@@ -1,6 +1,7 @@
 """Bad runs: a NaN loss stops training naming the step and keeps the last good checkpoint,
-train.max_bad_steps skips a bounded number of bad steps, unreadable images are counted in
-the training log, and a bad config fails before any file or data is touched."""
+train.max_bad_steps skips a bounded number of bad steps, a step the fp16 loss scaler skips
+leaves the EMA alone, unreadable images are counted in the training log, and a bad config
+fails before any file or data is touched."""
 import os
 import re
 
@@ -10,9 +11,11 @@ from test_train import TINY
 
 from tti import distributed, train
 from tti.checkpoint import load_checkpoint
-from tti.config import ConfigError
+from tti.config import ConfigError, load_config
 from tti.data.shapes import write_coco
-from tti.model import TextToImage
+from tti.model import TextToImage, build
+from tti.run_log import RunLog
+from tti.train_state import make_train_state
 
 NAN_AT_STEP = 4  # 1-based, as the log counts steps
 
@@ -83,6 +86,38 @@ def test_max_bad_steps_skips_the_step_and_completes(run_skipping_one_bad_step):
     assert f"step {NAN_AT_STEP}: non-finite loss or gradient, step skipped" in log
     losses = dict(re.findall(r"^step (\d+) loss=(\S+)", log, re.M))
     assert losses[str(NAN_AT_STEP)] == "nan" and losses["6"] != "nan"
+
+
+def test_a_step_the_fp16_scaler_skips_leaves_the_ema_alone(tmp_path):
+    """An inf gradient under fp16 (loss finite): the scaler skips the optimizer step and
+    halves its scale; the EMA must not count or average that step either."""
+    cfg = load_config("configs/shapes32.yaml", TINY + ["train.precision=fp16",
+                                                       f"data.root={tmp_path}"])
+    model = build(cfg, train_captions=[])
+    info = distributed.DistInfo(0, 0, 1, torch.device("cpu"))
+    state = make_train_state(cfg, model, info.device, RunLog(str(tmp_path), is_main=False))
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    batch = [(images, ["a large red circle"] * 4)]
+    train.train_step(state, model, batch, cfg, info)  # one ordinary step first
+    scale, updates = state.scaler.get_scale(), state.ema.updates
+    shadow = {k: v.clone() for k, v in state.ema.shadow.items()}
+    weights = {k: v.clone() for k, v in model.generator.state_dict().items()}
+
+    first = next(p for p in model.generator.parameters() if p.requires_grad)
+    hook = first.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    loss, grad_norm, updated = train.train_step(state, model, batch, cfg, info)
+    hook.remove()
+    assert torch.isfinite(loss) and not torch.isfinite(grad_norm)
+    assert updated  # the scaler's own skip, not a bad step (fp16 scales are calibrated so)
+    assert state.scaler.get_scale() == scale / 2  # the skip, as the scaler records it
+    for k, v in model.generator.state_dict().items():
+        assert torch.equal(v, weights[k]), k  # the optimizer step was skipped...
+    assert state.ema.updates == updates  # ...and so was the EMA's
+    for k, v in state.ema.shadow.items():
+        assert torch.equal(v, shadow[k]), k
+    train.train_step(state, model, batch, cfg, info)
+    assert state.ema.updates == updates + 1  # the next good step updates it again
 
 
 def test_unreadable_images_are_counted_in_the_training_log(shapes_with_a_bad_image,

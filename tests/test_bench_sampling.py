@@ -1,4 +1,5 @@
 """bench/sampling.py's row parsing and paired comparison (the sampler study's statistics)."""
+import os
 import random
 
 import pytest
@@ -10,6 +11,7 @@ def test_parse_setting():
     assert parse_setting("ddim:50:2", 10) == dict(sampler="ddim", steps=50, guidance=2.0, n=10, eta=0.0)
     assert parse_setting("ddim:50:2:0.5", 10)["eta"] == 0.5
     assert parse_setting("ddpm:all:3.5", 4) == dict(sampler="ddpm", steps=None, guidance=3.5, n=4, eta=0.0)
+    assert parse_setting("dpmpp2m:20:2:1", 4) == dict(sampler="dpmpp2m", steps=20, guidance=2.0, n=4, eta=1.0)
     for bad in ("ddim:50", "euler:10:2", "ddim:ten:2", "ddim:50:2:-1", "ddpm:all:2:1", "ddim:5:2:1:1"):
         with pytest.raises(SystemExit, match="sampler:steps:guidance"):
             parse_setting(bad, 1)
@@ -82,23 +84,37 @@ def test_order_separation_is_positive_on_the_data_and_zero_on_a_symmetric_image(
     assert abs(colour_separation(both, "red", "blue")) < 1e-4
 
 
-def test_cli_writes_verdicts_and_compares_a_later_study_against_them(tmp_path_factory, capsys):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tiny_run import train_tiny_run
+
+    return train_tiny_run(tmp_path_factory)
+
+
+def test_cli_writes_verdicts_and_compares_a_later_study_against_them(tiny_run, tmp_path_factory, capsys):
     """bench.sampling end to end on a tiny run: the .json keeps each row's per-caption verdicts;
     a second study with --against pairs its rows with them (identical settings: +0.0 points),
-    and one over another number of captions is refused."""
+    and one over another number of captions is refused. Run again with the same --out, a
+    study reuses the rows it kept."""
     import json
 
     from bench.sampling import main
-    from tiny_run import train_tiny_run
 
-    run = train_tiny_run(tmp_path_factory)
     out = tmp_path_factory.mktemp("study") / "first.md"
-    base = ["--checkpoint", run, "--n", "4", "--batch-size", "4", "--device", "cpu"]
-    first = main(base + ["--settings", "ddim:2:2", "--out", str(out)])
+    base = ["--checkpoint", tiny_run, "--n", "4", "--batch-size", "4", "--device", "cpu"]
+    first = main(base + ["--settings", "ddim:2:2", "dpmpp2m:3:2", "--out", str(out)])
     saved = json.load(open(out.with_suffix(".json")))
-    assert [r["sampler"] for r in saved] == ["gt", "ddim"]
+    assert [r["sampler"] for r in saved] == ["gt", "ddim", "dpmpp2m"]
     assert saved[1]["correct"] == first[1]["correct"] and len(saved[1]["correct"]) == 4
+    table = out.read_text()
+    assert "vs row 1, points [95% CI]" in table and "| DPM++(2M) | 3 | 2 | 4 |" in table
+    assert sorted(os.listdir(out.with_suffix(".rows"))) == ["ddim-2-g2-eta0-n4.pt", "dpmpp2m-3-g2-eta0-n4.pt"]
     capsys.readouterr()
+    again = main(base + ["--settings", "ddim:2:2", "dpmpp2m:3:2", "--out", str(out)])
+    assert capsys.readouterr().out.count("reusing the images sampled earlier") == 2
+    assert [r["correct"] for r in again[1:]] == [r["correct"] for r in first[1:]]
+    assert [r["seconds"] for r in again[1:]] == [r["seconds"] for r in first[1:]]
+
     main(base + ["--settings", "ddim:2:2", "ddim:2:2:1", "--against", str(out.with_suffix(".json"))])
     text = capsys.readouterr().out
     assert "| DDIM (eta 1) | 2 | 2 | 4 |" in text
@@ -107,3 +123,28 @@ def test_cli_writes_verdicts_and_compares_a_later_study_against_them(tmp_path_fa
     with pytest.raises(SystemExit, match="over 4 captions, this study over 3"):
         main(base[:2] + ["--n", "3", "--device", "cpu", "--settings", "ddim:2:2",
                          "--against", str(out.with_suffix(".json"))])
+
+
+def test_guidance_sweep_draws_fid_and_accuracy_against_guidance(tiny_run, tmp_path_factory, monkeypatch):
+    """--guidance-sweep: one row per guidance scale, FID on, and a PNG of both curves. The
+    Inception is swapped for colour statistics (tests/test_evaluate.py explains why)."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.sampling import SWEEP_GUIDANCES, main
+    from test_evaluate import colour_features
+    from tti.metrics import fid as fid_module
+
+    monkeypatch.setattr(fid_module, "_run_inception",
+                        lambda batches, device, total, progress: np.concatenate(
+                            [colour_features(b) for b in batches]))
+    out = tmp_path_factory.mktemp("sweep") / "sweep.md"
+    results = main(["--checkpoint", tiny_run, "--n", "4", "--batch-size", "4", "--device", "cpu",
+                    "--guidance-sweep", "--sweep-sampler", "dpmpp2m:2", "--out", str(out)])
+    rows = results[1:]
+    assert [r["guidance"] for r in rows] == list(SWEEP_GUIDANCES)
+    assert all(r["sampler"] == "dpmpp2m" and r["steps"] == 2 and np.isfinite(r["fid"]) for r in rows)
+    with Image.open(out.with_suffix(".png")) as png:
+        assert png.format == "PNG" and png.size[0] > 600
+    with pytest.raises(SystemExit, match="not sampler:steps"):
+        main(["--checkpoint", tiny_run, "--n", "2", "--guidance-sweep", "--sweep-sampler", "euler:2"])

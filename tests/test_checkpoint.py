@@ -5,6 +5,7 @@ a checkpoint alone rebuilds the model for sampling."""
 import errno
 import io
 import os
+import random
 import shutil
 import signal
 import time
@@ -123,6 +124,82 @@ def test_sigkill_during_save_keeps_previous_latest(tmp_path):
     # The next save (the restarted run) clears the debris.
     save_checkpoint(state(3), run_dir, 3)
     assert files(run_dir) == ["0000001.pt", "0000003.pt", "latest.pt"]
+
+
+def instrument_save(patch, kill_at=None) -> list:
+    """Record every file operation of the saves that follow: each chunk torch.save writes
+    ("write"), each fsync, replace, link and remove; SIGKILL this process just before
+    operation number `kill_at` (1-based). patch: setattr, or monkeypatch.setattr.
+    Returns the list of operation kinds, filled as they happen."""
+    done = []
+
+    def tick(kind):
+        done.append(kind)
+        if len(done) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def counted(kind, real):
+        return lambda *args, **kwargs: (tick(kind), real(*args, **kwargs))[1]
+    for name in ("fsync", "replace", "link", "remove"):
+        patch(os, name, counted(name, getattr(os, name)))
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        class Counted:
+            def write(self, data):
+                tick("write")
+                return f.write(data)
+
+            def flush(self):
+                f.flush()
+        real_save(obj, Counted(), *args, **kwargs)
+    patch(torch, "save", save)
+    return done
+
+
+def killed_save(run_dir, step, kill_at) -> int:
+    """save_checkpoint(state(step)) in a forked child that is SIGKILLed just before its file
+    operation number `kill_at`; returns the child's wait status."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            instrument_save(setattr, kill_at)
+            save_checkpoint(state(step), run_dir, step, keep_last=2)
+        finally:
+            os._exit(0)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_sigkill_at_seeded_random_points_of_a_save_keeps_old_or_new(tmp_path, monkeypatch):
+    """Killed just before one of a save's file operations (a seeded random one of each kind:
+    a chunk write, fsync, rename, the latest link, the pruning), the run directory holds the
+    previous checkpoint or the new one, whole, and the next save clears what the kill left."""
+    setup = str(tmp_path / "setup")
+    for step in (1, 2, 3):
+        save_checkpoint(state(step), setup, step, keep_last=2)  # a save that also prunes
+    shutil.copytree(setup, tmp_path / "count")
+    kinds = instrument_save(monkeypatch.setattr)
+    save_checkpoint(state(4), str(tmp_path / "count"), 4, keep_last=2)
+    monkeypatch.undo()
+    assert set(kinds) == {"write", "fsync", "replace", "link", "remove"}, kinds
+    rng = random.Random(17)
+    picks = sorted(rng.choice([i + 1 for i, k in enumerate(kinds) if k == kind])
+                   for kind in sorted(set(kinds)))
+    for kill_at in picks:
+        run_dir = str(tmp_path / f"killed_at_{kill_at}")
+        shutil.copytree(setup, run_dir)
+        status = killed_save(run_dir, 4, kill_at)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (kill_at, status)
+        latest = load_checkpoint(run_dir)
+        assert latest["step"] in (3, 4), (kill_at, latest["step"])
+        assert torch.equal(latest["model"]["w"], state(latest["step"])["model"]["w"])
+        folder = os.path.join(run_dir, "checkpoints")
+        for name in files(run_dir):
+            if name[0].isdigit():  # a step file that exists is whole
+                assert load_checkpoint(os.path.join(folder, name))["step"] == int(name[:7])
+        save_checkpoint(state(5), run_dir, 5, keep_last=2)
+        assert load_checkpoint(run_dir)["step"] == 5
+        assert not [f for f in files(run_dir) if f.startswith(".tmp")], (kill_at, files(run_dir))
 
 
 def test_damaged_checkpoint_names_the_file_and_why(tmp_path):

@@ -172,6 +172,7 @@ def test_own_error_classes_are_user_errors():
     ("tti.data.shapes_folder", "ShapesFolderError"),
     ("tti.run_lock", "RunLockedError"),
     ("tti.train", "NonFiniteLossError"),
+    ("tti.distributed", "SharedStoreRestartError"),
 ])
 def test_project_error_classes_are_user_errors(where, name):
     import importlib

@@ -1,7 +1,8 @@
 """DDP on CPU (gloo) under torchrun: 2 ranks x batch B match 1 rank x batch 2B and 1 rank x 2
 accumulated micro-batches of B, replicas stay identical after every step, inner accumulation
-steps skip the all-reduce, only rank 0 writes, a worker killed mid-run is restarted by
-`torchrun --max-restarts` and the run ends bitwise where an uninterrupted one ends.
+steps skip the all-reduce, only rank 0 writes, local rank 0 alone writes the text store that
+both ranks map, a worker killed mid-run is restarted by `torchrun --max-restarts` and the run
+ends bitwise where an uninterrupted one ends.
 
 How equivalence is made testable: by default every rank draws its diffusion timesteps and
 noise from its own RNG stream (seed + rank), so 2 x B and 1 x 2B see different noise and
@@ -18,7 +19,6 @@ import glob
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import zlib
@@ -26,6 +26,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from processes import run_to_the_end
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CKPT_EVERY, FAULT_AT = 4, 2, 3
@@ -112,6 +113,26 @@ def wrap_train_step(record, fault_at, marker):
     train.train_step = checked_step
 
 
+def record_text_store(record):
+    """Record how often this rank builds the text store, and which file it then maps."""
+    from tti import train
+
+    build, open_store = train.build_store, train.open_text_store
+    record["store_builds"] = 0
+
+    def counted_build(*args, **kwargs):
+        record["store_builds"] += 1
+        return build(*args, **kwargs)
+
+    def recorded_open(encoder, *args, **kwargs):
+        open_store(encoder, *args, **kwargs)
+        tokens = os.path.realpath(os.path.join(encoder.store_dir, "tokens.npy"))
+        with open("/proc/self/maps") as f:
+            record["store_mapped"] = any(line.rstrip().endswith(tokens) for line in f)
+        record["store_file"] = [tokens, os.stat(tokens).st_ino]
+    train.build_store, train.open_text_store = counted_build, recorded_open
+
+
 def worker(record_dir, args):
     """One rank: check that a replica mismatch is caught, then train with keyed noise while
     recording what this rank wrote and how often it skipped the all-reduce."""
@@ -148,6 +169,7 @@ def worker(record_dir, args):
     checkpoint.atomic_save = recorded_save
     in_loop.InLoopMonitor.run = counted("sample_grids", grid)
     DistributedDataParallel.no_sync = counted("no_sync", no_sync)
+    record_text_store(record)
     fault_at = int(os.environ.get("TEST_FAULT_AT_STEP", "-1"))
     wrap_train_step(record, fault_at, os.path.join(record_dir, f"fault_at_step_{fault_at}"))
     run_dir = train.main(args)
@@ -186,15 +208,7 @@ def torchrun(tmp, shapes_root, max_restarts=0, env=None, *extra):
     # A worker stuck longer than TTI_TEST_HANG_S prints its stack and exits (no orphans).
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TTI_TEST_HANG_S="150",
                     **(env or {}))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=200)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in 200 s:\n{output[-4000:]}")
-    assert proc.returncode == 0, output[-4000:]
+    output = run_to_the_end(cmd, 200, cwd=REPO, env=full_env)
     records = [json.load(open(record_dir / f"rank{r}.json")) for r in range(2)]
     return records[0]["run_dir"], records, output
 
@@ -288,6 +302,13 @@ def test_only_rank_zero_writes(two_ranks):
     assert log.count("run directory:") == 1 and log.count(f"step {STEPS} loss=") == 1
     assert "world size 2" in log
     assert len(glob.glob(os.path.join(run_dir, "tb", "events.*"))) == 1
+
+
+def test_one_text_store_per_node_mapped_by_every_rank(two_ranks):
+    rank0, rank1 = two_ranks[1]
+    assert (rank0["store_builds"], rank1["store_builds"]) == (1, 0)  # local rank 0 writes it
+    assert rank0["store_file"] == rank1["store_file"]  # one file (same path and inode)...
+    assert rank0["store_mapped"] and rank1["store_mapped"]  # ...that each rank maps, not copies
 
 
 def test_elastic_restart_after_a_worker_dies_ends_like_an_uninterrupted_run(

@@ -1,11 +1,15 @@
 """Metric export on a tiny trained run: files and captions one to one, resume that redoes only
-what is missing or broken, pixels fixed per id whatever the batch size or sharding, one-line
-errors of tti.sample / tti.export on a real checkpoint, and the bash launchers."""
+what is missing or broken (also after real SIGKILLs at random moments), pixels fixed per id
+whatever the batch size or sharding, one-line errors of tti.sample / tti.export on a real
+checkpoint, and the bash launchers."""
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -116,6 +120,57 @@ def test_resume_redoes_only_missing_and_truncated_pngs(first_export, tiny_run, t
         assert after.keys() == before[kind].keys()
         for i in after:
             assert np.array_equal(after[i], before[kind][i]), (kind, i)
+
+
+def finished_pngs(folder) -> int:
+    return len([n for n in os.listdir(folder) if n.endswith(".png") and not n.startswith(".")]) \
+        if os.path.isdir(folder) else 0
+
+
+def wait_for_more_pngs(proc, folder, timeout=240) -> None:
+    """Block until `folder` holds more finished PNGs than now (the export `proc` still runs)."""
+    start, deadline = finished_pngs(folder), time.time() + timeout
+    while finished_pngs(folder) == start:
+        assert proc.poll() is None, "the export ended before it could be killed"
+        assert time.time() < deadline, f"no new PNG in {folder} after {timeout}s"
+        time.sleep(0.002)
+
+
+def test_export_sigkilled_at_random_moments_ends_like_an_uninterrupted_one(
+        first_export, tiny_run, tmp_path):
+    """Killed twice at seeded random moments while it writes images (a random fraction of one
+    batch's time after a batch lands), then run again: one whole PNG per id in both folders,
+    and, for the ids it shares with the uninterrupted export, the same pixels and captions."""
+    args = ["--checkpoint", tiny_run, "--n", "16", "--batch-size", "1", "--device", "cpu"]
+    killed = str(tmp_path / "killed")
+    images = os.path.join(killed, "tti", "images")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    rng = random.Random(5)
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-m", "tti.export", "--out-dir", killed] + args,
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        wait_for_more_pngs(proc, images)
+        t0 = time.perf_counter()
+        wait_for_more_pngs(proc, images)
+        time.sleep(rng.uniform(0.0, time.perf_counter() - t0))  # within the next batch
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        assert finished_pngs(images) < 16, "the export finished before it was killed"
+    export.main(["--out-dir", killed] + args)
+    ids = [export.item_id(i) for i in range(16)]
+    for kind in ("gt", "tti"):
+        folder = export.export_paths(killed)[kind]
+        assert sorted(os.listdir(folder)) == [i + ".png" for i in ids]  # no temp file left
+        after, straight = pixels(folder), pixels(export.export_paths(first_export)[kind])
+        assert straight.keys() == set(ids[:N])
+        for i in straight:
+            assert np.array_equal(after[i], straight[i]), (kind, i)
+    for key in ("gt_json", "tti_json"):
+        captions = read_json(export.export_paths(killed)[key])
+        straight = read_json(export.export_paths(first_export)[key])
+        assert sorted(captions) == ids and {i: captions[i] for i in ids[:N]} == straight
+    assert read_json(export.export_paths(killed)["info"])["status"] == "complete"
 
 
 def test_pixels_do_not_depend_on_batch_size_or_sharding(first_export, tiny_run, tmp_path):

@@ -1,6 +1,5 @@
-"""Text encoder: which hidden state it returns, fine-tuning below the top, the cache's key,
-what it keeps (no pooler), and how a text.name that cannot be loaded fails."""
-import os
+"""Text encoder: which hidden state it returns, fine-tuning below the top, what it keeps
+(no pooler), and how a text.name that cannot be loaded fails. Its store: test_text_store.py."""
 import shutil
 import time
 
@@ -49,30 +48,6 @@ def test_fine_tuning_below_the_top_drops_the_unused_layers(reference):
 def test_hidden_layer_out_of_range():
     with pytest.raises(ValueError, match="hidden_layer 7 out of range.*6 layers"):
         TextEncoder(PACKAGED_MINILM, hidden_layer=7)
-
-
-def test_cache_of_another_layer_is_refused(tmp_path):
-    path = str(tmp_path / "cache.pt")
-    last = TextEncoder(PACKAGED_MINILM)
-    last.warm(CAPTIONS, cache_file=path)
-    middle = TextEncoder(PACKAGED_MINILM, hidden_layer=3)
-    with pytest.raises(ValueError, match="hidden_layer 6.*delete it"):
-        middle.load_cache(path)
-    same = TextEncoder(PACKAGED_MINILM)
-    same.load_cache(path)
-    torch.testing.assert_close(same(CAPTIONS[:1]).tokens, last(CAPTIONS[:1]).tokens)
-
-
-def test_cache_file_is_named_by_the_layer_it_holds():
-    from tti.config import load_config
-    from tti.model import build_text_encoder
-
-    def name(layer):
-        cfg = load_config("configs/shapes32.yaml", [f"text.hidden_layer={layer}"])
-        return os.path.basename(build_text_encoder(cfg).cache_file)
-
-    assert name(-1) == name(6) == "text_packaged-minilm_32.pt"  # the last layer, either way
-    assert name(3) == name(-4) == "text_packaged-minilm_32_layer3.pt"
 
 
 # ---------------------------------------------------------------- where the weights come from

@@ -1,5 +1,6 @@
-"""End to end on a tiny generated shapes set: training lowers the loss, resume is exact,
-the sample CLI writes a grid and a GIF, a checkpoint alone rebuilds the model."""
+"""End to end on a tiny generated shapes set: training lowers the loss, resume is exact, the
+log shows FLOP/s and peak memory, the sample CLI writes a grid and a GIF, a checkpoint alone
+rebuilds the model."""
 import os
 import re
 
@@ -27,12 +28,17 @@ def shapes_root(tmp_path_factory):
     return str(root)
 
 
-def run(shapes_root, results, *extra):
+def tiny_args(shapes_root, results, *extra) -> list:
+    """tti.train's arguments for a TINY shapes run in `results`, then the `extra` --set items."""
     args = ["--config", "configs/shapes32.yaml", "--device", "cpu",
             "--set", f"data.root={shapes_root}", "--set", f"run.results_dir={results}"]
     for item in TINY + list(extra):
         args += ["--set", item]
-    return train.main(args)
+    return args
+
+
+def run(shapes_root, results, *extra):
+    return train.main(tiny_args(shapes_root, results, *extra))
 
 
 def logged_losses(run_dir):
@@ -74,8 +80,30 @@ def test_resume_continues_identically(shapes_root, tmp_path):
     assert "resumed from" in open(os.path.join(resumed, "log.txt")).read()
 
 
-def test_sample_cli_writes_grid_and_gif(shapes_root, tmp_path):
-    run_dir = run(shapes_root, tmp_path, "train.steps=2", "train.ckpt_every=2")
+@pytest.fixture(scope="module")
+def two_steps(shapes_root, tmp_path_factory):
+    return run(shapes_root, tmp_path_factory.mktemp("two_steps"), "train.steps=2",
+               "train.ckpt_every=2")
+
+
+def test_log_shows_flop_rate_data_wait_and_peak_memory(two_steps):
+    log = open(os.path.join(two_steps, "log.txt")).read()
+    gflop = float(re.search(r"training FLOPs per image: ([0-9.]+) GFLOP", log).group(1))
+    assert gflop > 0
+    lines = re.findall(r"^step (\d+) (.*)$", log, re.M)
+    assert [int(step) for step, _ in lines] == [1, 2]
+    for _, values in lines:
+        logged = dict(item.split("=") for item in values.split())
+        assert {"img_per_s", "tflops", "data_wait", "peak_mem_gib"} <= logged.keys()
+        assert "mfu" not in logged  # no bf16 peak on a CPU
+        # FLOP/s = images/s x FLOPs per image (both logged rounded: 5 and 4 digits)
+        expected = float(logged["img_per_s"]) * gflop / 1e3
+        assert float(logged["tflops"]) == pytest.approx(expected, rel=2e-3)
+        assert 0 <= float(logged["data_wait"]) < 1 and float(logged["peak_mem_gib"]) > 0.05
+
+
+def test_sample_cli_writes_grid_and_gif(two_steps, tmp_path):
+    run_dir = two_steps
     out, gif = tmp_path / "grid.png", tmp_path / "denoise.gif"
     sample.main(["--checkpoint", run_dir, "--caption", "a large green triangle",
                  "--caption", "a small red circle above a large blue square", "--n", "3",

@@ -1,4 +1,4 @@
-"""Gaussian diffusion around a denoiser: noise schedules, training loss, DDPM/DDIM samplers.
+"""Gaussian diffusion around a denoiser: noise schedules, training loss, the sampling loop.
 
 `Diffusion(unet)` keeps the model interface every model in tti shares:
 `loss(images, text) -> scalar` and `sample(text, generator, ...) -> images in [-1, 1]`.
@@ -13,11 +13,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tti.samplers import ddim_step, dpmpp2m_step
 from tti.text import TextBatch
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
 
 
 def make_betas(schedule: str, timesteps: int, shift: float = 1.0) -> torch.Tensor:
@@ -238,15 +239,16 @@ class Diffusion(nn.Module):
         null_text: the empty caption (batch 1 or B), needed when guidance != 1.
         guidance: classifier-free guidance scale g >= 0: uncond + g * (cond - uncond);
                   1 runs the conditional model alone.
-        sampler: "ddpm" (ancestral, all T steps; `steps` and `eta` unused) or "ddim"
-                 (`steps` evenly spaced steps, `eta` = 0 deterministic, 1 ~ DDPM noise).
+        sampler: "ddpm" (ancestral, all T steps; `steps` and `eta` unused), "ddim" or
+                 "dpmpp2m" (DPM-Solver++(2M)): `steps` evenly spaced steps, one unet pass
+                 each; `eta` = 0 deterministic (the probability-flow ODE), 1 ~ DDPM's noise.
         noise: optional x_T float [B, C, H, W]; drawn from `generator` when None.
         Returns images float in [-1, 1] [B, C, H, W], and with return_trajectory also a list
         (one per step) of the predicted x0, float in [-1, 1] [B, C, H, W], on the CPU.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"Diffusion.sample: unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-        if sampler == "ddim" and not 1 <= steps <= self.timesteps:
+        if sampler != "ddpm" and not 1 <= steps <= self.timesteps:
             raise ValueError(f"Diffusion.sample: steps must be in [1, T={self.timesteps}], got {steps}")
         if eta < 0:
             raise ValueError(f"Diffusion.sample: eta must be >= 0, got {eta}")
@@ -281,33 +283,24 @@ class Diffusion(nn.Module):
     def _sample_loop(self, x, text, null_text, guidance, sampler, steps, eta, return_trajectory,
                      generator):
         b, device, shape = x.shape[0], x.device, x.shape
-        trajectory = []
+        table = self.alphas_cumprod.double().cpu().tolist()
+        ab = lambda step: table[step] if step >= 0 else 1.0  # step -1: the clean image
+        noise = lambda: draw_noise(shape, generator, device)
+        trajectory, previous = [], None  # previous: the multistep solver's last (lambda, x0)
         timesteps = self._sampling_steps(sampler, steps)
         for i, step in enumerate(timesteps):
             t = torch.full((b,), step, device=device, dtype=torch.long)
             output = self._guided_output(x, t, text, null_text, guidance)
-            x0, _ = self.x0_eps_from_output(x, t, output)
-            x0 = x0.clamp(-1, 1)
+            x0 = self.x0_eps_from_output(x, t, output)[0].clamp(-1, 1)
             if return_trajectory:
                 trajectory.append(x0.cpu())
+            prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
             if sampler == "ddpm":
                 mean, var = self.q_posterior(x0, x, t)
-                z = draw_noise(shape, generator, device) if step > 0 else 0.0
-                x = mean + var.sqrt() * z
+                x = mean + var.sqrt() * noise() if step > 0 else mean
+            elif sampler == "ddim":
+                x = ddim_step(x, x0, ab(step), ab(prev), eta, noise)
             else:
-                prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-                x = self._ddim_step(x, t, x0, prev, eta, generator)
+                x, previous = dpmpp2m_step(x, x0, ab(step), ab(prev), previous, eta, noise)
         images = x.clamp(-1, 1)
         return (images, trajectory) if return_trajectory else images
-
-    def _ddim_step(self, x: torch.Tensor, t: torch.Tensor, x0: torch.Tensor, prev: int,
-                   eta: float, generator) -> torch.Tensor:
-        """One DDIM update from step t to `prev` (-1 = the clean image), Song et al. eq. 12."""
-        eps = self.eps_from_x0(x, t, x0)  # consistent with the clipped x0
-        ab = _at(self.alphas_cumprod, t, x.dim())
-        ab_prev = self.alphas_cumprod[prev] if prev >= 0 else torch.ones((), device=x.device)
-        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-        x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-        if eta > 0 and prev >= 0:
-            x_prev = x_prev + sigma * draw_noise(x.shape, generator, x.device)
-        return x_prev

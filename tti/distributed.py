@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tti.cli import UserError
+
 
 @dataclass
 class DistInfo:
@@ -71,16 +73,31 @@ def setup(device: str | None = None) -> DistInfo:
     return DistInfo(rank, local_rank, world_size, dev)
 
 
-def _join_group(backend: str, rank: int, world_size: int) -> None:
-    """init_process_group from torchrun's environment, with one key prefix per attempt.
+class SharedStoreRestartError(UserError, RuntimeError):
+    """Several torchrun agents with restarts, sharing the agent's store: a restart could hang."""
 
-    torchrun keeps one key-value store across elastic restarts: without the prefix, a
-    restarted rank can read the address a dead peer published and wait for it forever.
+
+def _join_group(backend: str, rank: int, world_size: int) -> None:
+    """init_process_group from torchrun's environment, in a key space no earlier attempt used.
+
+    By default torchrun's workers share the agent's key-value store, which outlives elastic
+    restarts: a restarted rank could read the address a dead peer published and wait for it
+    forever. One agent (one node): its restart count names the attempt. Several agents
+    count their restarts apart (an agent restarted because a peer node failed does not
+    count it), so they need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the launcher sets it):
+    then rank 0 serves a new store for every attempt, on a new port.
     """
     timeout = timedelta(minutes=30)
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    agents = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    if shared and agents > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+        raise SharedStoreRestartError(
+            f"{agents} torchrun agents with --max-restarts > 0 share the agent's store, where a "
+            f"restarted group can wait forever for a dead peer: launch torchrun with "
+            f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set on every node (the launchers do)")
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
     store.set_timeout(timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if shared else "new_store"
     store = dist.PrefixStore(f"tti/attempt_{attempt}/default_pg", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timeout)

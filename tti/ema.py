@@ -30,7 +30,15 @@ class EMA:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict) -> None:
-        self.decay, self.updates = state["decay"], state["updates"]
+        """Load `state_dict()`'s shadow and update count strictly (CheckpointError naming the
+        missing, unexpected or mis-shaped weights); the decay stays this EMA's own (the
+        config's train.ema_decay, which a resumed run may change)."""
+        from tti.checkpoint import CheckpointError, mismatched_keys
+
+        problems = mismatched_keys(self.shadow, state["shadow"])
+        if problems:
+            raise CheckpointError(f"the checkpoint's EMA weights do not fit the model: {problems}")
+        self.updates = state["updates"]
         for name, value in state["shadow"].items():
             self.shadow[name].copy_(value)
 

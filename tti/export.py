@@ -93,10 +93,6 @@ def generate_items(model, items: list[ExportItem], seed: int, **sampler_opts) ->
     from tti.model import to_uint8
 
     captions = [it.caption for it in items]
-    if getattr(model.text, "use_cache", False):
-        # Encode each new caption alone, so its cached embedding never depends on its batch.
-        for caption in dict.fromkeys(captions):
-            model.encode([caption])
     gens = [sample_generator(seed, it.index) for it in items]
     return to_uint8(model.sample(captions, gens, **sampler_opts)).cpu()
 

@@ -47,14 +47,21 @@ class InLoopMonitor:
                 fast = dict(opts, steps=min(opts.get("steps", 50), 25))
                 samples = generate(model, self.eval_captions, n=1, seed=1, **fast)
                 acc = judge_batch(samples, self.eval_captions)
-                log.scalars(step, {f"judge/{k}": v for k, v in flat_accuracy(acc).items()})
                 how = "DDIM 25" if self.cfg.model.kind == "diffusion" else "prior samples"
-                log.print(f"step {step}: judge on {len(self.eval_captions)} val captions "
-                          f"({how}): " + ", ".join(f"{k}={v:.3f}" for k, v in
-                                                     flat_accuracy(acc).items()))
+                flat = log_judge(log, step, acc, "judge",
+                                 f"on {len(self.eval_captions)} val captions ({how})")
                 with open(self.history_path, "a") as f:
-                    f.write(json.dumps({"step": step, **flat_accuracy(acc)}) + "\n")
+                    f.write(json.dumps({"step": step, **flat}) + "\n")
         model.train()
+
+
+def log_judge(log, step: int, acc: dict, prefix: str, what: str) -> dict:
+    """Log judge_batch's result `acc` as `<prefix>/<fact>` scalars and one line
+    `step N: <prefix> <what>: all=..., ...`; returns the flat accuracies."""
+    flat = flat_accuracy(acc)
+    log.scalars(step, {f"{prefix}/{k}": v for k, v in flat.items()})
+    log.print(f"step {step}: {prefix} {what}: " + ", ".join(f"{k}={v:.3f}" for k, v in flat.items()))
+    return flat
 
 
 def flat_accuracy(acc: dict) -> dict:

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from tti.config import PRECISIONS, Config, ConfigError, UNetConfig, from_dict
 from tti.text import TextBatch, TextEncoder
+from tti.text_store import TextStore, encoder_identity, is_complete, store_folder
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -62,9 +63,12 @@ class TextToImage(nn.Module):
 
     def forward(self, images: torch.Tensor, captions: list) -> torch.Tensor:
         """images: float [B, 3, H, W] in [-1, 1]; captions: B strings -> scalar loss."""
-        return self.generator.loss(images, self.text(captions))
+        return self.generator.loss(images, self.encode(captions))
 
+    @torch.compiler.disable
     def encode(self, captions: list) -> TextBatch:
+        """B captions -> TextBatch. Left out of torch.compile (train.compile), which would
+        otherwise guard on every caption's text and recompile for each new batch."""
         return self.text(captions)
 
     @torch.no_grad()
@@ -105,11 +109,11 @@ def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn
     encoder = TextEncoder(t.name, finetune=t.finetune, max_length=t.max_length, cache=t.cache,
                           hidden_layer=t.hidden_layer)
     if encoder.use_cache:
-        # Next to the packed image cache: every run on this dataset reuses the embeddings.
+        # Next to the packed image cache: every run on this dataset reuses the states.
         cache_dir = cfg.data.cache_dir or os.path.join(cfg.data.root, "cache")
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in t.name)
-        layer = "" if encoder.hidden_layer == encoder.depth else f"_layer{encoder.hidden_layer}"
-        encoder.cache_file = os.path.join(cache_dir, f"text_{safe}_{t.max_length}{layer}.pt")
+        encoder.store_dir = store_folder(cache_dir, encoder_identity(encoder))
+        if is_complete(encoder.store_dir):  # e.g. sampling on the machine that trained
+            encoder.use_store(TextStore(encoder.store_dir))
     return encoder
 
 
@@ -153,12 +157,36 @@ def build(cfg: Config, train_captions=None, vocab_state=None) -> TextToImage:
 # ---------------------------------------------------------------- checkpoint state
 
 
+def _checkpoints_text(model: TextToImage) -> bool:
+    """Whether checkpoints carry the text encoder: only when some of it is trained (a frozen
+    pretrained encoder is rebuilt by `from_pretrained`; it would make each checkpoint 500 MB)."""
+    return any(p.requires_grad for p in model.text.parameters())
+
+
 def trainable_state(model: TextToImage) -> dict:
-    """The weights a checkpoint must carry: everything but a frozen pretrained encoder
-    (which `from_pretrained` rebuilds, and which would make each checkpoint 500 MB)."""
-    keep_text = any(p.requires_grad for p in model.text.parameters())
+    """The weights a checkpoint must carry: everything but a frozen pretrained encoder."""
+    keep_text = _checkpoints_text(model)
     return {k: v for k, v in model.state_dict().items()
             if keep_text or not k.startswith("text.")}
+
+
+def load_trainable_state(model: TextToImage, weights: dict) -> None:
+    """Load what `trainable_state` saved, strictly: every key it names, with its shape, and
+    nothing else. A frozen encoder, which checkpoints leave out, keeps its pretrained weights.
+    Raises CheckpointError naming the missing, unexpected and mis-shaped keys."""
+    from tti.checkpoint import CheckpointError, mismatched_keys
+
+    problems = mismatched_keys(trainable_state(model), weights)
+    if problems:
+        raise CheckpointError(f"the checkpoint's weights do not fit the model its config "
+                              f"describes: {problems}")
+    parts = [("generator", model.generator)]
+    if _checkpoints_text(model):
+        parts.append(("text", model.text))
+    for name, module in parts:
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                if k.startswith(prefix)}, strict=True)
 
 
 def text_extra_state(model: TextToImage):
@@ -170,7 +198,7 @@ def text_extra_state(model: TextToImage):
 def load_for_inference(path: str, device="cpu", use_ema: bool = True, precision: str = "fp32"):
     """Checkpoint (file or run dir) -> (TextToImage in eval mode on `device`, Config).
     `precision` (auto | fp32 | bf16 | fp16) sets the autocast dtype used for sampling."""
-    from tti.checkpoint import load_checkpoint
+    from tti.checkpoint import CheckpointError, load_checkpoint
 
     state = load_checkpoint(path, map_location="cpu")
     cfg = from_dict(state["config"])
@@ -178,10 +206,9 @@ def load_for_inference(path: str, device="cpu", use_ema: bool = True, precision:
     weights = dict(state["model"])
     if use_ema and state.get("ema"):
         weights.update(state["ema"]["shadow"])
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.startswith("text.")]
-    if missing or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not match the model it describes "
-                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    try:
+        load_trainable_state(model, weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     model.sample_dtype = amp_dtype(precision, device)
     return model.to(device).eval(), cfg

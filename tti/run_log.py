@@ -1,4 +1,5 @@
-"""What a training run writes for people: log.txt, tensorboard and a progress bar (rank 0)."""
+"""What a training run writes for people and tools: log.txt, tensorboard, a progress bar and
+history.jsonl, one JSON object a line per event (rank 0)."""
 from __future__ import annotations
 
 import json
@@ -6,12 +7,15 @@ import os
 import sys
 import time
 
+HISTORY_FILE = "history.jsonl"
+
 
 class RunLog:
     """log.txt + tensorboard + tqdm, all on rank 0 only (every call is a no-op elsewhere)."""
 
     def __init__(self, run_dir: str, is_main: bool):
         self.is_main = is_main
+        self.history_path = os.path.join(run_dir, HISTORY_FILE)
         self.file = self.writer = None
         if is_main:
             os.makedirs(run_dir, exist_ok=True)
@@ -33,6 +37,12 @@ class RunLog:
                 self.writer.add_scalar(f"train/{k}", v, step)
             self.file.write(f"step {step} " + " ".join(f"{k}={v:.5g}" for k, v in values.items()) + "\n")
             self.file.flush()
+
+    def record(self, entry: dict) -> None:
+        """Append `entry` with the time as one JSON line to the run's history.jsonl."""
+        if self.is_main:
+            with open(self.history_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **entry}) + "\n")
 
     def progress(self, start: int, total: int):
         from tqdm import tqdm

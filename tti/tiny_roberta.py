@@ -23,9 +23,12 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
 def build_tiny_roberta(out_dir, captions, seed: int = 0, max_length: int = 128,
-                       vocab_size: int = 2000, hidden_size: int = 32, layers: int = 2) -> str:
+                       vocab_size: int = 2000, hidden_size: int = 32, layers: int = 2,
+                       heads: int = 2) -> str:
     """Train a byte-level BPE tokenizer on `captions` and save it with a random RoBERTa of
-    `layers` layers of width `hidden_size` into `out_dir` (created; must be empty or new).
+    `layers` layers of width `hidden_size` with `heads` attention heads into `out_dir`
+    (created; must be empty or new). roberta-base's shape, for realistic FLOPs with the same
+    small tokenizer: hidden_size=768, layers=12, heads=12.
 
     max_length: the longest token sequence it takes, <s> and </s> included (roberta-base: 512);
     the model has max_length + 2 positions, as RoBERTa's position ids start at padding_idx + 1.
@@ -49,7 +52,7 @@ def build_tiny_roberta(out_dir, captions, seed: int = 0, max_length: int = 128,
     tokenizer = RobertaTokenizerFast.from_pretrained(str(out), model_max_length=max_length)
     tokenizer.save_pretrained(str(out))
     config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size,
-                           num_hidden_layers=layers, num_attention_heads=2,
+                           num_hidden_layers=layers, num_attention_heads=heads,
                            intermediate_size=4 * hidden_size,
                            max_position_embeddings=max_length + 2, type_vocab_size=1,
                            bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,

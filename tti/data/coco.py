@@ -13,6 +13,7 @@ build it ahead of training with
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import operator
@@ -111,6 +112,17 @@ class CaptionDataset(Dataset):
     def file_name(self, i: int) -> str:
         """The image's file name as written in the annotation file."""
         return str(self._file_names[self._row(i)])
+
+    def fingerprint(self) -> str:
+        """sha256 hex of what this split holds: image size, image ids, file names and captions
+        (not the pixels). The same data under another root or cache folder gives the same
+        value; an edited annotation file gives another."""
+        digest = hashlib.sha256(repr((self.image_size, self._image_ids.tolist(),
+                                      self._file_names.tolist())).encode())
+        digest.update(self._caption_bytes.tobytes())
+        digest.update(self._caption_ends.tobytes())
+        digest.update(self._first_caption.tobytes())
+        return digest.hexdigest()
 
     def _caption(self, i: int, k: int) -> str:
         flat = int(self._first_caption[i]) + k

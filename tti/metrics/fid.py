@@ -37,6 +37,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from tti.atomic_file import atomic_file
 from tti.cli import UserError, check_at_least, run_cli
 from tti.metrics import IMAGE_EXTENSIONS
 
@@ -228,6 +229,35 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(root))
 
 
+def _covariance_factor(features: np.ndarray) -> np.ndarray:
+    """A float64 matrix A with A^T A = the unbiased covariance of features [N, D]: the centred
+    rows / sqrt(N - 1) ([N, D]) when N <= D, else the covariance's symmetric root ([D, D])."""
+    x = np.asarray(features, dtype=np.float64)
+    centred = (x - x.mean(axis=0)) / np.sqrt(len(x) - 1)
+    if len(x) <= x.shape[1]:
+        return centred
+    w, v = np.linalg.eigh(centred.T @ centred)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
+    """FID between two feature sets [N1, D] and [N2, D] (N >= 2): frechet_distance of their
+    stats, computed without sqrtm, the slow part at D = 2048 (docs/training_on_coco.md).
+
+    With A^T A = sigma1 and B^T B = sigma2, the eigenvalues of sigma1 sigma2 are the squared
+    singular values of A B^T, so tr sqrtm(sigma1 sigma2) is the sum of those singular values
+    (a matrix of at most min(N, D) rows and columns each side).
+    """
+    f1, f2 = np.asarray(features1), np.asarray(features2)
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
+        raise ValueError(f"fid_from_features needs [N, D] features with the same D and N >= 2, "
+                         f"got shapes {f1.shape} and {f2.shape}")
+    a, b = _covariance_factor(f1), _covariance_factor(f2)
+    diff = f1.mean(axis=0, dtype=np.float64) - f2.mean(axis=0, dtype=np.float64)
+    trace_root = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    return float(diff @ diff + np.square(a).sum() + np.square(b).sum() - 2.0 * trace_root)
+
+
 # ---------------------------------------------------------------- folders, cache, CLI
 
 def list_images(folder: str) -> list[str]:
@@ -297,10 +327,9 @@ def folder_stats(folder: str, batch_size: int = 50, device: str = "cpu", num_wor
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, resize: str | None = None) -> None:
     """Write stats as `.npz` with keys mu, sigma (pytorch-fid's format) and the resize, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
     extra = {} if resize is None else {"resize": np.array(resize)}
-    np.savez(tmp, mu=mu, sigma=sigma, **extra)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, **extra)
 
 
 def load_stats(path: str, resize: str | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,22 @@
+"""Subprocesses that tests start in a session of their own, so a hung one is killed whole."""
+import os
+import signal
+import subprocess
+
+import pytest
+
+
+def run_to_the_end(cmd: list, timeout: float, **popen) -> str:
+    """Run `cmd` (Popen keyword arguments in `popen`) in a new session; its stdout and stderr
+    as text once it exits with status 0. After `timeout` s its whole process group is
+    killed and the test fails, showing the end of the output; so does another exit status."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **popen)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{cmd[:4]} did not finish in {timeout} s:\n{output[-4000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    return output
