@@ -113,6 +113,7 @@ class TrainConfig:
     deterministic: bool = False      # torch deterministic algorithms (exact resume on CPU)
     log_every: int = 25
     sample_every: int = 500          # in-loop sample grid (and judge accuracy, see eval_samples)
+    sample_at_end: bool = True       # the last step too (quickstart.sh: off, it samples and judges next)
     eval_samples: int = 0            # val captions judged in-loop (embedded shapes dataset only)
     fid_every: int = 0               # FID of the EMA weights on a fixed val subset every N steps; 0 = off
     fid_samples: int = 2000          # val images (one caption and seed each) that FID generates

@@ -36,6 +36,7 @@ from tti.atomic_file import write_json
 from tti.cli import check_at_least, run_cli
 from tti.export import ExportError
 from tti.metrics.fid import DEFAULT_RESIZE, RESIZE_MODES
+from tti.threads import use_free_cpus
 
 METRICS = ("fid", "clip", "judge")
 RESULT_KEYS = {"fid": ("fid", "fid_n", "fid_resize"), "clip": ("clip_score_gt", "clip_score_tti"),
@@ -299,4 +300,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    use_free_cpus()  # not in main(): in-process callers (tests) keep their own thread count
     run_cli(main)

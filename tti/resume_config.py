@@ -66,6 +66,7 @@ POLICY = {
     "train.compile": (APPLIED, "how kernels run"),
     "train.log_every": (APPLIED, "logging"),
     "train.sample_every": (APPLIED, "in-loop checks"),
+    "train.sample_at_end": (APPLIED, "in-loop checks"),
     "train.eval_samples": (APPLIED, "in-loop checks"),
     "train.fid_every": (APPLIED, "in-loop checks"),
     "train.fid_samples": (FIXED, "checkpoints/best.pt compares FIDs over one fixed val subset"),
