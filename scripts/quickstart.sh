@@ -23,14 +23,15 @@ python -m tti.train --config configs/shapes32.yaml --device "$DEVICE" --set run.
   --set train.sample_at_end=false --set train.precision="$PRECISION" "$@"
 
 echo "== 2/4 sample grid + denoising GIF (rows 1-4 seen compositions, rows 5-8 held out)"
-python -m tti.sample --checkpoint "$RUN" --n 8 --steps 25 --device "$DEVICE" --precision "$PRECISION" \
+# Grid and export take the config's sampler: DPM-Solver++(2M), 20 steps (docs/sampling.md).
+python -m tti.sample --checkpoint "$RUN" --n 8 --device "$DEVICE" --precision "$PRECISION" \
   --out "$RUN/quickstart_grid.png" --gif "$RUN/quickstart_denoise.gif"
 
 echo "== 3/4 export $N_EVAL val captions -> eval_data_run_$RUN_IDX"
-# DDIM 25 (as accurate as 50 in bench/sampling.py's study, half the time); precision auto: bf16 where the hardware has it (~1.5x faster; pixels then depend on the
-# batch by a level or two, so the default fp32 is what reproducible exports use).
+# Precision auto: bf16 where the hardware has it (~1.5x faster; pixels then depend on the
+# batch by a level or two, so the export CLI's default fp32 is what reproducible exports use).
 python -m tti.export --checkpoint "$RUN" --n "$N_EVAL" --out-dir "eval_data_run_$RUN_IDX" --device "$DEVICE" \
-  --precision "$PRECISION" --steps 25
+  --precision "$PRECISION"
 
 echo "== 4/4 caption accuracy (the judge; gt = real val images, the ceiling)"
 python -m tti.evaluate "eval_data_run_$RUN_IDX" --metrics judge --device "$DEVICE"

@@ -125,8 +125,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"            # ddim | ddpm | dpmpp2m (tti/samplers.py)
-    steps: int = 50
+    sampler: str = "dpmpp2m"         # dpmpp2m (tti/samplers.py) | ddim | ddpm
+    steps: int = 20
     eta: float = 0.0
     guidance: float = 2.0
     captions: list[str] = field(default_factory=list)   # fixed captions for in-loop grids
