@@ -42,6 +42,7 @@ from tti.config import load_config
 from tti.diffusion import Diffusion
 from tti.model import amp_dtype, build_unet, precision_name
 from tti.text import PACKAGED_MINILM, TextBatch, TextEncoder
+from tti.threads import use_free_cpus
 from tti.utilisation import peak_tflops, train_flops_per_image
 
 HEAD_DIM = 32
@@ -266,7 +267,8 @@ def main():
     parser.add_argument("--compile", action="store_true", help="torch.compile both UNets")
     parser.add_argument("--size", type=int, default=32, help="image resolution")
     parser.add_argument("--text-len", type=int, default=14, help="text tokens per caption")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (default: the CPUs free now, tti.threads)")
     parser.add_argument("--skip-text", action="store_true", help="skip the text-store part")
     parser.add_argument("--precision", default="fp32,auto",
                         help="comma-separated: fp32, bf16, fp16, auto (what training uses); "
@@ -280,6 +282,8 @@ def main():
         parser.error("--batch and --steps must be >= 1 and --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    else:
+        use_free_cpus()
     torch.manual_seed(0)
     device = torch.device(args.device)
     precisions = list(dict.fromkeys(amp_dtype(p.strip(), device)

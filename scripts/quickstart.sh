@@ -4,28 +4,34 @@
 # (held-out compositions included), and print the judge's caption accuracy on seen and
 # held-out val captions. About 20 minutes on 2 CPU cores (18.1 min measured, README).
 #   bash scripts/quickstart.sh [--set key=value ...]     (extra args go to tti.train)
+#   PRECISION=fp32 bash scripts/quickstart.sh      (train, sample and export in fp32: what a CPU
+#                                                   without bf16 runs; default auto)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 RUN_IDX=${RUN_IDX:-0}
 N_EVAL=${N_EVAL:-300}
+PRECISION=${PRECISION:-auto}
 DEVICE=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 RUN=results/shapes32_diffusion/$RUN_IDX
 start=$(date +%s)
 
 echo "== 1/4 train (configs/shapes32.yaml, device $DEVICE) -> $RUN"
-python -m tti.train --config configs/shapes32.yaml --device "$DEVICE" --set run.run_idx="$RUN_IDX" "$@"
+# No grid + judge at the last step: steps 2 and 4 draw the grid and judge 300 right after.
+python -m tti.train --config configs/shapes32.yaml --device "$DEVICE" --set run.run_idx="$RUN_IDX" \
+  --set train.sample_at_end=false --set train.precision="$PRECISION" "$@"
 
 echo "== 2/4 sample grid + denoising GIF (rows 1-4 seen compositions, rows 5-8 held out)"
-python -m tti.sample --checkpoint "$RUN" --n 8 --sampler dpmpp2m --steps 20 --device "$DEVICE" \
+# Grid and export take the config's sampler: DPM-Solver++(2M), 20 steps (docs/sampling.md).
+python -m tti.sample --checkpoint "$RUN" --n 8 --device "$DEVICE" --precision "$PRECISION" \
   --out "$RUN/quickstart_grid.png" --gif "$RUN/quickstart_denoise.gif"
 
 echo "== 3/4 export $N_EVAL val captions -> eval_data_run_$RUN_IDX"
-# DPM-Solver++(2M) 20 (as accurate as DDIM 50 in docs/sampling.md, 2.5x fewer steps); --precision auto: bf16 where the hardware has it (~1.5x faster; pixels then depend on the
-# batch by a level or two, so the default fp32 is what reproducible exports use).
+# Precision auto: bf16 where the hardware has it (~1.5x faster; pixels then depend on the
+# batch by a level or two, so the export CLI's default fp32 is what reproducible exports use).
 python -m tti.export --checkpoint "$RUN" --n "$N_EVAL" --out-dir "eval_data_run_$RUN_IDX" --device "$DEVICE" \
-  --precision auto --sampler dpmpp2m --steps 20
+  --precision "$PRECISION"
 
 echo "== 4/4 caption accuracy (the judge; gt = real val images, the ceiling)"
 python -m tti.evaluate "eval_data_run_$RUN_IDX" --metrics judge --device "$DEVICE"

@@ -31,7 +31,8 @@ def test_model_probe_reads_the_tokens_the_unet_gets(tmp_path_factory):
     feats, labels = model_role_features(model, model.generator.unet, captions, targets)
     reference, ref_labels = role_features(model.text, captions, targets)
     layer = cfg.text.hidden_layer
-    torch.testing.assert_close(feats["encoder tokens"], reference[layer], atol=1e-4, rtol=1e-4)
+    # A frozen encoder's states come from the text store, kept in fp16: equal up to its rounding.
+    torch.testing.assert_close(feats["encoder tokens"], reference[layer], atol=1e-4, rtol=2 ** -10)
     assert torch.equal(labels, ref_labels) and labels[::2].eq(1).all() and labels[1::2].eq(0).all()
     keys = [k for k in feats if k.startswith("keys")]
     blocks = [m for m in model.generator.unet.modules() if hasattr(m, "kv_cross")]

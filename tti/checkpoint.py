@@ -10,15 +10,21 @@ filesystem has no hard links, latest.pt is a copy.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
+import random
 import shutil
 import tempfile
 
+import numpy as np
 import torch
 
 from tti.cli import UserError
+
+
+STEP_FILES = "[0-9]" * 7 + ".pt"  # 0001500.pt
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -92,7 +98,7 @@ def checkpoint_dir(run_dir: str) -> str:
 
 def step_checkpoints(run_dir: str) -> list:
     """Step-numbered checkpoint files, oldest first."""
-    return sorted(glob.glob(os.path.join(checkpoint_dir(run_dir), "[0-9]" * 7 + ".pt")))
+    return sorted(glob.glob(os.path.join(checkpoint_dir(run_dir), STEP_FILES)))
 
 
 def save_checkpoint(state: dict, run_dir: str, step: int, keep_last: int = 3) -> str:
@@ -134,15 +140,11 @@ def _atomic_link(source: str, target: str) -> None:
                               f"the previous {os.path.basename(target)} is intact") from e
 
 
-def remove_stale_temp_files(run_dir: str) -> list:
-    """Delete the temp files of interrupted saves in <run_dir>/checkpoints; returns their paths."""
-    stale = glob.glob(os.path.join(checkpoint_dir(run_dir), ".tmp-*"))
-    for path in stale:
-        try:
+def remove_stale_temp_files(run_dir: str) -> None:
+    """Delete the temp files of interrupted saves in <run_dir>/checkpoints."""
+    for path in glob.glob(os.path.join(checkpoint_dir(run_dir), ".tmp-*")):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(path)
-        except FileNotFoundError:
-            pass
-    return stale
 
 
 def latest_checkpoint(run_dir: str):
@@ -168,8 +170,7 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         state = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises many types for a damaged file
         size = os.path.getsize(path)
-        others = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)),
-                                               "[0-9]" * 7 + ".pt")))
+        others = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), STEP_FILES)))
         others = [os.path.basename(p) for p in others if not os.path.samefile(p, path)]
         hint = f"; other checkpoints in its folder: {', '.join(others[-3:])}" if others else ""
         raise CheckpointError(f"could not load checkpoint {path} ({size} bytes; truncated or "
@@ -201,20 +202,12 @@ def mismatched_keys(expected: dict, found: dict, show: int = 5) -> str:
 
 def rng_state() -> dict:
     """Every random state a resumed run needs: python, numpy, torch CPU and CUDA."""
-    import random
-
-    import numpy as np
-
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -3,11 +3,12 @@
 Every run is described by one `Config`. YAML files under configs/ set a subset of the
 fields; `--set train.lr=1e-3` overrides any field from the command line. Unknown keys,
 wrong types and impossible values fail here, before any work, in one line that names the
-key and what set it (the YAML file or the `--set` item). `validate` holds every rule on
-config values; the modules that read a config trust it.
+key and what set it (the YAML file or the `--set` item). `validate` (tti/config_rules.py)
+holds every rule on config values; the modules that read a config trust it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
@@ -17,18 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
-from tti.aligndraw import PRESETS as ALIGNDRAW_PRESETS
-from tti.cli import UserError
-from tti.diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
-
-
-class ConfigError(UserError, ValueError):
-    """A config key or value is wrong. The message is one line naming the key; `keys` holds
-    every key the error is about, so load_config can name the file or --set item behind it."""
-
-    def __init__(self, message: str, keys: tuple = ()):
-        super().__init__(message)
-        self.keys = tuple(keys)
+from tti.atomic_file import atomic_file
+from tti.config_rules import PRECISIONS, ConfigError, validate  # noqa: F401  (tti.config's names too)
 
 
 @dataclass
@@ -64,9 +55,6 @@ class TextConfig:
     hidden_layer: int = -1           # encoder hidden state the UNet reads: -1 = last, k = layer k
     cache: bool = True               # frozen encoder: states from the text store
     caption_dropout: float = 0.1     # share of captions replaced by "" (classifier-free guidance)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # train.precision and the CLIs' --precision
 
 
 @dataclass
@@ -125,6 +113,7 @@ class TrainConfig:
     deterministic: bool = False      # torch deterministic algorithms (exact resume on CPU)
     log_every: int = 25
     sample_every: int = 500          # in-loop sample grid (and judge accuracy, see eval_samples)
+    sample_at_end: bool = True       # the last step too (quickstart.sh: off, it samples and judges next)
     eval_samples: int = 0            # val captions judged in-loop (embedded shapes dataset only)
     fid_every: int = 0               # FID of the EMA weights on a fixed val subset every N steps; 0 = off
     fid_samples: int = 2000          # val images (one caption and seed each) that FID generates
@@ -136,8 +125,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"            # ddim | ddpm | dpmpp2m (tti/samplers.py)
-    steps: int = 50
+    sampler: str = "dpmpp2m"         # dpmpp2m (tti/samplers.py) | ddim | ddpm
+    steps: int = 20
     eta: float = 0.0
     guidance: float = 2.0
     captions: list[str] = field(default_factory=list)   # fixed captions for in-loop grids
@@ -167,6 +156,9 @@ class Config:
 RETIRED = {"model.unet.text_skip": False, "model.unet.add_full_res_skips": False}
 
 
+_EXPECTED = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _type_error(key: str, expected: str, value: Any) -> ConfigError:
     return ConfigError(f"{key}: expected {expected}, got {value!r}", (key.split("[")[0],))
 
@@ -176,29 +168,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union:  # Optional[X]
         return None if value is None else _coerce(value, args[0], key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, "true/false", value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _type_error(key, "an integer", value)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _type_error(key, "a number", value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(key, "a string", value)
+    if tp in _EXPECTED:
+        if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if tp is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif tp is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, tp) or (isinstance(value, bool) and tp is not bool):
+            raise _type_error(key, _EXPECTED[tp], value)
+        return value
     if tp is list or origin is list:
         if not isinstance(value, (list, tuple)):
             raise _type_error(key, "a list", value)
@@ -262,13 +242,16 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _set_keys(data: dict, prefix: str = "") -> list[str]:
-    """The dotted keys a partial nested dict sets: ['train.lr', 'model.unet.channels', ...]."""
-    keys = []
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of the leaves of a nested dict: {'train.lr': 0.001, ...} (a
+    mapping-valued option such as model.aligndraw.overrides contributes its items)."""
+    out = {}
     for name, value in data.items():
-        key = f"{prefix}{name}"
-        keys += _set_keys(value, key + ".") if isinstance(value, dict) and value else [key]
-    return keys
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
 
 
 def _source_of(keys: tuple, sources: list) -> Optional[str]:
@@ -334,11 +317,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
     """Defaults <- YAML file <- `key=value` overrides (in order), then validation. An error
     names the file or the `--set` item that set the key it is about."""
     data = _read_yaml(path) if path else {}
-    sources = [(key, path) for key in _set_keys(data)]
+    sources = [(key, path) for key in flatten(data)]
     for item in overrides or []:
         extra = parse_override(item)
         data = _merge(data, extra)
-        sources += [(key, f"--set {item}") for key in _set_keys(extra)]
+        sources += [(key, f"--set {item}") for key in flatten(extra)]
     try:
         return from_dict(data)
     except ConfigError as e:
@@ -352,8 +335,7 @@ def save_config(cfg: Config, path: str, source: Optional[str] = None,
     `source` (the YAML file) a comment header names it and every `--set` item applied: a
     run's folder is named by run.dataset, which an override of, say, text.name leaves as the
     file said."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         if source is not None and overrides:
             f.write(f"# From {source}, then these --set overrides (the run folder's name comes "
                     f"from run.dataset,\n# which they may have left as the file said):\n")
@@ -361,145 +343,3 @@ def save_config(cfg: Config, path: str, source: Optional[str] = None,
         elif source is not None:
             f.write(f"# From {source}, with no --set overrides.\n")
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------- validation
-
-MODEL_KINDS = ("diffusion", "aligndraw")
-IMAGE_SIZES = (16, 32, 64, 128, 256)
-LR_DECAYS = ("constant", "cosine")
-
-
-def _check(ok: bool, key: str, message: str, *related: str) -> None:
-    """Fails naming `key` unless `ok`; `related`: the other keys the rule reads."""
-    if not ok:
-        raise ConfigError(f"{key}: {message}", (key, *related))
-
-
-def _one_of(value: str, allowed: tuple, key: str) -> None:
-    _check(value in allowed, key, f"must be one of {', '.join(allowed)}, got {value!r}")
-
-
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """Every rule on config values, in one place: an impossible value fails here, before any
-    work, naming the key. `world_size`: the processes that share train.batch_size. Rules that
-    need the data or the model (training-set size, text.hidden_layer's range, the fields of
-    model.aligndraw.overrides) are checked where those are opened."""
-    _check_data(cfg.data)
-    _check_text(cfg.text)
-    m = cfg.model
-    _one_of(m.kind, MODEL_KINDS, "model.kind")
-    if m.kind == "diffusion":
-        _check_unet(m.unet, cfg.data.image_size)
-        _check_diffusion(m.diffusion, cfg.sample)
-    else:
-        _one_of(m.aligndraw.preset, tuple(ALIGNDRAW_PRESETS), "model.aligndraw.preset")
-    _check_sample(cfg.sample)
-    _check_train(cfg.train, world_size)
-
-
-def _check_data(d: DataConfig) -> None:
-    _check(d.image_size in IMAGE_SIZES, "data.image_size",
-           f"must be one of {'/'.join(map(str, IMAGE_SIZES))}, got {d.image_size}")
-    _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction",
-           f"must be in [0, 1], got {d.max_bad_fraction}")
-    _check(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-    _check(d.shapes_train >= 1 and d.shapes_val >= 1, "data.shapes_train",
-           f"and data.shapes_val must be >= 1, got {d.shapes_train} and {d.shapes_val}",
-           "data.shapes_val")
-    _check(0 <= d.canonical_caption_fraction <= 1, "data.canonical_caption_fraction",
-           f"must be in [0, 1], got {d.canonical_caption_fraction}")
-
-
-def _check_text(t: TextConfig) -> None:
-    _check(bool(t.name), "text.name", "must name an encoder (an HF id, a folder, "
-           "packaged-minilm or vocab)")
-    _check(0 <= t.caption_dropout < 1, "text.caption_dropout",
-           f"must be in [0, 1), got {t.caption_dropout}")
-    _check(t.max_length >= 2, "text.max_length", f"must be >= 2, got {t.max_length}")
-    _check(t.lr > 0, "text.lr", f"must be > 0, got {t.lr}")
-
-
-def _check_unet(u: UNetConfig, image_size: int) -> None:
-    _check(len(u.channels) >= 1 and min(u.channels) > 0, "model.unet.channels",
-           f"must be a non-empty list of positive integers, got {u.channels}")
-    factor = 2 ** (len(u.channels) - 1)
-    _check(image_size % factor == 0, "data.image_size",
-           f"{image_size} is not divisible by the UNet's downsampling factor {factor} "
-           f"(model.unet.channels has {len(u.channels)} levels)", "model.unet.channels")
-    _check(u.num_res_blocks >= 1, "model.unet.num_res_blocks",
-           f"must be >= 1, got {u.num_res_blocks}")
-    _check(0 <= u.dropout < 1, "model.unet.dropout", f"must be in [0, 1), got {u.dropout}")
-    _check(u.head_dim >= 1, "model.unet.head_dim", f"must be >= 1, got {u.head_dim}")
-    sizes = [image_size // 2 ** i for i in range(len(u.channels))]
-    for r in u.attn_resolutions:
-        _check(r in sizes, "model.unet.attn_resolutions",
-               f"resolution {r} never occurs (levels: {sizes})", "data.image_size",
-               "model.unet.channels")
-    attn_channels = [c for c, size in zip(u.channels, sizes) if size in u.attn_resolutions]
-    _check(all(c % u.head_dim == 0 for c in attn_channels), "model.unet.head_dim",
-           f"{u.head_dim} must divide the channels at attention levels {attn_channels}",
-           "model.unet.channels", "model.unet.attn_resolutions")
-    if u.self_attn_resolutions is not None:
-        extra = sorted(set(u.self_attn_resolutions) - set(u.attn_resolutions))
-        _check(not extra, "model.unet.self_attn_resolutions",
-               f"{extra} not in model.unet.attn_resolutions {u.attn_resolutions} "
-               "(self-attention lives inside the attention blocks)", "model.unet.attn_resolutions")
-    _check(u.text_layers >= 0, "model.unet.text_layers", f"must be >= 0, got {u.text_layers}")
-    if u.text_layers:
-        _check(u.text_width > 0 and u.text_width % u.head_dim == 0, "model.unet.text_width",
-               f"{u.text_width} must be a positive multiple of model.unet.head_dim {u.head_dim}",
-               "model.unet.head_dim")
-    _one_of(u.position_init, ("random", "sinusoidal"), "model.unet.position_init")
-
-
-def _check_diffusion(d: DiffusionConfig, s: SampleConfig) -> None:
-    _one_of(d.schedule, SCHEDULES, "model.diffusion.schedule")
-    _one_of(d.prediction, PREDICTIONS, "model.diffusion.prediction")
-    _check(d.timesteps >= 2, "model.diffusion.timesteps", f"must be >= 2, got {d.timesteps}")
-    _check(d.shift > 0, "model.diffusion.shift", f"must be > 0, got {d.shift}")
-    _check(d.min_snr_gamma is None or d.min_snr_gamma > 0, "model.diffusion.min_snr_gamma",
-           f"must be > 0 or null, got {d.min_snr_gamma}")
-    _one_of(s.sampler, SAMPLERS, "sample.sampler")
-    _check(1 <= s.steps <= d.timesteps, "sample.steps",
-           f"must be in [1, model.diffusion.timesteps={d.timesteps}], got {s.steps}",
-           "model.diffusion.timesteps")
-
-
-def _check_sample(s: SampleConfig) -> None:
-    _check(s.guidance >= 0, "sample.guidance", f"must be >= 0, got {s.guidance}")
-    _check(s.eta >= 0, "sample.eta", f"must be >= 0, got {s.eta}")
-
-
-def _valid_batch_sizes(batch_size: int, multiple: int) -> str:
-    """The multiples of `multiple` next to `batch_size`: '28 or 32' (or just '4' below it)."""
-    lower = batch_size // multiple * multiple
-    return " or ".join(str(b) for b in (lower, lower + multiple) if b > 0)
-
-
-def _check_train(tr: TrainConfig, world_size: int) -> None:
-    _check(tr.batch_size > 0, "train.batch_size", f"must be > 0, got {tr.batch_size}")
-    _check(tr.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {tr.grad_accum}")
-    per_step = world_size * tr.grad_accum
-    processes = f"{world_size} process{'es' if world_size != 1 else ''}"
-    _check(tr.batch_size % per_step == 0, "train.batch_size",
-           f"{tr.batch_size} is not divisible by {processes} x {tr.grad_accum} grad_accum: "
-           f"use {_valid_batch_sizes(tr.batch_size, per_step)}", "train.grad_accum")
-    _check(tr.steps >= 1, "train.steps", f"must be >= 1, got {tr.steps}")
-    _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
-    _check(tr.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {tr.warmup_steps}")
-    _one_of(tr.lr_decay, LR_DECAYS, "train.lr_decay")
-    _check(tr.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {tr.weight_decay}")
-    _check(tr.grad_clip >= 0, "train.grad_clip",
-           f"must be >= 0 (0 disables clipping), got {tr.grad_clip}")
-    _check(0 <= tr.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {tr.ema_decay}")
-    _one_of(tr.precision, PRECISIONS, "train.precision")
-    for name in ("log_every", "sample_every", "ckpt_every", "keep_last"):
-        value = getattr(tr, name)
-        _check(value >= 1, f"train.{name}", f"must be >= 1, got {value}")
-    for name in ("eval_samples", "max_bad_steps", "fid_every"):
-        value = getattr(tr, name)
-        _check(value >= 0, f"train.{name}", f"must be >= 0, got {value}")
-    _check(tr.fid_samples >= 2, "train.fid_samples",
-           f"must be >= 2 (FID needs a covariance), got {tr.fid_samples}")

@@ -32,9 +32,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from tti.atomic_file import write_json
 from tti.cli import check_at_least, run_cli
 from tti.export import ExportError
 from tti.metrics.fid import DEFAULT_RESIZE, RESIZE_MODES
+from tti.threads import use_free_cpus
 
 METRICS = ("fid", "clip", "judge")
 RESULT_KEYS = {"fid": ("fid", "fid_n", "fid_resize"), "clip": ("clip_score_gt", "clip_score_tti"),
@@ -97,15 +99,6 @@ def model_label(info: dict, eval_dir: str) -> str:
             f"step {info.get('checkpoint_step', '?')}")
 
 
-def load_images(paths: list[str]) -> list[np.ndarray]:
-    """uint8 [H, W, 3] arrays of image files."""
-    out = []
-    for path in paths:
-        with Image.open(path) as image:
-            out.append(np.asarray(image.convert("RGB")))
-    return out
-
-
 class _LazyImages:
     """A sized sequence of uint8 [H, W, 3] images read on iteration, with a tqdm bar."""
 
@@ -117,7 +110,9 @@ class _LazyImages:
 
     def __iter__(self):
         for path in tqdm(self.paths, desc=self.desc, unit="img", disable=not self.progress):
-            yield load_images([path])[0]
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+            yield array
 
 
 # ---------------------------------------------------------------- the metrics
@@ -142,24 +137,14 @@ def compute_fid(folders: dict, device: str, batch_size: int, cache_dir, progress
 
 def compute_clip(folders: dict, clip_model: str, device: str, batch_size: int,
                  progress: bool) -> dict:
-    from tti.metrics.clip_score import clip_score, load_clip
+    from tti.metrics.clip_score import clip_score_folder, load_clip
 
     loaded, reason = load_clip(clip_model, device)
     if loaded is None:
         raise RuntimeError(reason)
-    out = {}
-    for kind in ("gt", "tti"):
-        paths, ids = folders["paths"][kind], folders["ids"]
-        captions = [folders[f"{kind}_captions"][i] for i in ids]
-        scores = []
-        for start in tqdm(range(0, len(paths), batch_size), desc=f"CLIP score {kind}",
-                          unit="batch", disable=not progress):
-            images = [Image.fromarray(a) for a in load_images(paths[start:start + batch_size])]
-            scores.append(clip_score(images, captions[start:start + batch_size], loaded.model,
-                                     loaded.processor, batch_size=batch_size,
-                                     device=device)["per_image"])
-        out[f"clip_score_{kind}"] = float(np.concatenate(scores).mean())
-    return out
+    return {f"clip_score_{kind}": clip_score_folder(*folders[kind], loaded.model, loaded.processor,
+                                                    batch_size, device, progress)["mean"]
+            for kind in ("gt", "tti")}
 
 
 def compute_judge(folders: dict, data_root: str | None, progress: bool) -> dict:
@@ -242,10 +227,7 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
         except (RuntimeError, ValueError, OSError) as error:
             result[UNAVAILABLE_KEY[name]] = str(error) or type(error).__name__
         result["seconds"][name] = round(time.perf_counter() - start, 2)
-    tmp = os.path.join(eval_dir, ".metrics.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, out_path)
+    write_json(out_path, result, indent=1)
     return result
 
 
@@ -318,4 +300,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    use_free_cpus()  # not in main(): in-process callers (tests) keep their own thread count
     run_cli(main)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from tti import distributed
 from tti.cli import UserError, run_cli
 from tti.run_lock import RunLock
+from tti.threads import use_free_cpus
 
 SETTINGS_KEYS = ("checkpoint", "checkpoint_step", "use_ema", "sampler_options", "seed",
                  "data_root", "val_split", "image_size", "precision")
@@ -335,4 +336,5 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
+    use_free_cpus()  # not in main(): in-process callers (tests) keep their own thread count
     run_cli(main)

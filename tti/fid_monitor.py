@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from tti import distributed
+from tti.atomic_file import atomic_file
 from tti.checkpoint import atomic_save, checkpoint_dir
 from tti.export import choose_items, generate_items
 from tti.in_loop import is_shapes_dataset, log_judge
@@ -108,9 +109,8 @@ class FIDMonitor:
         features = gather_in_item_order(self._shard_features(real), self.info.world_size)
         if not self.info.is_main:
             return None
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, features=features, resize=np.array(DEFAULT_RESIZE))
-        os.replace(tmp, path)
+        with atomic_file(path, "wb") as f:
+            np.savez(f, features=features, resize=np.array(DEFAULT_RESIZE))
         log.print(f"FID reference: {len(features)} val images' features cached in {path}")
         return features
 

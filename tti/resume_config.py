@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from tti.config import Config, ConfigError, from_dict
+from tti.config import Config, ConfigError, flatten, from_dict
 
 FIXED, APPLIED = "fixed", "applied"
 HISTORY_FILE = "history.jsonl"
@@ -66,6 +66,7 @@ POLICY = {
     "train.compile": (APPLIED, "how kernels run"),
     "train.log_every": (APPLIED, "logging"),
     "train.sample_every": (APPLIED, "in-loop checks"),
+    "train.sample_at_end": (APPLIED, "in-loop checks"),
     "train.eval_samples": (APPLIED, "in-loop checks"),
     "train.fid_every": (APPLIED, "in-loop checks"),
     "train.fid_samples": (FIXED, "checkpoints/best.pt compares FIDs over one fixed val subset"),
@@ -87,20 +88,9 @@ def policy(key: str) -> tuple[str, str]:
     raise KeyError(f"{key}: no resume policy; add it to tti.resume_config.POLICY")
 
 
-def _leaves(data: dict, prefix: str = "") -> dict:
-    """{dotted key: value} of a nested dict (a mapping-valued option contributes its items)."""
-    out = {}
-    for name, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(_leaves(value, f"{prefix}{name}."))
-        else:
-            out[f"{prefix}{name}"] = value
-    return out
-
-
 def config_changes(old: Config, new: Config) -> dict:
     """{dotted key: (old value, new value)} for every setting that differs, in config order."""
-    before, after = _leaves(old.to_dict()), _leaves(new.to_dict())
+    before, after = flatten(old.to_dict()), flatten(new.to_dict())
     return {k: (before.get(k), after.get(k)) for k in {**before, **after}
             if before.get(k) != after.get(k)}
 

@@ -1,10 +1,10 @@
 """One writer per folder: an OS lock a run holds from before its first write until it exits.
 
 `python -m tti.train` takes it on rank 0 before writing anything into the run directory,
-`python -m tti.export` on rank 0 before writing into --out-dir, and the shapes generator
-before writing a dataset. A second launch on a held folder fails at once with a message
-naming the host, PID, start time and command of the holder, which writes them into the lock
-file (<folder>/run.lock) right after taking the lock.
+`python -m tti.export` on rank 0 before writing into --out-dir. A second launch on a held
+folder fails at once with a message naming the host, PID, start time and command of the
+holder, which writes them into the lock file (<folder>/run.lock) right after taking the lock.
+The shapes generator, the image-cache packer and the text store take one too, and wait.
 
 What it relies on:
 - POSIX record locks (fcntl.lockf). The kernel drops them when the holding process ends,

@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tti.cli import UserError, check_at_least, run_cli
 from tti.diffusion import SAMPLERS
 from tti.model import PRECISIONS, load_for_inference, to_uint8
+from tti.threads import use_free_cpus
 
 LABEL_WIDTH = 240
 
@@ -164,4 +165,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    use_free_cpus()  # not in main(): in-process callers (tests) keep their own thread count
     run_cli(main)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tti.atomic_file import write_json
 from tti.cli import UserError
 from tti.run_lock import RunLock
 
@@ -238,7 +239,7 @@ def _encode_chunks(encoder, new, counts, starts, tokens, done, chunk, progress, 
             done = start + len(lengths)
             if (index + 1) % SAVE_EVERY_CHUNKS == 0 or done == len(new):
                 tokens.flush()
-                _write_json(os.path.join(partial, "progress.json"), {"job": job, "done": done})
+                write_json(os.path.join(partial, "progress.json"), {"job": job, "done": done})
     finally:
         bar.close()
 
@@ -282,7 +283,7 @@ def _write_index(partial: str, identity: dict, base: TextStore | None, new: list
                         ("text", np.frombuffer(text, dtype=np.uint8)), ("text_ends", ends)):
         np.save(os.path.join(partial, f"{name}.npy"), array)
     meta = dict(identity, captions=len(hashes), tokens=num_tokens)
-    _write_json(os.path.join(partial, "meta.json"), meta)
+    write_json(os.path.join(partial, "meta.json"), meta)
     Path(partial, "progress.json").unlink(missing_ok=True)
 
 
@@ -294,10 +295,3 @@ def _swap_in(partial: str, folder: str) -> None:
         os.rename(folder, old)
     os.rename(partial, folder)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False)
-    os.replace(tmp, path)

@@ -52,6 +52,7 @@ from tti.resume_config import record_launch, resume_changes
 from tti.run_lock import lock_run_dir
 from tti.run_log import RunLog, describe_data
 from tti.text_store import TextStore, build_store
+from tti.threads import use_free_cpus
 from tti.train_state import (TrainState, find_checkpoint, make_train_state, resume_state,
                              save_train_state, seed_everything)
 from tti.utilisation import model_flops_per_image, utilisation
@@ -361,7 +362,7 @@ def main(argv=None) -> str:
                 save_train_state(state, cfg, info, log)
             # The last step samples too, unless the whole run is shorter than one interval
             # (a smoke run's grid shows nothing learnt and can cost minutes on a CPU).
-            final_grid = last and tr.steps >= tr.sample_every
+            final_grid = last and tr.sample_at_end and tr.steps >= tr.sample_every
             if monitor is not None and (state.step % tr.sample_every == 0 or final_grid):
                 monitor.run(model, state.ema, state.step, log)
             if fid is not None and fid.due(state.step, last):
@@ -376,4 +377,5 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
+    use_free_cpus()  # not in main(): in-process callers (tests) keep their own thread count
     run_cli(main)

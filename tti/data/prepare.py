@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -29,7 +30,9 @@ from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from tti.atomic_file import write_json
 from tti.cli import UserError
+from tti.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +261,8 @@ def prepare(root, split: str, image_size: int, cache_dir=None, num_workers: int 
     if _complete_and_fresh(paths, annotation_file):
         return paths.images
     paths.images.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(paths.lock):
+    # One builder per cache (nodes sharing a disk, two runs on one node): the others wait.
+    with RunLock(paths.lock.parent, paths.lock.name).acquire(wait_s=math.inf):
         if _complete_and_fresh(paths, annotation_file):  # done by another process meanwhile
             return paths.images
         if paths.complete():
@@ -302,7 +306,7 @@ def _pack_rows(records, image_dir: Path, image_size: int, paths: CachePaths, fin
         paths.progress.unlink(missing_ok=True)
         images = np.lib.format.open_memmap(paths.partial, mode="w+", dtype=np.uint8, shape=shape)
         state = {"fingerprint": fingerprint, "done": 0, "bad": [], "upscaled": 0}
-        _write_json(paths.progress, state)
+        write_json(paths.progress, state)
     else:
         images = np.lib.format.open_memmap(paths.partial, mode="r+")
         log.info("resuming %s at row %d of %d", paths.partial, state["done"], n)
@@ -324,11 +328,11 @@ def _pack_rows(records, image_dir: Path, image_size: int, paths: CachePaths, fin
                 _check_bad_fraction(state["bad"], n, max_bad_fraction, final=state["done"] == n)
                 if state["done"] % checkpoint_every == 0:
                     images.flush()
-                    _write_json(paths.progress, state)
+                    write_json(paths.progress, state)
     finally:  # also on an exception: what is written so far is kept for the rerun
         bar.close()
         images.flush()
-        _write_json(paths.progress, state)
+        write_json(paths.progress, state)
         del images
     return state["bad"], (state.get("upscaled", 0), state.get("upscaled_example"))
 
@@ -343,13 +347,6 @@ def _load_progress(paths: CachePaths, fingerprint: str, shape: tuple) -> dict | 
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return state if ok else None
-
-
-def _write_json(path: Path, obj) -> None:
-    """Write by rename, so a kill leaves either the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _check_bad_fraction(bad: list, total: int, max_bad_fraction: float, final: bool) -> None:
@@ -374,7 +371,7 @@ def _finish(paths: CachePaths, records, bad, stats, split, image_size, max_bad_f
              "num_images": len(keep), "images_file": paths.images.name, "skipped": stats,
              "unreadable_examples": [f"{path}: {reason}" for _, path, reason in bad[:NUM_EXAMPLES]],
              "rows": [records[row] for row in keep]}
-    _write_json(paths.index, index)
+    write_json(paths.index, index)
     if bad_rows:  # copy the good rows into a dense file; the rename below is still atomic
         source = np.load(paths.partial, mmap_mode="r")
         dense = np.lib.format.open_memmap(paths.compact, mode="w+", dtype=np.uint8,
@@ -402,19 +399,3 @@ def _note_upscaled(upscaled: tuple, records: list, split: str, image_size: int) 
     log.warning("%s: upscaled %d of %d images whose short side is under %d px (e.g. %s, "
                 "%dx%d): they hold less detail than the packed size suggests", split, count,
                 len(records), image_size, records[row]["file_name"], width, height)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path):
-    """Serialise prepare() calls on one cache (e.g. every DDP rank calling it on one host)."""
-    try:
-        import fcntl
-    except ImportError:  # no fcntl (Windows): no lock, run prepare on one process there
-        yield
-        return
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -20,6 +20,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from tti.cli import UserError
 from tti.metrics import IMAGE_EXTENSIONS
@@ -176,14 +177,15 @@ def match_images_to_captions(image_dir: str, captions_json: str) -> tuple[list[s
 
 
 def clip_score_folder(image_dir: str, captions_json: str, model, processor, batch_size: int = 64,
-                      device: str = "cpu") -> dict:
+                      device: str = "cpu", progress: bool = False) -> dict:
     """CLIP-S of a folder of images against {"<image id>": "<caption>"} (ids = file stems).
 
     Returns {"mean": float, "per_image": float64 [N], "ids": N ids in the order of per_image}.
     """
     ids, paths, captions = match_images_to_captions(image_dir, captions_json)
     per_image = []
-    for start in range(0, len(ids), batch_size):
+    for start in tqdm(range(0, len(ids), batch_size), desc=f"CLIP score {image_dir}",
+                      unit="batch", disable=not progress):
         images = []
         for path in paths[start:start + batch_size]:
             with Image.open(path) as image:

@@ -37,6 +37,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
+from tti.atomic_file import atomic_file
 from tti.cli import UserError, check_at_least, run_cli
 from tti.metrics import IMAGE_EXTENSIONS
 
@@ -326,10 +327,9 @@ def folder_stats(folder: str, batch_size: int = 50, device: str = "cpu", num_wor
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, resize: str | None = None) -> None:
     """Write stats as `.npz` with keys mu, sigma (pytorch-fid's format) and the resize, atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.npz"
     extra = {} if resize is None else {"resize": np.array(resize)}
-    np.savez(tmp, mu=mu, sigma=sigma, **extra)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as f:
+        np.savez(f, mu=mu, sigma=sigma, **extra)
 
 
 def load_stats(path: str, resize: str | None = None) -> tuple[np.ndarray, np.ndarray]:
