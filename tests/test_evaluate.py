@@ -103,7 +103,7 @@ def test_end_to_end_metrics_json(tiny_export, fake_inception, tmp_path):
             assert key in acc
         assert acc["seen"]["count"] + acc["held_out"]["count"] == N
     assert result["caption_accuracy_gt"]["all"] >= 0.9  # the dataset's own renders
-    assert result["model"].startswith("shapes32: 32x32 (packaged-minilm frozen), DDIM 4, g=2")
+    assert result["model"].startswith("shapes32: 32x32 (packaged-minilm frozen), DPM++(2M) 4, g=2")
 
 
 def test_pytorch_fid_resize_is_used_and_named(tiny_export, fake_inception, tmp_path):

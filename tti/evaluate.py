@@ -92,8 +92,10 @@ def model_label(info: dict, eval_dir: str) -> str:
     if cfg["model"] != "diffusion":  # alignDRAW has no sampler options: prior + mean canvas
         return (f"{cfg['dataset']}: {s}x{s} {cfg['model']} (word embeddings + BiLSTM), "
                 f"step {info.get('checkpoint_step', '?')}")
+    names = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM++(2M)"}
+    name = names.get(o.get("sampler"), str(o.get("sampler")))
     sampler = f"DDPM {cfg.get('timesteps', '')}".strip() if o.get("sampler") == "ddpm" \
-        else f"DDIM {o.get('steps')}"
+        else f"{name} {o.get('steps')}"
     guide = f", g={o['guidance']:g}" if "guidance" in o else ""
     return (f"{cfg['dataset']}: {s}x{s} ({text}), {sampler}{guide}, "
             f"step {info.get('checkpoint_step', '?')}")

@@ -47,7 +47,8 @@ class InLoopMonitor:
                 fast = dict(opts, steps=min(opts.get("steps", 50), 25))
                 samples = generate(model, self.eval_captions, n=1, seed=1, **fast)
                 acc = judge_batch(samples, self.eval_captions)
-                how = "DDIM 25" if self.cfg.model.kind == "diffusion" else "prior samples"
+                how = (f"{fast.get('sampler', 'ddim')} {fast['steps']}"
+                       if self.cfg.model.kind == "diffusion" else "prior samples")
                 flat = log_judge(log, step, acc, "judge",
                                  f"on {len(self.eval_captions)} val captions ({how})")
                 with open(self.history_path, "a") as f:

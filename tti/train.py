@@ -360,10 +360,14 @@ def main(argv=None) -> str:
                                         progress)
             if state.step % tr.ckpt_every == 0 or last:
                 save_train_state(state, cfg, info, log)
-            # The last step samples too, unless the whole run is shorter than one interval
-            # (a smoke run's grid shows nothing learnt and can cost minutes on a CPU).
-            final_grid = last and tr.sample_at_end and tr.steps >= tr.sample_every
-            if monitor is not None and (state.step % tr.sample_every == 0 or final_grid):
+            # The last step samples too, unless train.sample_at_end is off (the caller samples
+            # next) or the run is shorter than one interval (a smoke run's grid shows nothing
+            # learnt and can cost minutes on a CPU), even when it falls on the interval.
+            if last:
+                sample_now = tr.sample_at_end and tr.steps >= tr.sample_every
+            else:
+                sample_now = state.step % tr.sample_every == 0
+            if monitor is not None and sample_now:
                 monitor.run(model, state.ema, state.step, log)
             if fid is not None and fid.due(state.step, last):
                 fid.run(state, log)
