@@ -92,7 +92,7 @@ def model_label(info: dict, eval_dir: str) -> str:
     if cfg["model"] != "diffusion":  # alignDRAW has no sampler options: prior + mean canvas
         return (f"{cfg['dataset']}: {s}x{s} {cfg['model']} (word embeddings + BiLSTM), "
                 f"step {info.get('checkpoint_step', '?')}")
-    names = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM++(2M)"}
+    names = {"ddim": "DDIM", "dpmpp2m": "DPM++(2M)"}  # DDPM: named with its T below
     name = names.get(o.get("sampler"), str(o.get("sampler")))
     sampler = f"DDPM {cfg.get('timesteps', '')}".strip() if o.get("sampler") == "ddpm" \
         else f"{name} {o.get('steps')}"
