@@ -137,7 +137,9 @@ def runs(coco, tmp_path_factory):
     dirs = {name: tmp_path_factory.mktemp(name) for name in ("clean", "killed")}
     clean = launch(coco, dirs["clean"] / "results", dirs["clean"], nodes=1)
     killed = launch(coco, dirs["killed"] / "results", dirs["killed"], nodes=2)
-    first_checkpoint = dirs["killed"] / "results" / RUN / "checkpoints" / f"{CKPT_EVERY:07d}.pt"
+    # latest.pt, not the step file: the step file is written first and latest.pt linked to it
+    # after, so a kill between the two would (rightly) restart from scratch.
+    first_checkpoint = dirs["killed"] / "results" / RUN / "checkpoints" / "latest.pt"
     deadline = time.monotonic() + 180
     try:
         while not first_checkpoint.exists():
