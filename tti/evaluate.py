@@ -130,7 +130,7 @@ def compute_fid(folders: dict, device: str, batch_size: int, cache_dir, progress
         raise ValueError(f"FID needs at least 2 images per side, the export has {n}")
     if progress:
         print(f"FID ({resize} resize): Inception features of 2 x {n} images (cached per "
-              f"folder), then a 2048 x 2048 matrix square root (~40 s on a CPU)")
+              f"folder), then a 2048 x 2048 matrix square root")
     value = fid.fid_from_folders(folders["gt"][0], folders["tti"][0], batch_size=batch_size,
                                  device=device, cache_dir=cache_dir, progress=progress,
                                  resize=resize)
