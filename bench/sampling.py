@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from tti.diffusion import SAMPLERS
+from tti.diffusion import SAMPLER_NAMES, SAMPLERS
 from tti.export import choose_items, generate_items
 from tti.in_loop import is_shapes_dataset
 from tti.model import PRECISIONS, load_for_inference
@@ -49,7 +49,7 @@ from tti.model import PRECISIONS, load_for_inference
 GUIDANCES = (1.0, 2.0, 3.0, 5.0)
 FULL_STEPS = (10, 25, 50, 100)
 SWEEP_GUIDANCES = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
-DISPLAY_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM++(2M)", "gt": "ground truth"}
+DISPLAY_NAMES = {**SAMPLER_NAMES, "gt": "ground truth"}
 
 
 def grid(full: bool, n: int, ddpm_n: int | None) -> list[dict]:

@@ -19,6 +19,7 @@ from tti.text import TextBatch
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
 SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM++(2M)"}  # in tables and labels
 
 
 def make_betas(schedule: str, timesteps: int, shift: float = 1.0) -> torch.Tensor:

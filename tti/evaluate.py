@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from tti.atomic_file import write_json
 from tti.cli import check_at_least, run_cli
+from tti.diffusion import SAMPLER_NAMES
 from tti.export import ExportError
 from tti.metrics.fid import DEFAULT_RESIZE, RESIZE_MODES
 from tti.threads import use_free_cpus
@@ -92,8 +93,7 @@ def model_label(info: dict, eval_dir: str) -> str:
     if cfg["model"] != "diffusion":  # alignDRAW has no sampler options: prior + mean canvas
         return (f"{cfg['dataset']}: {s}x{s} {cfg['model']} (word embeddings + BiLSTM), "
                 f"step {info.get('checkpoint_step', '?')}")
-    names = {"ddim": "DDIM", "dpmpp2m": "DPM++(2M)"}  # DDPM: named with its T below
-    name = names.get(o.get("sampler"), str(o.get("sampler")))
+    name = SAMPLER_NAMES.get(o.get("sampler"), str(o.get("sampler")))
     sampler = f"DDPM {cfg.get('timesteps', '')}".strip() if o.get("sampler") == "ddpm" \
         else f"{name} {o.get('steps')}"
     guide = f", g={o['guidance']:g}" if "guidance" in o else ""
