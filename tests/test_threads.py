@@ -6,10 +6,14 @@ import torch
 from tti import threads
 
 
-def scripted_cpu_times(monkeypatch, busy_per_cpu: list):
-    """Make /proc/stat report, between two reads, each CPU busy for the given fraction."""
-    reads = iter([{cpu: (0, 0) for cpu in range(len(busy_per_cpu))},
-                  {cpu: (int(100 * f), 100) for cpu, f in enumerate(busy_per_cpu)}])
+def scripted_cpu_times(monkeypatch, busy_per_cpu: list, later_samples: list = ()):
+    """Make /proc/stat report each CPU busy for the given fraction in the first sample, and
+    in later samples as `later_samples` says (a list of such lists; by default as the first)."""
+    samples = [busy_per_cpu, *later_samples]
+    samples += [samples[-1]] * threads.SAMPLES
+    reads = iter(read for busy in samples
+                 for read in ({cpu: (0, 0) for cpu in range(len(busy))},
+                              {cpu: (int(100 * f), 100) for cpu, f in enumerate(busy)}))
     monkeypatch.setattr(threads, "_cpu_times", lambda cpus: next(reads))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(len(busy_per_cpu))))
 
@@ -17,6 +21,13 @@ def scripted_cpu_times(monkeypatch, busy_per_cpu: list):
 def test_a_cpu_another_process_keeps_busy_is_not_used(monkeypatch):
     scripted_cpu_times(monkeypatch, [1.0, 0.0])  # a one-core busy loop on a 2-CPU machine
     assert threads.free_cpus(sample_s=0) == 1
+
+
+def test_a_blip_in_one_sample_does_not_take_a_cpu(monkeypatch):
+    scripted_cpu_times(monkeypatch, [1.0, 0.0], later_samples=[[0.0, 0.0]])
+    assert threads.free_cpus(sample_s=0) == 2
+    scripted_cpu_times(monkeypatch, [0.0, 0.0], later_samples=[[0.0, 1.0], [1.0, 0.0]])
+    assert threads.free_cpus(sample_s=0) == 2
 
 
 def test_light_load_leaves_every_cpu_and_full_load_still_one(monkeypatch):

@@ -6,7 +6,9 @@ each matmul) waits for it, so two threads run many times slower than one
 (bench/results/busy_core_2026-12-01.md). Each command-line entry point therefore calls
 `use_free_cpus()` once before any work: OMP_NUM_THREADS, when the user set it, wins;
 otherwise torch gets one thread per CPU of this process's affinity mask that other
-processes left idle over a short sample of /proc/stat.
+processes left idle over a few short samples of /proc/stat. The least busy sample counts: a
+busy loop is busy in all of them, while a blip (a process exiting, an editor saving) that
+filled one sample once cost a whole quickstart run its second thread.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import os
 import sys
 import time
 
-SAMPLE_S = 0.25  # long enough for ~25 scheduler ticks per CPU, short beside any command
+SAMPLE_S = 0.2  # long enough for ~20 scheduler ticks per CPU, short beside any command
+SAMPLES = 3     # back to back; the least busy one counts
 
 
 def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
@@ -50,10 +53,12 @@ def busy_cpus(cpus: set[int], sample_s: float = SAMPLE_S) -> float:
 def free_cpus(sample_s: float = SAMPLE_S) -> int:
     """The CPUs this process may run on that are idle now: at least 1.
 
-    A CPU counts as taken when other processes keep it busy half the time or more.
+    Other processes take the CPUs they kept busy, rounded, in the least busy of SAMPLES
+    back-to-back samples.
     """
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    return max(1, len(cpus) - int(busy_cpus(cpus, sample_s) + 0.5))
+    busy = min(busy_cpus(cpus, sample_s) for _ in range(SAMPLES))
+    return max(1, len(cpus) - int(busy + 0.5))
 
 
 def use_free_cpus(sample_s: float = SAMPLE_S) -> int:
