@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import tempfile
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -31,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tti.config import Config, load_config
 from tti.model import TextToImage, build, build_generator
 from tti.text import TextEncoder, packaged_minilm_path
+from tti.text_store import TextStore, build_store
 
 # roberta-base's config.json, as from_pretrained("roberta-base") reads it.
 ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12,
@@ -76,8 +78,15 @@ def costs(path: str) -> dict:
     captions = cfg.sample.captions or load_config(FALLBACK_CAPTIONS).sample.captions
     torch.manual_seed(0)
     model = model_for(cfg, captions)
-    if getattr(model.text, "use_cache", False):
-        model.text.warm(captions, cache_file=None)  # as after the first epoch
+    with tempfile.TemporaryDirectory() as store_dir:
+        if getattr(model.text, "use_cache", False):  # read from a store, as training does
+            build_store(model.text, captions, os.path.join(store_dir, "store"))
+            model.text.use_store(TextStore(os.path.join(store_dir, "store")))
+        return row(path, cfg, model, captions)
+
+
+def row(path: str, cfg, model: TextToImage, captions: list[str]) -> dict:
+    """The table's row for `model`, built from the config at `path`."""
     size = cfg.data.image_size
     images = torch.rand(len(captions), 3, size, size) * 2 - 1
     flops, text_flops = count(model, images, captions)
