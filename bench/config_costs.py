@@ -78,10 +78,11 @@ def costs(path: str) -> dict:
     captions = cfg.sample.captions or load_config(FALLBACK_CAPTIONS).sample.captions
     torch.manual_seed(0)
     model = model_for(cfg, captions)
-    with tempfile.TemporaryDirectory() as store_dir:
+    with tempfile.TemporaryDirectory() as tmp:
         if getattr(model.text, "use_cache", False):  # read from a store, as training does
-            build_store(model.text, captions, os.path.join(store_dir, "store"))
-            model.text.use_store(TextStore(os.path.join(store_dir, "store")))
+            store = os.path.join(tmp, "store")
+            build_store(model.text, captions, store)
+            model.text.use_store(TextStore(store))
         return row(path, cfg, model, captions)
 
 

@@ -7,7 +7,7 @@ each matmul) waits for it, so two threads run many times slower than one
 `use_free_cpus()` once before any work: OMP_NUM_THREADS, when the user set it, wins;
 otherwise torch gets one thread per CPU of this process's affinity mask that other
 processes left idle over a few short samples of /proc/stat. The least busy sample counts: a
-busy loop is busy in all of them, while a blip (a process exiting, an editor saving) that
+busy loop is busy in all of them, while a blip (a process starting or exiting) that
 filled one sample once cost a whole quickstart run its second thread.
 """
 from __future__ import annotations
