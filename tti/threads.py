@@ -57,8 +57,12 @@ def free_cpus(sample_s: float = SAMPLE_S) -> int:
     back-to-back samples.
     """
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-    busy = min(busy_cpus(cpus, sample_s) for _ in range(SAMPLES))
-    return max(1, len(cpus) - int(busy + 0.5))
+    taken = len(cpus)
+    for _ in range(SAMPLES):  # stop at a sample with nothing taken: the least can't go lower
+        taken = min(taken, int(busy_cpus(cpus, sample_s) + 0.5))
+        if taken == 0:
+            break
+    return max(1, len(cpus) - taken)
 
 
 def use_free_cpus(sample_s: float = SAMPLE_S) -> int:
