@@ -7,7 +7,7 @@ core" starts `python -c "while True: pass"` first and stops it after. Policies:
   torch default                  torch's own choice: one OpenMP thread per CPU
   OMP_WAIT_POLICY=PASSIVE        the same threads, sleeping instead of spinning at barriers
   OMP_NUM_THREADS=1              one thread, what the README advised on a shared box
-  tti.threads                    use_free_cpus(), what the entry points call
+  tti.infra.threads                    use_free_cpus(), what the entry points call
 Run from the repository root when the machine is otherwise idle (the load is printed):
     python -m bench.busy_core                      # ~5 minutes on 2 cores
 """
@@ -20,31 +20,32 @@ import subprocess
 import sys
 import time
 
-from tti.threads import busy_cpus, use_free_cpus
+from tti.infra.threads import busy_cpus, use_free_cpus
 
 POLICIES = {
     "torch default": {},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
     "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
-    "tti.threads": {},
+    "tti.infra.threads": {},
 }
 BUSY_LOOP = [sys.executable, "-c", "while True: pass"]
 
 
 def worker(policy: str, batch: int, steps: int, warmup: int, precision: str) -> dict:
     """Time `steps` training steps in this process; the thread policy applied first."""
-    if policy == "tti.threads":
+    if policy == "tti.infra.threads":
         use_free_cpus()
     import statistics
 
     import torch
 
     from bench.train_throughput import Trainer, call_ours
-    from tti.config import load_config
-    from tti.model import amp_dtype, build_unet
+    from tti.config.load import load_config
+    from tti.infra.precision import amp_dtype
+    from tti.models.backbones.unet import UNet
 
     torch.manual_seed(0)
-    model = build_unet(load_config("configs/shapes32.yaml").model.unet, 32, context_dim=384)
+    model = UNet(load_config("configs/shapes32.yaml").model.unet, 32, context_dim=384)
     device = torch.device("cpu")
     trainer = Trainer(policy, model, call_ours, batch, 32, 14, 384, device,
                       amp_dtype(precision, device))

@@ -5,7 +5,7 @@ state they need, and FLOPs per training image (torch.utils.flop_counter).
     python -m bench.config_costs configs/coco64_ft_roberta.yaml
 
 The FLOPs are one training step's forward + backward of the model the config builds
-(`tti.model.build`: text encoder + UNet diffusion loss, or alignDRAW's bound), divided by
+(`tti.models.text_to_image.build`: text encoder + UNet diffusion loss, or alignDRAW's bound), divided by
 the batch, on a batch of the config's own grid captions (sample.captions) at its image size,
 with attention through the math kernel so the counter sees every matmul. The text encoder
 counts as it runs in training: forward + backward when fine-tuned, forward when frozen
@@ -29,10 +29,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tti.config import Config, load_config
-from tti.model import TextToImage, build, build_generator
-from tti.text import TextEncoder, packaged_minilm_path
-from tti.text_store import TextStore, build_store
+from tti.config.load import load_config
+from tti.config.schema import Config
+from tti.config.registry import MODEL_KINDS
+from tti.models.text_to_image import TextToImage, build
+from tti.text.encoder import TextEncoder
+from tti.text.source import packaged_minilm_path
+from tti.text.store import TextStore, build_store
 
 # roberta-base's config.json, as from_pretrained("roberta-base") reads it.
 ROBERTA_BASE = dict(vocab_size=50265, hidden_size=768, num_hidden_layers=12,
@@ -53,7 +56,7 @@ def model_for(cfg: Config, captions: list[str]) -> TextToImage:
                        hidden_layer=t.hidden_layer,
                        tokenizer=AutoTokenizer.from_pretrained(packaged_minilm_path()),
                        model=RobertaModel(RobertaConfig(**ROBERTA_BASE)))
-    return TextToImage(text, build_generator(cfg, text))
+    return TextToImage(text, MODEL_KINDS.get(cfg.model.kind).build(cfg, text))
 
 
 def count(model: TextToImage, images: torch.Tensor, captions: list[str]) -> tuple[float, float]:
@@ -66,7 +69,7 @@ def count(model: TextToImage, images: torch.Tensor, captions: list[str]) -> tupl
             text.tokens.backward(torch.randn_like(text.tokens))
     text = type(text)(text.tokens.detach(), text.mask)
     with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
-        model.generator.loss(images, text).backward()
+        model.image_model.loss(images, text).backward()
     model.zero_grad(set_to_none=True)
     text_flops = text_counter.get_total_flops()
     return (counter.get_total_flops() + text_flops) / len(captions), text_flops / len(captions)
@@ -94,7 +97,7 @@ def row(path: str, cfg, model: TextToImage, captions: list[str]) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     if cfg.model.kind == "aligndraw":
-        trainable -= model.generator.caption_encoder.embed.weight.numel()
+        trainable -= model.image_model.caption_encoder.embed.weight.numel()
     tokenizer = getattr(model.text, "tokenizer", None)
     tokens = (sum(len(ids) for ids in tokenizer(captions)["input_ids"]) / len(captions)
               if tokenizer is not None else None)

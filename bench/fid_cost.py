@@ -28,11 +28,12 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from tti.config import load_config
-from tti.diffusion import Diffusion
-from tti.metrics.fid import INCEPTION_SIZE, load_inception
-from tti.model import build_unet
-from tti.text import TextBatch
+from tti.config.load import load_config
+from tti.models.diffusion import Diffusion
+from tti.eval.metrics.fid import INCEPTION_SIZE, load_inception
+from tti.models.backbones.unet import UNet
+from tti.models.objectives.gaussian import GaussianDiffusion
+from tti.text.batch import TextBatch
 
 COCO_CONFIGS = ["configs/coco32_frozen_roberta.yaml", "configs/coco32_ft_roberta.yaml",
                 "configs/coco64_frozen_roberta.yaml", "configs/coco64_ft_roberta.yaml"]
@@ -55,7 +56,7 @@ def text_encoder(t) -> torch.nn.Module:
         config = RobertaConfig()
         config.num_hidden_layers = t.hidden_layer % (config.num_hidden_layers + 1)
         return RobertaModel(config, add_pooling_layer=False)
-    from tti.text import TextEncoder
+    from tti.text.encoder import TextEncoder
     return TextEncoder(t.name, hidden_layer=t.hidden_layer).model.requires_grad_(True)
 
 
@@ -76,14 +77,14 @@ def encoder_flops(encoder: torch.nn.Module, tokens: int, backward: bool) -> floa
 def unet_flops(cfg, context_dim: int, tokens: int) -> tuple[float, float]:
     """(one UNet forward, one training step's forward + backward) per image."""
     size = cfg.data.image_size
-    diffusion = Diffusion(build_unet(cfg.model.unet, size, context_dim), image_size=size,
-                          timesteps=cfg.model.diffusion.timesteps,
-                          prediction=cfg.model.diffusion.prediction)
+    diffusion = Diffusion(UNet(cfg.model.unet, size, context_dim),
+                          GaussianDiffusion(timesteps=cfg.model.gaussian.timesteps,
+                                            prediction=cfg.model.gaussian.prediction))
     images = torch.rand(2, 3, size, size) * 2 - 1
     text = TextBatch(torch.randn(2, tokens, context_dim), torch.ones(2, tokens, dtype=torch.bool))
     train = count(lambda: diffusion.loss(images, text).backward()) / 2
     with torch.no_grad():
-        forward = count(lambda: diffusion.unet(images, torch.zeros(2, dtype=torch.long), text)) / 2
+        forward = count(lambda: diffusion.backbone(images, torch.zeros(2), text)) / 2
     return forward, train
 
 

@@ -6,7 +6,7 @@
 It prints:
 1. Training throughput of the COCO configs (coco32/coco64, frozen and fine-tuned RoBERTa):
    img/s, peak memory, training FLOPs per image, achieved TFLOP/s and MFU against the
-   device's dense bf16 peak (tti/utilisation.py's table; "unknown" for other devices), eager
+   device's dense bf16 peak (tti/training/utilisation.py's table; "unknown" for other devices), eager
    and with torch.compile, under DDP on every visible GPU (one torchrun launch). Each row is
    the real training step (tti.train.train_step) on synthetic batches: random images and
    COCO-like captions, which the frozen configs read from a text store built first, as
@@ -44,7 +44,7 @@ DRY_MODEL = ["model.unet.channels=[16, 32]", "model.unet.num_res_blocks=1",
              "model.unet.head_dim=16", "model.unet.text_layers=0", "data.image_size=32"]
 DRY_THROUGHPUT = DRY_MODEL + ["train.batch_size=4", "text.max_length=8"]  # one text length: one compile
 DRY_JUDGE = DRY_MODEL + ["data.shapes_train=48", "data.shapes_val=8", "train.batch_size=8",
-                         "train.eval_samples=8", "sample.steps=2", "model.diffusion.timesteps=100",
+                         "train.eval_samples=8", "sample.steps=2", "model.gaussian.timesteps=100",
                          "sample.captions=['a large red circle']"]
 
 
@@ -74,7 +74,7 @@ def parse_args(argv=None):
 
 def device_report(device: torch.device) -> tuple[str, float | None]:
     """(a line on the devices, the dense bf16 peak of one in TFLOP/s or None)."""
-    from tti.utilisation import peak_tflops
+    from tti.training.utilisation import peak_tflops
 
     if device.type != "cuda":
         return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}", None
@@ -87,8 +87,8 @@ def device_report(device: torch.device) -> tuple[str, float | None]:
 def roberta(work: str, captions: list[str], dry: bool) -> tuple[str, str]:
     """(text.name for the COCO configs, what it is): roberta-base if its weights load here,
     else a random RoBERTa (roberta-base's shape; tiny in a dry run) built on `captions`."""
-    from tti.text_source import TextEncoderError, check_text_encoder
-    from tti.tiny_roberta import build_tiny_roberta
+    from tti.text.source import TextEncoderError, check_text_encoder
+    from tti.text.tiny_roberta import build_tiny_roberta
 
     if not dry:
         try:
@@ -103,7 +103,8 @@ def roberta(work: str, captions: list[str], dry: bool) -> tuple[str, str]:
 
 
 def judge_config(args, work: str):
-    from tti.config import load_config
+    import tti.models  # noqa: F401  (registers the plug-ins the config names)
+    from tti.config.load import load_config
 
     sets = [f"data.root={os.path.join(work, 'shapes')}", f"run.results_dir={work}/results",
             f"train.steps={args.judge_steps}", f"train.sample_every={args.judge_steps}",
@@ -141,12 +142,14 @@ def synthetic_steps(cfg, info, pool: list[str]):
 
 def measure_row(plan: dict, config: str, compiled: bool, info, pool: list[str], log) -> dict:
     """Build one config's model and optimizer as training does, time its training step."""
-    from tti import distributed
-    from tti.config import load_config, validate
-    from tti.model import build, to_model_range
-    from tti.train import for_training, open_text_store, train_step
-    from tti.train_state import make_train_state
-    from tti.utilisation import model_flops_per_image, peak_memory_gib
+    from tti.infra import distributed
+    from tti.config.load import load_config
+    from tti.config.rules import validate
+    from tti.models.text_to_image import build, to_model_range
+    from tti.training.loop import train_step
+    from tti.training.setup import for_training, open_text_store
+    from tti.training.state import make_train_state
+    from tti.training.utilisation import model_flops_per_image, peak_memory_gib
 
     sets = [f"text.name={plan['text_name']}", f"data.cache_dir={plan['work']}/cache"] + plan["sets"]
     cfg = load_config(os.path.join(REPO, "configs", f"{config}.yaml"), sets)
@@ -189,8 +192,8 @@ def sync(device: torch.device) -> None:
 def worker(plan_path: str) -> None:
     """One torchrun process: every row of the plan; rank 0 writes the results."""
     from bench.text_store import coco_like_captions
-    from tti import distributed
-    from tti.run_log import RunLog
+    from tti.infra import distributed
+    from tti.training.run_log import RunLog
 
     with open(plan_path) as f:
         plan = json.load(f)

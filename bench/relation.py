@@ -1,7 +1,7 @@
 """Why is "relation" wrong? Two diagnostics for a model trained on the embedded shapes dataset.
 
 1. Layout outcomes: n two-object val captions are sampled (the config's sampler) and each
-   image's relation is classified by the judge (tti.metrics.judge.relation_outcome):
+   image's relation is classified by the judge (tti.eval.metrics.judge.relation_outcome):
    correct / swapped (right axis, objects in the opposite order) / other axis / too close /
    missing, split by whether the caption names the left/top object first. A model that knows
    the axis but not which object goes where scores ~50% correct and ~50% swapped.
@@ -39,9 +39,10 @@ import torch
 
 from tti.data.shapes import (COLOURS, Scene, ShapeObject, canonical_caption, generate_examples,
                              parse_caption, render, sample_centres)
-from tti.metrics.judge import RELATION_OUTCOMES, judge_image, relation_outcome
-from tti.model import PRECISIONS, load_for_inference
-from tti.sample import generate
+from tti.eval.metrics.judge import RELATION_OUTCOMES, judge_image, relation_outcome
+from tti.infra.precision import PRECISIONS
+from tti.models.text_to_image import load_for_inference
+from tti.eval.grid import generate
 
 PAIRS = (("red", "blue"), ("green", "purple"), ("yellow", "cyan"))
 
@@ -96,7 +97,7 @@ def caption_for(a: str, b: str, relation: str) -> str:
 def stated_order_separation(model, t: int, draws: int = 64, seed: int = 0) -> list[float]:
     """Per caption (PAIRS x {left of, right of}): colour_separation of the mean x0 prediction
     from noise at t, signed so that + = the first-named object on the stated side."""
-    diffusion = model.generator
+    diffusion = model.image_model
     size = diffusion.image_size
     device = next(diffusion.parameters()).device
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -179,10 +180,10 @@ def main(argv=None) -> None:
         cells = [f"{counts[o] / total:.3f}" if total else "n/a" for o in RELATION_OUTCOMES]
         print(f"| {name} | {total} | " + " | ".join(cells) + " |")
 
-    big_t = cfg.model.diffusion.timesteps
+    big_t = cfg.model.gaussian.timesteps
     steps = args.timesteps or [int(big_t * f) - 1 for f in (1.0, 0.9, 0.7)]
     print(f"\n## Stated-order separation of the mean x0 prediction from noise (pixels, + = stated "
-          f"order; the same measure on the mean of real renders: {data_separation(model.generator.image_size):+.2f})\n")
+          f"order; the same measure on the mean of real renders: {data_separation(model.image_model.image_size):+.2f})\n")
     print("| t | " + " | ".join(f"{a}/{b} {r}" for a, b in PAIRS for r in ("left", "right")) + " | mean |")
     print("|---|" + "---|" * (2 * len(PAIRS) + 1))
     for t in steps:

@@ -41,15 +41,16 @@ import time
 
 import torch
 
-from tti.diffusion import SAMPLER_NAMES, SAMPLERS
-from tti.export import choose_items, generate_items
-from tti.in_loop import is_shapes_dataset
-from tti.model import PRECISIONS, load_for_inference
+from tti.config.registry import all_samplers
+from tti.eval.items import choose_items, generate_items
+from tti.data.shapes_folder import is_shapes_dataset
+from tti.infra.precision import PRECISIONS
+from tti.models.text_to_image import load_for_inference
 
 GUIDANCES = (1.0, 2.0, 3.0, 5.0)
 FULL_STEPS = (10, 25, 50, 100)
 SWEEP_GUIDANCES = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
-DISPLAY_NAMES = {**SAMPLER_NAMES, "gt": "ground truth"}
+DISPLAY_NAMES = {**all_samplers(), "gt": "ground truth"}
 
 
 def grid(full: bool, n: int, ddpm_n: int | None) -> list[dict]:
@@ -69,7 +70,7 @@ def parse_setting(text: str, n: int) -> dict:
     steps; the optional fourth field is eta, 0 by default, for DDIM and dpmpp2m)."""
     try:
         sampler, steps, guidance, *rest = text.split(":")
-        if sampler not in SAMPLERS or len(rest) > 1 or (rest and sampler == "ddpm"):
+        if sampler not in all_samplers() or len(rest) > 1 or (rest and sampler == "ddpm"):
             raise ValueError
         eta = float(rest[0]) if rest else 0.0
         if eta < 0:
@@ -78,7 +79,7 @@ def parse_setting(text: str, n: int) -> dict:
                    guidance=float(guidance), n=n, eta=eta)
     except ValueError:
         raise SystemExit(f"--settings: {text!r} is not sampler:steps:guidance[:eta] with a sampler "
-                         f"of {SAMPLERS}, e.g. ddim:50:2, dpmpp2m:20:2:0.5 or ddpm:all:2") from None
+                         f"of {tuple(all_samplers())}, e.g. ddim:50:2, dpmpp2m:20:2:0.5 or ddpm:all:2") from None
     return row
 
 
@@ -142,7 +143,7 @@ def sample_or_reuse(model, items, row: dict, args, rows_dir: str | None, identit
 
 
 def fid_against(reference_stats, images: torch.Tensor, device: str) -> float:
-    from tti.metrics.fid import frechet_distance, inception_features, stats
+    from tti.eval.metrics.fid import frechet_distance, inception_features, stats
 
     mu, sigma = stats(inception_features(images, device=device, progress=False))
     return frechet_distance(*reference_stats, mu, sigma)
@@ -310,7 +311,7 @@ def sample_all(model, items, rows: list[dict], args, timesteps: int) -> list[tup
     print(f"{len(rows)} settings, {total} UNet evaluations, about {total * per_eval / 60:.1f} min "
           f"of sampling on {args.device}" + ("" if args.fid else "; FID off (--fid to add it)"))
     rows_dir = os.path.splitext(args.out)[0] + ".rows" if args.out else None
-    weights = sum(p.detach().double().sum().item() for p in model.generator.parameters())
+    weights = sum(p.detach().double().sum().item() for p in model.image_model.parameters())
     identity = dict(weights=weights, items=[it.caption for it in items], seed=args.seed,
                     device=args.device, batch_size=args.batch_size, precision=str(model.sample_dtype))
     sampled = [None] * len(rows)
@@ -328,7 +329,7 @@ def sample_all(model, items, rows: list[dict], args, timesteps: int) -> list[tup
 
 def score(sampled, val, items, shapes: bool, args) -> list[dict]:
     """The ground-truth row, then each sampled row judged (and with FID if asked)."""
-    from tti.metrics.judge import judge_batch, judge_image, summarize_verdicts
+    from tti.eval.metrics.judge import judge_batch, judge_image, summarize_verdicts
 
     gt_images = torch.stack([val[it.row][0] for it in items])
     captions = [it.caption for it in items]
@@ -336,7 +337,7 @@ def score(sampled, val, items, shapes: bool, args) -> list[dict]:
                 "accuracy": judge_batch(gt_images, captions) if shapes else None}]
     reference = None
     if args.fid:
-        from tti.metrics.fid import inception_features, stats
+        from tti.eval.metrics.fid import inception_features, stats
         reference = stats(inception_features(gt_images, device=args.device, progress=False))
     for result, images in sampled:
         result["accuracy"] = None
@@ -365,7 +366,7 @@ def main(argv=None) -> list[dict]:
     if against and any(len(r["correct"]) != n for r in against):
         raise SystemExit(f"--against {args.against}: its rows are over "
                          f"{len(against[0]['correct'])} captions, this study over {n}")
-    timesteps = cfg.model.diffusion.timesteps
+    timesteps = cfg.model.gaussian.timesteps
     if args.guidance_sweep:
         rows = sweep_rows(args.sweep_sampler, cfg.sample, n)
     elif args.settings:
@@ -381,7 +382,7 @@ def main(argv=None) -> list[dict]:
                    else f"CPU, {torch.get_num_threads()} threads ({cpu})")
     paired = shapes and (args.settings or args.guidance_sweep)
     text = (f"Sampler study: {args.checkpoint} ({cfg.run.dataset}, T={timesteps}, "
-            f"{sum(p.numel() for p in model.generator.parameters()) / 1e6:.1f}M parameters), "
+            f"{sum(p.numel() for p in model.image_model.parameters()) / 1e6:.1f}M parameters), "
             f"{device_name}, batch {args.batch_size}, seed {args.seed}. "
             f"Steps = UNet evaluations per image (guidance batched). All correct = the judge "
             f"finds colour, shape, size, relation right and no extra object; img/s = sampling "

@@ -17,13 +17,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tti import distributed
-from tti.config import load_config
-from tti.data.sampler import resumable_batches
-from tti.model import to_model_range
-from tti.run_log import RunLog
-from tti.train import build_model, make_loader, open_datasets, train_step
-from tti.train_state import make_train_state
+from tti.infra import distributed
+from tti.config.load import load_config
+from tti.data.order import resumable_batches
+from tti.models.text_to_image import to_model_range
+from tti.training.run_log import RunLog
+from tti.training.loop import train_step
+from tti.training.setup import build_model, make_loader, open_datasets
+from tti.training.state import make_train_state
 
 
 def phase_times(state, batches, cfg, n: int) -> dict:
@@ -43,7 +44,7 @@ def phase_times(state, batches, cfg, n: int) -> dict:
         images = to_model_range(images)
         text = timed("text (stored tokens + trainable layers)", lambda: model.text(captions))
         with torch.autocast("cpu", dtype=state.amp or torch.float32, enabled=state.amp is not None):
-            loss = timed("UNet forward + loss", lambda: model.generator.loss(images, text))
+            loss = timed("UNet forward + loss", lambda: model.image_model.loss(images, text))
         timed("backward", loss.backward)
         timed("grad clip", lambda: torch.nn.utils.clip_grad_norm_(state.trained_parameters(),
                                                                   tr.grad_clip or float("inf")))

@@ -3,7 +3,7 @@
 The diffusion model gets attribute binding wrong ("a small blue square left of a large
 yellow circle" drawn with the sizes or shapes swapped, or the objects in the wrong order).
 This asks whether the information is there to be had: the same trainable text layers the
-UNet uses (tti.unet.TextAdapter over the frozen MiniLM tokens), read out by 7 learned
+UNet uses (tti.models.backbones.unet.TextAdapter over the frozen MiniLM tokens), read out by 7 learned
 queries, are trained *directly* to predict, from a two-object shapes caption, the colour,
 shape and size of the left/top object, of the other object, and the axis (horizontal or
 vertical). "joint" = all 7 right on val captions (held-out compositions included).
@@ -39,8 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tti.data.shapes import COLOURS, SHAPES, SIZES, generate_examples
-from tti.text import PACKAGED_MINILM, TextEncoder
-from tti.unet import TextAdapter
+from tti.text.encoder import TextEncoder
+from tti.text.source import PACKAGED_MINILM
+from tti.models.backbones.layers import TextAdapter
 
 TARGETS = ("colour 1", "shape 1", "size 1", "colour 2", "shape 2", "size 2", "axis")
 CLASSES = (len(COLOURS), len(SHAPES), len(SIZES)) * 2 + (2,)
@@ -157,20 +158,21 @@ def model_role_features(model, unet, captions: list[str], targets: torch.Tensor)
 
 
 def checkpoint_role_table(path: str, train_images: int, val_images: int) -> None:
-    from tti.model import build_unet, load_for_inference
+    from tti.models.backbones.unet import UNet
+    from tti.models.text_to_image import load_for_inference
 
     model, cfg = load_for_inference(path, "cpu")
     if cfg.model.kind != "diffusion":
         raise SystemExit(f"--checkpoint: {path} is a {cfg.model.kind} model; this probe reads a UNet")
     torch.manual_seed(0)
-    fresh = build_unet(cfg.model.unet, cfg.data.image_size, model.text.dim).eval()
+    fresh = UNet(cfg.model.unet, cfg.data.image_size, model.text.dim).eval()
     train = two_object_captions(train_images, "train")
     val = two_object_captions(val_images, "val")
     print(f"linear role probe of {path} (encoder hidden state {cfg.text.hidden_layer}): "
           f"{2 * len(train[0])} train / {2 * len(val[0])} val colour tokens")
     print("| read at the colour token | trained UNet: val | untrained UNet: val |\n|---|---|---|")
     results = {}
-    for name, unet in (("trained", model.generator.unet), ("untrained", fresh)):
+    for name, unet in (("trained", model.image_model.backbone), ("untrained", fresh)):
         (x_train, y_train), (x_val, y_val) = (model_role_features(model, unet, *train),
                                               model_role_features(model, unet, *val))
         results[name] = {k: linear_accuracy(x_train[k], y_train, x_val[k], y_val)[1] for k in x_train}

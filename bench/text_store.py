@@ -1,4 +1,4 @@
-"""The text store (tti/text_store.py): what it costs to build, what it saves per step, its size
+"""The text store (tti/text/store.py): what it costs to build, what it saves per step, its size
 per caption, and the memory it takes per rank.
 
 Three parts, on COCO-like captions (synthetic sentences of COCO's length, since COCO itself
@@ -35,10 +35,12 @@ import time
 import numpy as np
 import torch
 
-from tti.config import load_config
-from tti.model import amp_dtype, build_generator, precision_name
-from tti.text import PACKAGED_MINILM, TextEncoder
-from tti.text_store import TextStore, build_store, encoder_identity, store_folder
+from tti.config.load import load_config
+from tti.infra.precision import amp_dtype, precision_name
+from tti.config.registry import MODEL_KINDS
+from tti.text.encoder import TextEncoder
+from tti.text.source import PACKAGED_MINILM
+from tti.text.store import TextStore, build_store, encoder_identity, store_folder
 
 COCO_CAPTIONS = 414_113  # captions in COCO 2014 train (414,113) ...
 COCO_VAL_CAPTIONS = 202_654  # ... and val (202,654)
@@ -75,7 +77,7 @@ def coco_like_captions(n: int, seed: int = 0) -> list[str]:
 def make_encoder(name: str, hidden_layer: int, max_length: int, captions: list[str], work: str):
     """The frozen encoder: the packaged MiniLM, or a tiny RoBERTa built on the captions."""
     if name == "tiny-roberta":
-        from tti.tiny_roberta import build_tiny_roberta
+        from tti.text.tiny_roberta import build_tiny_roberta
 
         name = build_tiny_roberta(os.path.join(work, "tiny_roberta"), captions)
     return TextEncoder(name, hidden_layer=hidden_layer, max_length=max_length)
@@ -161,7 +163,7 @@ def bench_step(args, encoder, store: TextStore, pool: list[str], device) -> None
                        max_length=encoder.max_length)
     encoder.use_store(store)
     torch.manual_seed(0)
-    generator = build_generator(cfg, encoder).to(device)
+    generator = MODEL_KINDS.get(cfg.model.kind).build(cfg, encoder).to(device)
     n_params = sum(p.numel() for p in generator.parameters())
     print(f"\n== step: {args.config} with {' '.join(CPU_SIZE + args.set)}: UNet "
           f"{n_params / 1e6:.2f}M parameters, batch {args.batch}, "
@@ -246,10 +248,10 @@ def bench_precision(checkpoint: str, n: int, steps: int) -> None:
     with the same noise twice: states from the store (fp16) and from the live encoder (fp32);
     then once more from the store with other noise, to compare with. Judge verdicts and pixels."""
     from tti.data.coco import load_split
-    from tti.in_loop import shapes_val_captions
-    from tti.metrics.judge import judge_image
-    from tti.model import load_for_inference
-    from tti.sample import generate
+    from tti.training.sample_monitor import shapes_val_captions
+    from tti.eval.metrics.judge import judge_image
+    from tti.models.text_to_image import load_for_inference
+    from tti.eval.grid import generate
 
     model, cfg = load_for_inference(checkpoint, "cpu")
     stored = model.text

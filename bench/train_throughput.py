@@ -10,7 +10,7 @@ closest to ours (same levels, cross-attention at the same resolutions, one res b
 level, cross_attention_dim = our context_dim, head width 32).
 
 On CPU in bf16, a third row times our UNet with attention left to SDPA's default kernel
-instead of the explicit path (matmul, masked softmax, matmul) that tti.unet.attention takes
+instead of the explicit path (matmul, masked softmax, matmul) that tti.models.backbones.unet.attention takes
 when training on CPU in bf16/fp16 (the ablation of that choice). When our UNet narrows its
 upsampling (model.unet.narrow_upsample), a further row times it with that option off.
 
@@ -37,13 +37,17 @@ import time
 import torch
 import torch.nn as nn
 
-import tti.unet
-from tti.config import load_config
-from tti.diffusion import Diffusion
-from tti.model import amp_dtype, build_unet, precision_name
-from tti.text import PACKAGED_MINILM, TextBatch, TextEncoder
-from tti.threads import use_free_cpus
-from tti.utilisation import peak_tflops, train_flops_per_image
+import tti.models.backbones.unet
+from tti.config.load import load_config
+from tti.models.diffusion import Diffusion
+from tti.infra.precision import amp_dtype, precision_name
+from tti.models.backbones.unet import UNet
+from tti.models.objectives.gaussian import GaussianDiffusion
+from tti.text.batch import TextBatch
+from tti.text.encoder import TextEncoder
+from tti.text.source import PACKAGED_MINILM
+from tti.infra.threads import use_free_cpus
+from tti.training.utilisation import peak_tflops, train_flops_per_image
 
 HEAD_DIM = 32
 
@@ -150,14 +154,14 @@ def call_diffusers(model, x, t, text):
 
 def call_ours_default_kernel(model, x, t, text):
     """Our UNet with attention left to SDPA's default CPU kernel (flash), for the ablation:
-    tti.unet.attention is swapped for plain SDPA while the forward pass records the graph
+    tti.models.backbones.unet.attention is swapped for plain SDPA while the forward pass records the graph
     (the backward replays what was recorded)."""
-    explicit = tti.unet.attention
-    tti.unet.attention = sdpa
+    explicit = tti.models.backbones.unet.attention
+    tti.models.backbones.unet.attention = sdpa
     try:
         return model(x, t, text)
     finally:
-        tti.unet.attention = explicit
+        tti.models.backbones.unet.attention = explicit
 
 
 def sdpa(q, k, v, attn_mask=None):
@@ -237,7 +241,7 @@ def bench_text_store(args, device, amp, unet, hidden_layer: int = -1):
     import tempfile
 
     from bench.text_store import encoder_share, print_share
-    from tti.text_store import TextStore, build_store
+    from tti.text.store import TextStore, build_store
 
     stored = TextEncoder(PACKAGED_MINILM, hidden_layer=hidden_layer).to(device)
     # The same (already truncated) model, asked for the same hidden state.
@@ -248,7 +252,7 @@ def bench_text_store(args, device, amp, unet, hidden_layer: int = -1):
         folder = os.path.join(work, "store")
         build_store(stored, pool, folder)
         stored.use_store(TextStore(folder))
-        diffusion = Diffusion(unet, image_size=args.size).to(device)
+        diffusion = Diffusion(unet, GaussianDiffusion()).to(device)
         results = encoder_share(diffusion, {"text store": stored, "live encoder": live}, pool,
                                 args.batch, args.size, device, amp, args.steps, args.warmup)
     tokens = stored.tokenizer(pool, padding=True, return_tensors="pt")["attention_mask"].sum(1)
@@ -268,7 +272,7 @@ def main():
     parser.add_argument("--size", type=int, default=32, help="image resolution")
     parser.add_argument("--text-len", type=int, default=14, help="text tokens per caption")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default: the CPUs free now, tti.threads)")
+                        help="CPU threads (default: the CPUs free now, tti.infra.threads)")
     parser.add_argument("--skip-text", action="store_true", help="skip the text-store part")
     parser.add_argument("--precision", default="fp32,auto",
                         help="comma-separated: fp32, bf16, fp16, auto (what training uses); "
@@ -297,10 +301,10 @@ def main():
     start = time.perf_counter()
     cfg = load_config(args.config, args.set)
     u = cfg.model.unet
-    ours = build_unet(u, args.size, context_dim=384).to(device)  # MiniLM's token width
+    ours = UNet(u, args.size, context_dim=384).to(device)  # MiniLM's token width
     option_ablations = {}  # narrow_upsample has a speed ablation: the UNet with it off
     if u.narrow_upsample:
-        model = build_unet(dataclasses.replace(u, narrow_upsample=False), args.size, context_dim=384)
+        model = UNet(dataclasses.replace(u, narrow_upsample=False), args.size, context_dim=384)
         option_ablations["tti UNet, full-width upsampling (ablation)"] = (
             model.to(device), "narrow / full-width upsampling")
     print(f"ours: model.unet of {args.config}: {u}")

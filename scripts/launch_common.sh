@@ -31,7 +31,7 @@ restarts=${TTI_MAX_RESTARTS:-0}
 WORLD=$(( NPROC * ${TTI_NNODES:-1} ))
 if [[ -n "${TTI_NNODES:-}" ]]; then
   : "${TTI_RDZV_ENDPOINT:?set TTI_RDZV_ENDPOINT=host:port (the first node) with TTI_NNODES}"
-  # A new store per restart: agents count restarts apart (tti/distributed.py, _join_group).
+  # A new store per restart: agents count restarts apart (tti/infra/distributed.py, _join_group).
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
   LAUNCH=(torchrun --nnodes="$TTI_NNODES" --nproc_per_node="$NPROC" --rdzv-backend=c10d
           --rdzv-endpoint="$TTI_RDZV_ENDPOINT" --rdzv-id="${TTI_RDZV_ID:-tti}"

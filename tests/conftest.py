@@ -5,7 +5,7 @@ import random
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-# Commands run in-process (runpy) or as subprocesses keep one thread too (tti.threads obeys it).
+# Commands run in-process (runpy) or as subprocesses keep one thread too (tti.infra.threads obeys it).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
@@ -35,8 +35,11 @@ def coco_fixture(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_roberta(coco_fixture, tmp_path_factory):
-    """A tiny random RoBERTa folder (tti.tiny_roberta) whose BPE learnt the fixture's captions:
+    """A tiny random RoBERTa folder (tti.text.tiny_roberta) whose BPE learnt the fixture's captions:
     what the tests load where a config names roberta-base. Built once per session."""
-    from tti.tiny_roberta import build_tiny_roberta
+    from tti.text.tiny_roberta import build_tiny_roberta
 
     return build_tiny_roberta(tmp_path_factory.mktemp("roberta") / "m", coco_fixture.all_captions())
+
+
+import tti.models  # noqa: E402,F401  (registers the plug-ins every config names, as the CLIs do)

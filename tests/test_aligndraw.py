@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
-from tti.aligndraw import PRESETS, AlignDraw, gaussian_kl
-from tti.draw_attention import FilterbankAttention, filterbank_matrices, read_patches, write_patches
-from tti.text import TextBatch
-from tti.vocab import WordVocab, WordVocabEncoder, build_vocab, tokenize
+from tti.models.aligndraw.model import PRESETS, AlignDraw, gaussian_kl
+from tti.models.aligndraw.filterbank import FilterbankAttention, filterbank_matrices, read_patches, write_patches
+from tti.text.batch import TextBatch
+from tti.text.vocab import WordVocab, WordVocabEncoder, build_vocab, tokenize
 
 CAPTIONS = ["a red circle left of a blue square", "a green triangle",
             "a yellow square above a red triangle", "blue circle"]

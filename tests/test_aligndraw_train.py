@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 from tti import sample, train
-from tti.aligndraw import AlignDraw
-from tti.config import ConfigError, load_config
+from tti.models.aligndraw.model import AlignDraw
+from tti.config.errors import ConfigError
+from tti.config.load import load_config
 from tti.data.coco import load_split
 from tti.data.shapes import write_coco
-from tti.model import build, load_for_inference, to_model_range
-from tti.vocab import WordVocab, WordVocabEncoder
+from tti.models.text_to_image import build, load_for_inference, to_model_range
+from tti.text.vocab import WordVocab, WordVocabEncoder
 
 CONFIG = "configs/aligndraw_shapes32.yaml"
 DRAW_STEPS = 4
@@ -71,8 +72,8 @@ def latest(run_dir):
 def test_config_builds_aligndraw_and_bad_overrides_name_the_key(shapes_root, tmp_path):
     cfg = load_config(CONFIG, overrides(shapes_root, tmp_path))
     model = build(cfg, train_captions=["a large red circle", "a small blue square"])
-    assert isinstance(model.generator, AlignDraw) and isinstance(model.text, WordVocabEncoder)
-    assert model.generator.draw_steps == DRAW_STEPS
+    assert isinstance(model.image_model, AlignDraw) and isinstance(model.text, WordVocabEncoder)
+    assert model.image_model.draw_steps == DRAW_STEPS
     assert cfg.text.caption_dropout == 0.0  # no guidance in alignDRAW: never drop a caption
     for bad in ("model.aligndraw.overrides.latent=8", "model.aligndraw.overrides.image_size=16"):
         with pytest.raises(ConfigError, match="model.aligndraw.overrides"):
@@ -86,7 +87,7 @@ def test_training_loss_is_the_negative_bound_in_nats_per_image(shapes_root, tmp_
     train_set = load_split(shapes_root, "train2014", 32)
     captions = [train_set.captions(i)[0] for i in range(5)]
     model = build(cfg, train_captions=captions)
-    g = model.generator
+    g = model.image_model
     with torch.no_grad():
         for layer in (g.write_patch, g.posterior, g.prior_mu, g.prior_logsigma):
             layer.weight.zero_()

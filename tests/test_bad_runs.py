@@ -9,13 +9,16 @@ import pytest
 import torch
 from test_train import TINY
 
-from tti import distributed, train
-from tti.checkpoint import load_checkpoint
-from tti.config import ConfigError, load_config
+from tti import train
+from tti.training import loop, setup
+from tti.infra import distributed
+from tti.infra.checkpoints import load_checkpoint
+from tti.config.errors import ConfigError
+from tti.config.load import load_config
 from tti.data.shapes import write_coco
-from tti.model import TextToImage, build
-from tti.run_log import RunLog
-from tti.train_state import make_train_state
+from tti.models.text_to_image import TextToImage, build
+from tti.training.run_log import RunLog
+from tti.training.state import make_train_state
 
 NAN_AT_STEP = 4  # 1-based, as the log counts steps
 
@@ -57,7 +60,7 @@ def finite(weights: dict) -> bool:
 def test_nan_loss_stops_with_the_step_and_keeps_last_good_checkpoint(
         shapes_with_a_bad_image, tmp_path, monkeypatch):
     inject_nan(monkeypatch, NAN_AT_STEP)
-    with pytest.raises(train.NonFiniteLossError, match=f"at step {NAN_AT_STEP}") as info:
+    with pytest.raises(loop.NonFiniteLossError, match=f"at step {NAN_AT_STEP}") as info:
         run(shapes_with_a_bad_image[0], tmp_path, "train.steps=6", "train.ckpt_every=3")
     run_dir = os.path.join(tmp_path, "shapes32_diffusion", "0")
     latest = os.path.join(run_dir, "checkpoints", "latest.pt")
@@ -99,24 +102,24 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_ema_alone(tmp_path):
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     batch = [(images, ["a large red circle"] * 4)]
-    train.train_step(state, model, batch, cfg, info)  # one ordinary step first
+    loop.train_step(state, model, batch, cfg, info)  # one ordinary step first
     scale, updates = state.scaler.get_scale(), state.ema.updates
     shadow = {k: v.clone() for k, v in state.ema.shadow.items()}
-    weights = {k: v.clone() for k, v in model.generator.state_dict().items()}
+    weights = {k: v.clone() for k, v in model.image_model.state_dict().items()}
 
-    first = next(p for p in model.generator.parameters() if p.requires_grad)
+    first = next(p for p in model.image_model.parameters() if p.requires_grad)
     hook = first.register_hook(lambda grad: torch.full_like(grad, float("inf")))
-    loss, grad_norm, updated = train.train_step(state, model, batch, cfg, info)
+    loss, grad_norm, updated = loop.train_step(state, model, batch, cfg, info)
     hook.remove()
     assert torch.isfinite(loss) and not torch.isfinite(grad_norm)
     assert updated  # the scaler's own skip, not a bad step (fp16 scales are calibrated so)
     assert state.scaler.get_scale() == scale / 2  # the skip, as the scaler records it
-    for k, v in model.generator.state_dict().items():
+    for k, v in model.image_model.state_dict().items():
         assert torch.equal(v, weights[k]), k  # the optimizer step was skipped...
     assert state.ema.updates == updates  # ...and so was the EMA's
     for k, v in state.ema.shadow.items():
         assert torch.equal(v, shadow[k]), k
-    train.train_step(state, model, batch, cfg, info)
+    loop.train_step(state, model, batch, cfg, info)
     assert state.ema.updates == updates + 1  # the next good step updates it again
 
 
@@ -155,14 +158,14 @@ def test_batch_larger_than_the_training_set_fails_before_the_model_is_built(
         shapes_with_a_bad_image, tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the batch size was checked")
-    monkeypatch.setattr(train, "build", no_model)
+    monkeypatch.setattr(setup, "build", no_model)
     with pytest.raises(ConfigError, match=re.escape("train.batch_size 128 is larger than the "
                                                     "training set (95 images)")):
         run(shapes_with_a_bad_image[0], tmp_path, "train.batch_size=128")
 
 
 def test_text_encoder_truncates_a_10000_character_caption():
-    from tti.text import TextEncoder
+    from tti.text.encoder import TextEncoder
 
     encoder = TextEncoder("packaged-minilm", max_length=16)
     long_caption = ("a very long caption " * 500)[:9_999] + "."

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from bench.fid_cost import rows_for, text_encoder
-from tti.config import load_config
+from tti.config.load import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.unet.channels=[16, 32]", "model.unet.attn_resolutions=[16]",

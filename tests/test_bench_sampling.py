@@ -133,7 +133,7 @@ def test_guidance_sweep_draws_fid_and_accuracy_against_guidance(tiny_run, tmp_pa
 
     from bench.sampling import SWEEP_GUIDANCES, main
     from test_evaluate import colour_features
-    from tti.metrics import fid as fid_module
+    from tti.eval.metrics import fid as fid_module
 
     monkeypatch.setattr(fid_module, "_run_inception",
                         lambda batches, device, total, progress: np.concatenate(

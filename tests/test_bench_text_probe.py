@@ -24,18 +24,18 @@ def test_model_probe_reads_the_tokens_the_unet_gets(tmp_path_factory):
     read at the text layers' width."""
     from bench.text_probe import model_role_features, role_features, two_object_captions
     from tiny_run import train_tiny_run
-    from tti.model import load_for_inference
+    from tti.models.text_to_image import load_for_inference
 
     model, cfg = load_for_inference(train_tiny_run(tmp_path_factory), "cpu")
     captions, targets = two_object_captions(40, "val")
-    feats, labels = model_role_features(model, model.generator.unet, captions, targets)
+    feats, labels = model_role_features(model, model.image_model.backbone, captions, targets)
     reference, ref_labels = role_features(model.text, captions, targets)
     layer = cfg.text.hidden_layer
     # A frozen encoder's states come from the text store, kept in fp16: equal up to its rounding.
     torch.testing.assert_close(feats["encoder tokens"], reference[layer], atol=1e-4, rtol=2 ** -10)
     assert torch.equal(labels, ref_labels) and labels[::2].eq(1).all() and labels[1::2].eq(0).all()
     keys = [k for k in feats if k.startswith("keys")]
-    blocks = [m for m in model.generator.unet.modules() if hasattr(m, "kv_cross")]
+    blocks = [m for m in model.image_model.backbone.modules() if hasattr(m, "kv_cross")]
     assert len(keys) == len(blocks) >= 1
     assert feats["text layers"].shape == (len(labels), cfg.model.unet.text_width)
     assert all(feats[k].shape[0] == len(labels) for k in keys)

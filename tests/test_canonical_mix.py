@@ -3,7 +3,9 @@ import os
 
 import pytest
 
-from tti.config import ConfigError, load_config, validate
+from tti.config.errors import ConfigError
+from tti.config.load import load_config
+from tti.config.rules import validate
 from tti.data.canonical import CanonicalCaptionMix
 from tti.data.coco import load_split
 from tti.data.shapes import caption_variants, canonical_caption, generate_examples, parse_caption, write_coco
@@ -97,8 +99,8 @@ def test_non_shapes_captions_are_refused_naming_the_image():
 
 
 def test_config_key_is_validated_and_training_opens_the_mix(shapes_root):
-    from tti.distributed import setup
-    from tti.train import open_datasets
+    from tti.infra.distributed import setup
+    from tti.training.setup import open_datasets
 
     with pytest.raises(ConfigError, match="data.canonical_caption_fraction"):
         load_config(os.path.join(REPO, "configs", "shapes32.yaml"), ["data.canonical_caption_fraction=1.5"])

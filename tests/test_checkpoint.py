@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from tti.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tti.infra.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from tti.infra.atomic_file import is_temp_file
 
 
 def state(step, value=None):
@@ -118,7 +119,7 @@ def test_sigkill_during_save_keeps_previous_latest(tmp_path):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     left = files(run_dir)
-    assert [f for f in left if f.startswith(".tmp-")], left  # what a kill leaves behind
+    assert [f for f in left if is_temp_file(f)], left  # what a kill leaves behind
     assert "0000002.pt" not in left
     assert load_checkpoint(run_dir)["step"] == 1
     # The next save (the restarted run) clears the debris.
@@ -199,7 +200,7 @@ def test_sigkill_at_seeded_random_points_of_a_save_keeps_old_or_new(tmp_path, mo
                 assert load_checkpoint(os.path.join(folder, name))["step"] == int(name[:7])
         save_checkpoint(state(5), run_dir, 5, keep_last=2)
         assert load_checkpoint(run_dir)["step"] == 5
-        assert not [f for f in files(run_dir) if f.startswith(".tmp")], (kill_at, files(run_dir))
+        assert not [f for f in files(run_dir) if is_temp_file(f)], (kill_at, files(run_dir))
 
 
 def test_damaged_checkpoint_names_the_file_and_why(tmp_path):
@@ -243,8 +244,8 @@ def test_checkpoint_alone_rebuilds_the_model_for_sampling(tmp_path):
 
     from tti import train
     from tti.data.shapes import write_coco
-    from tti.model import load_for_inference
-    from tti.sample import generate
+    from tti.models.text_to_image import load_for_inference
+    from tti.eval.grid import generate
 
     root = tmp_path / "shapes"
     write_coco(str(root), n_train=96, n_val=16, image_size=32, seed=0)

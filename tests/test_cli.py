@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from tti import cli
+from tti.infra import cli
 
 from tiny_run import REPO  # tests/ is on sys.path under pytest
 
@@ -110,9 +110,9 @@ def assert_one_line(code, err, module, *fragments):
 
 
 def test_fid_and_evaluate_user_mistakes(tmp_path, monkeypatch, capsys):
-    code, err = run_module("tti.metrics.fid", [str(tmp_path / "nope"), str(tmp_path / "b")],
+    code, err = run_module("tti.eval.metrics.fid", [str(tmp_path / "nope"), str(tmp_path / "b")],
                            monkeypatch, capsys)
-    assert_one_line(code, err, "tti.metrics.fid", "image folder not found", "nope")
+    assert_one_line(code, err, "tti.eval.metrics.fid", "image folder not found", "nope")
     code, err = run_module("tti.evaluate", [str(tmp_path)], monkeypatch, capsys)
     assert_one_line(code, err, "tti.evaluate", "gt_captions.json not found", "tti.export")
 
@@ -142,11 +142,11 @@ def test_sampling_arguments_are_checked_before_a_model_loads(module, argv, messa
 def test_a_real_terminal_shows_one_line_and_debug_the_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop(cli.DEBUG_ENV, None)
-    command = [sys.executable, "-m", "tti.metrics.fid", str(tmp_path / "a"), str(tmp_path / "b")]
+    command = [sys.executable, "-m", "tti.eval.metrics.fid", str(tmp_path / "a"), str(tmp_path / "b")]
     plain = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert plain.returncode == 1 and plain.stdout == ""
     assert plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
-    assert plain.stderr.startswith("tti.metrics.fid: error: image folder not found")
+    assert plain.stderr.startswith("tti.eval.metrics.fid: error: image folder not found")
     debug = subprocess.run(command + ["--debug"], capture_output=True, text=True, env=env, timeout=120)
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     assert "FIDInputError: image folder not found" in debug.stderr
@@ -155,24 +155,24 @@ def test_a_real_terminal_shows_one_line_and_debug_the_traceback(tmp_path):
 # ---------------------------------------------------------------- errors defined in other files
 
 def test_own_error_classes_are_user_errors():
-    from tti.export import ExportError
-    from tti.metrics.clip_score import ImageCaptionPairingError
-    from tti.metrics.fid import FIDInputError, InceptionNotInstalledError
+    from tti.eval.export_folder import ExportError
+    from tti.eval.metrics.clip_score import ImageCaptionPairingError
+    from tti.eval.metrics.fid import FIDInputError, InceptionNotInstalledError
 
     for error in (ExportError, ImageCaptionPairingError, FIDInputError, InceptionNotInstalledError):
         assert issubclass(error, cli.UserError)
 
 
 @pytest.mark.parametrize("where, name", [
-    ("tti.config", "ConfigError"),
-    ("tti.checkpoint", "CheckpointError"),
+    ("tti.config.errors", "ConfigError"),
+    ("tti.infra.checkpoints", "CheckpointError"),
     ("tti.data.prepare", "AnnotationError"),
     ("tti.data.prepare", "BadDataError"),
-    ("tti.text", "TextEncoderError"),
+    ("tti.text.encoder", "TextEncoderError"),
     ("tti.data.shapes_folder", "ShapesFolderError"),
-    ("tti.run_lock", "RunLockedError"),
-    ("tti.train", "NonFiniteLossError"),
-    ("tti.distributed", "SharedStoreRestartError"),
+    ("tti.infra.run_lock", "RunLockedError"),
+    ("tti.training.loop", "NonFiniteLossError"),
+    ("tti.infra.distributed", "SharedStoreRestartError"),
 ])
 def test_project_error_classes_are_user_errors(where, name):
     import importlib

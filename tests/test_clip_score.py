@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tti.metrics import clip_score as cs
+from tti.eval.metrics import clip_score as cs
 
 transformers = pytest.importorskip("transformers")
 from tokenizers.pre_tokenizers import ByteLevel  # noqa: E402

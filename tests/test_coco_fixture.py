@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tti import train
 from tti.data.coco import collate, load_split
 from tti.data.prepare import centre_square
-from tti.text import TextEncoder
+from tti.text.encoder import TextEncoder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
@@ -160,7 +160,7 @@ def test_captions_are_kept_exactly_but_stripped(fixture, packed):
 
 
 def truncation_warnings(caplog):
-    return [r for r in caplog.records if r.name == "tti.text" and "text.max_length" in r.message]
+    return [r for r in caplog.records if r.name == "tti.text.encoder" and "text.max_length" in r.message]
 
 
 def test_long_captions_are_cut_with_one_warning_per_run(packed, tiny_roberta, caplog):
@@ -169,7 +169,7 @@ def test_long_captions_are_cut_with_one_warning_per_run(packed, tiny_roberta, ca
     encoder = TextEncoder(tiny_roberta, max_length=max_length, cache=False)
     loader = DataLoader(train_set, batch_size=4, shuffle=False, collate_fn=collate)
     over_long_batches = 0
-    with caplog.at_level(logging.WARNING, logger="tti.text"):
+    with caplog.at_level(logging.WARNING, logger="tti.text.encoder"):
         for epoch in range(2):
             train_set.set_epoch(epoch)
             for _, captions in loader:
@@ -187,7 +187,7 @@ def test_long_captions_are_cut_with_one_warning_per_run(packed, tiny_roberta, ca
     assert int(text.mask.sum()) == max_length and ids[0] == 0 and ids[-1] == 2
     # A new encoder is a new run: it says so again, once.
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tti.text"):
+    with caplog.at_level(logging.WARNING, logger="tti.text.encoder"):
         TextEncoder(tiny_roberta, max_length=max_length, cache=False)([longest, longest])
     assert len(truncation_warnings(caplog)) == 1
 
@@ -201,7 +201,7 @@ def test_a_fine_tuned_roberta_run_on_the_fixture(fixture, packed, tiny_roberta, 
     args = ["--config", os.path.join(REPO, "configs", "coco32_ft_roberta.yaml"), "--device", "cpu"]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]
-    with caplog.at_level(logging.WARNING, logger="tti.text"):
+    with caplog.at_level(logging.WARNING, logger="tti.text.encoder"):
         run_dir = train.main(args)
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "latest.pt"))
     assert len(truncation_warnings(caplog)) == 1

@@ -4,9 +4,11 @@ import glob
 
 import pytest
 
-from tti.config import (ConfigError, TrainConfig, from_dict, load_config, parse_override,
-                        validate)
-from tti.diffusion import SAMPLERS
+from tti.config.errors import ConfigError
+from tti.config.load import from_dict, load_config, parse_override
+from tti.config.rules import validate
+from tti.config.schema import TrainConfig
+from tti.models.objectives.gaussian import SAMPLERS
 
 
 def test_every_shipped_config_loads():
@@ -40,7 +42,7 @@ def test_overrides_are_typed_and_nested():
     ("model.unet.self_attn_resolutions=[32]", ["model.unet.self_attn_resolutions", "[32]"]),
     ("model.unet.text_width=100", ["model.unet.text_width", "head_dim"]),
     ("sample.guidance=-1", ["sample.guidance", ">= 0"]),
-    ("model.diffusion.schedule=quadratic", ["model.diffusion.schedule"]),
+    ("model.gaussian.schedule=quadratic", ["model.gaussian.schedule"]),
     ("model.unet.position_init=learned", ["model.unet.position_init", "sinusoidal"]),
     ("model.kind=gan", ["model.kind"]),
     ("sample.steps=5000", ["sample.steps"]),
@@ -51,8 +53,8 @@ def test_overrides_are_typed_and_nested():
     ("model.unet.num_res_blocks=0", ["model.unet.num_res_blocks", ">= 1"]),
     ("model.unet.dropout=1.0", ["model.unet.dropout", "[0, 1)"]),
     ("model.unet.head_dim=0", ["model.unet.head_dim", ">= 1"]),
-    ("model.diffusion.min_snr_gamma=0", ["model.diffusion.min_snr_gamma", "> 0"]),
-    ("model.diffusion.prediction=noise", ["model.diffusion.prediction", "'noise'"]),
+    ("model.gaussian.min_snr_gamma=0", ["model.gaussian.min_snr_gamma", "> 0"]),
+    ("model.gaussian.prediction=noise", ["model.gaussian.prediction", "'noise'"]),
     ("sample.captions=[a red circle, 7]", ["sample.captions[1]", "string"]),
     ("train.weight_decay=-0.1", ["train.weight_decay", ">= 0"]),
     ("train.lr_decay=linear", ["train.lr_decay", "constant, cosine"]),

@@ -12,7 +12,7 @@ then depends on the sample alone, not on which rank or micro-batch holds it. Cap
 (keyed by rank) is off. Everything else (sampler sharding, DDP's gradient averaging,
 no_sync accumulation, clipping, AdamW, EMA, checkpoints) is the real training loop, so the
 runs agree up to float summation order. This file is also the torchrun worker script: it
-wraps tti.train.train_step to compare the ranks' parameters after every step and, for the
+wraps tti.training.loop.train_step to compare the ranks' parameters after every step and, for the
 elastic-restart test, to make one rank die mid-run.
 """
 import glob
@@ -73,7 +73,7 @@ def assert_replicas_equal(module: torch.nn.Module, step: int) -> None:
     Compares a float64 sum and a position-weighted sum per parameter, all-gathered: cheap,
     and any real divergence (even one ulp in one weight) changes them.
     """
-    from tti import distributed
+    from tti.infra import distributed
 
     names, sums = [], []
     for name, p in module.named_parameters():
@@ -92,12 +92,13 @@ def assert_replicas_equal(module: torch.nn.Module, step: int) -> None:
 
 
 def wrap_train_step(record, fault_at, marker):
-    """Make tti.train.train_step check that all ranks hold the same parameters after every
-    step; with fault_at = k, the last rank also exits with status 1 as it starts step k + 1
-    (after step k's checkpoint), once per test (the marker file), as a crashed worker would."""
-    from tti import train
+    """Make tti.training.loop.train_step check that all ranks hold the same parameters after
+    every step; with fault_at = k, the last rank also exits with status 1 as it starts step
+    k + 1 (after step k's checkpoint), once per test (the marker file), as a crashed worker
+    would."""
+    from tti.training import loop
 
-    step_fn = train.train_step
+    step_fn = loop.train_step
 
     def checked_step(state, *args, **kwargs):
         last_rank = torch.distributed.get_world_size() - 1
@@ -110,14 +111,14 @@ def wrap_train_step(record, fault_at, marker):
         assert_replicas_equal(state.model, state.step)
         record["replica_checks"] += 1
         return out
-    train.train_step = checked_step
+    loop.train_step = checked_step
 
 
 def record_text_store(record):
     """Record how often this rank builds the text store, and which file it then maps."""
-    from tti import train
+    from tti.training import setup
 
-    build, open_store = train.build_store, train.open_text_store
+    build, open_store = setup.build_store, setup.open_text_store
     record["store_builds"] = 0
 
     def counted_build(*args, **kwargs):
@@ -130,7 +131,7 @@ def record_text_store(record):
         with open("/proc/self/maps") as f:
             record["store_mapped"] = any(line.rstrip().endswith(tokens) for line in f)
         record["store_file"] = [tokens, os.stat(tokens).st_ino]
-    train.build_store, train.open_text_store = counted_build, recorded_open
+    setup.build_store, setup.open_text_store = counted_build, recorded_open
 
 
 def worker(record_dir, args):
@@ -138,8 +139,11 @@ def worker(record_dir, args):
     recording what this rank wrote and how often it skipped the all-reduce."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from tti import checkpoint, distributed, in_loop, train
-    from tti.diffusion import Diffusion
+    from tti import train
+    from tti.infra import checkpoints as checkpoint
+    from tti.infra import distributed
+    from tti.training import sample_monitor as in_loop
+    from tti.models.diffusion import Diffusion
 
     info = distributed.setup("cpu")
     record = {"rank": info.rank, "local_rank": info.local_rank, "world_size": info.world_size,
@@ -155,7 +159,7 @@ def worker(record_dir, args):
         record["mismatch_message"] = str(e)
 
     Diffusion.loss = keyed_noise(Diffusion.loss)
-    save, grid, no_sync = checkpoint.atomic_save, in_loop.InLoopMonitor.run, DistributedDataParallel.no_sync
+    save, grid, no_sync = checkpoint.atomic_save, in_loop.SampleMonitor.run, DistributedDataParallel.no_sync
 
     def counted(key, fn):
         def wrapper(*a, **k):
@@ -167,7 +171,7 @@ def worker(record_dir, args):
         record["saves"].append(path)
         return save(obj, path)
     checkpoint.atomic_save = recorded_save
-    in_loop.InLoopMonitor.run = counted("sample_grids", grid)
+    in_loop.SampleMonitor.run = counted("sample_grids", grid)
     DistributedDataParallel.no_sync = counted("no_sync", no_sync)
     record_text_store(record)
     fault_at = int(os.environ.get("TEST_FAULT_AT_STEP", "-1"))
@@ -223,7 +227,7 @@ def two_ranks(shapes_root, tmp_path_factory):
 def one_rank(shapes_root, tmp_path_factory):
     """1 rank x 16, and 1 rank x 2 accumulated micro-batches of 8, in this process."""
     from tti import train
-    from tti.diffusion import Diffusion
+    from tti.models.diffusion import Diffusion
 
     results = tmp_path_factory.mktemp("one_rank")
     with pytest.MonkeyPatch.context() as mp:
@@ -335,7 +339,7 @@ def test_elastic_restart_after_a_worker_dies_ends_like_an_uninterrupted_run(
 
 
 def test_sampler_shards_and_reshuffles_every_epoch():
-    from tti.data.sampler import ResumableSampler
+    from tti.data.order import ResumableSampler
 
     data = list(range(50))
     shards = [ResumableSampler(data, num_replicas=2, rank=r, seed=3) for r in range(2)]
@@ -354,7 +358,7 @@ def test_sampler_shards_and_reshuffles_every_epoch():
 
 def test_device_is_chosen_by_local_rank(monkeypatch):
     """Rank 11 of a 16-process, 2-node job runs on its node's GPU 3, not GPU 11."""
-    from tti import distributed
+    from tti.infra import distributed
 
     monkeypatch.setenv("RANK", "11")
     monkeypatch.setenv("LOCAL_RANK", "3")

@@ -18,8 +18,8 @@ from PIL import Image
 from scipy import linalg
 
 from tti import evaluate, export
-from tti.metrics import fid as fid_module
-from tti.metrics.judge import judge_batch
+from tti.eval.metrics import fid as fid_module
+from tti.eval.metrics.judge import judge_batch
 
 from tiny_run import REPO, train_tiny_run  # tests/ is on sys.path under pytest
 
@@ -55,7 +55,7 @@ def fake_inception(monkeypatch):
 
 def reference_fid(folder_a, folder_b, resize="clean"):
     """Closed-form Fréchet distance of the stand-in features, computed independently."""
-    def network_input(array):  # both resizes as tti/metrics/fid.py's docstring defines them
+    def network_input(array):  # both resizes as tti/eval/metrics/fid.py's docstring defines them
         if resize == "clean":
             return (torch.from_numpy(fid_module.clean_resize(array)).permute(2, 0, 1) - 128) / 128
         x = torch.tensor(array).permute(2, 0, 1).float()[None] / 255
@@ -103,7 +103,8 @@ def test_end_to_end_metrics_json(tiny_export, fake_inception, tmp_path):
             assert key in acc
         assert acc["seen"]["count"] + acc["held_out"]["count"] == N
     assert result["caption_accuracy_gt"]["all"] >= 0.9  # the dataset's own renders
-    assert result["model"].startswith("shapes32: 32x32 (packaged-minilm frozen), DPM++(2M) 4, g=2")
+    assert result["model"].startswith("shapes32: 32x32 Gaussian v-prediction, UNet 16/32 "
+                                      "(packaged-minilm frozen), DPM++(2M) 4, g=2")
 
 
 def test_pytorch_fid_resize_is_used_and_named(tiny_export, fake_inception, tmp_path):

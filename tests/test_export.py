@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 
 from tti import export
+from tti.eval import export_folder
+from tti.eval import items as export_items
 from tti.data.coco import load_split
-from tti.model import load_for_inference
+from tti.models.text_to_image import load_for_inference
 
 from tiny_run import REPO, train_tiny_run  # tests/ is on sys.path under pytest
 
@@ -49,9 +51,9 @@ def read_json(path):
 
 
 def test_files_and_captions_match_one_to_one(first_export):
-    paths = export.export_paths(first_export)
+    paths = export_folder.export_paths(first_export)
     gt, tti = read_json(paths["gt_json"]), read_json(paths["tti_json"])
-    ids = [export.item_id(i) for i in range(N)]
+    ids = [export_items.item_id(i) for i in range(N)]
     assert sorted(gt) == sorted(tti) == ids
     assert gt == tti
     for kind in ("gt", "tti"):
@@ -88,9 +90,9 @@ def test_gt_images_and_captions_come_from_the_val_cache(first_export):
 def test_selection_is_a_prefix_and_fixed_by_the_seed(first_export):
     val = load_split(read_json(os.path.join(first_export, "export_info.json"))["data_root"],
                      "val2014", 32)
-    assert export.choose_items(val, 5, seed=0) == export.choose_items(val, 12, seed=0)[:5]
-    assert export.choose_items(val, 100, seed=0) == export.choose_items(val, 16, seed=0)
-    assert export.choose_items(val, 12, seed=1) != export.choose_items(val, 12, seed=0)
+    assert export_items.choose_items(val, 5, seed=0) == export_items.choose_items(val, 12, seed=0)[:5]
+    assert export_items.choose_items(val, 100, seed=0) == export_items.choose_items(val, 16, seed=0)
+    assert export_items.choose_items(val, 12, seed=1) != export_items.choose_items(val, 12, seed=0)
 
 
 def test_resume_redoes_only_missing_and_truncated_pngs(first_export, tiny_run, tmp_path):
@@ -104,7 +106,7 @@ def test_resume_redoes_only_missing_and_truncated_pngs(first_export, tiny_run, t
     os.remove(os.path.join(out, "gt", "images", "000003.png"))
     with open(os.path.join(tti_dir, "000004.png"), "r+b") as f:  # as if killed mid-write
         f.truncate(os.path.getsize(f.name) // 2)
-    with open(os.path.join(tti_dir, ".000005.png.tmp"), "wb") as f:  # a killed write's leftover
+    with open(os.path.join(tti_dir, ".000005.png.tmp-12345"), "wb") as f:  # a killed write's leftover
         f.write(b"\x89PNG")
     export.main(["--checkpoint", tiny_run, "--out-dir", out, "--n", str(N), "--batch-size", "3",
                  "--device", "cpu"])
@@ -158,35 +160,35 @@ def test_export_sigkilled_at_random_moments_ends_like_an_uninterrupted_one(
         assert proc.wait() == -signal.SIGKILL
         assert finished_pngs(images) < 16, "the export finished before it was killed"
     export.main(["--out-dir", killed] + args)
-    ids = [export.item_id(i) for i in range(16)]
+    ids = [export_items.item_id(i) for i in range(16)]
     for kind in ("gt", "tti"):
-        folder = export.export_paths(killed)[kind]
+        folder = export_folder.export_paths(killed)[kind]
         assert sorted(os.listdir(folder)) == [i + ".png" for i in ids]  # no temp file left
-        after, straight = pixels(folder), pixels(export.export_paths(first_export)[kind])
+        after, straight = pixels(folder), pixels(export_folder.export_paths(first_export)[kind])
         assert straight.keys() == set(ids[:N])
         for i in straight:
             assert np.array_equal(after[i], straight[i]), (kind, i)
     for key in ("gt_json", "tti_json"):
-        captions = read_json(export.export_paths(killed)[key])
-        straight = read_json(export.export_paths(first_export)[key])
+        captions = read_json(export_folder.export_paths(killed)[key])
+        straight = read_json(export_folder.export_paths(first_export)[key])
         assert sorted(captions) == ids and {i: captions[i] for i in ids[:N]} == straight
-    assert read_json(export.export_paths(killed)["info"])["status"] == "complete"
+    assert read_json(export_folder.export_paths(killed)["info"])["status"] == "complete"
 
 
 def test_pixels_do_not_depend_on_batch_size_or_sharding(first_export, tiny_run, tmp_path):
     model, cfg = load_for_inference(tiny_run, "cpu")
     val = load_split(cfg.data.root, "val2014", 32)
-    items = export.choose_items(val, N, seed=0)
+    items = export_items.choose_items(val, N, seed=0)
     opts = model.sampler_options(cfg)
     out = str(tmp_path / "sharded")
     for key in ("gt", "tti"):
-        os.makedirs(export.export_paths(out)[key])
+        os.makedirs(export_folder.export_paths(out)[key])
     # Two "ranks" of a world of 2 with batch sizes 1 and 3, then rank 0's finalize.
-    export.export_shard(model, val, items, out, 0, opts, batch_size=1, rank=1, world_size=2,
+    export_folder.export_shard(model, val, items, out, 0, opts, batch_size=1, rank=1, world_size=2,
                         progress=False)
-    export.export_shard(model, val, items, out, 0, opts, batch_size=3, rank=0, world_size=2,
+    export_folder.export_shard(model, val, items, out, 0, opts, batch_size=3, rank=0, world_size=2,
                         progress=False)
-    export.finalize(items, out, 32)
+    export_folder.finalize(items, out, 32)
     reference = pixels(os.path.join(first_export, "tti", "images"))
     sharded = pixels(os.path.join(out, "tti", "images"))
     assert sharded.keys() == reference.keys()
@@ -199,13 +201,13 @@ def test_pixels_do_not_depend_on_batch_size_or_sharding(first_export, tiny_run, 
 def test_other_settings_are_refused_and_n_is_capped(first_export, tiny_run, tmp_path, capsys):
     out = str(tmp_path / "other")
     shutil.copytree(first_export, out)
-    with pytest.raises(export.ExportError, match="other settings"):
+    with pytest.raises(export_folder.ExportError, match="other settings"):
         export.main(["--checkpoint", tiny_run, "--out-dir", out, "--n", str(N),
                      "--guidance", "3", "--device", "cpu"])
     # A smaller --n drops the extra pairs without sampling anything.
     export.main(["--checkpoint", tiny_run, "--out-dir", out, "--n", "4", "--device", "cpu"])
     assert sorted(read_json(os.path.join(out, "tti", "tti_captions.json"))) == \
-        [export.item_id(i) for i in range(4)]
+        [export_items.item_id(i) for i in range(4)]
     assert len(os.listdir(os.path.join(out, "tti", "images"))) == 4
     assert read_json(os.path.join(out, "export_info.json"))["timings"]["generated"] == 0
     # --overwrite starts again with the new settings.
@@ -237,15 +239,15 @@ def test_mistakes_found_after_loading_are_one_line(first_export, tiny_run, tmp_p
 
 def test_png_is_complete_rejects_broken_files(tmp_path):
     path = str(tmp_path / "a.png")
-    export.save_png_atomic(np.full((3, 8, 8), 200, np.uint8), path)
-    assert export.png_is_complete(path, 8)
-    assert not export.png_is_complete(path, 16)  # wrong size
+    export_folder.save_png(np.full((3, 8, 8), 200, np.uint8), path)
+    assert export_folder.png_is_complete(path, 8)
+    assert not export_folder.png_is_complete(path, 16)  # wrong size
     with open(path, "r+b") as f:
         f.truncate(40)
-    assert not export.png_is_complete(path, 8)
-    assert not export.png_is_complete(str(tmp_path / "missing.png"), 8)
+    assert not export_folder.png_is_complete(path, 8)
+    assert not export_folder.png_is_complete(str(tmp_path / "missing.png"), 8)
     with pytest.raises(ValueError, match="uint8"):
-        export.save_png_atomic(np.zeros((3, 8, 8), np.float32), path)
+        export_folder.save_png(np.zeros((3, 8, 8), np.float32), path)
 
 
 @pytest.mark.parametrize("script", ["gen_images_for_metrics.sh", "run_tti_eval_coco.sh"])
@@ -269,16 +271,16 @@ def test_gen_images_for_metrics_on_cpu(tiny_run, tmp_path):
 
 
 def test_per_sample_generators_make_each_image_independent_of_its_batch():
-    from tti.aligndraw import AlignDraw
-    from tti.diffusion import Diffusion
-    from tti.text import TextBatch
-    from tti.config import UNetConfig
-    from tti.unet import UNet
+    from tti.models.aligndraw.model import AlignDraw
+    from diffusion_helpers import gaussian
+    from tti.text.batch import TextBatch
+    from tti.models.backbones.unet import UNetConfig
+    from tti.models.backbones.unet import UNet
 
     torch.manual_seed(0)
     unet = UNet(UNetConfig(channels=[8, 16], num_res_blocks=1, attn_resolutions=[8], head_dim=8),
                 image_size=16, context_dim=8)
-    diffusion = Diffusion(unet, timesteps=10, image_size=16).eval()
+    diffusion = gaussian(unet, timesteps=10, image_size=16).eval()
     text = TextBatch(torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.bool))
     null = TextBatch(torch.zeros(1, 1, 8), torch.ones(1, 1, dtype=torch.bool))
     words = TextBatch(torch.tensor([[2, 3, 4], [5, 6, 0], [7, 2, 3]]),
@@ -289,7 +291,7 @@ def test_per_sample_generators_make_each_image_independent_of_its_batch():
              (diffusion, text, dict(sampler="ddim", steps=4, eta=1.0)),
              (draw, words, {})]
     for model, batch, opts in cases:
-        gens = lambda: [export.sample_generator(0, i) for i in range(3)]
+        gens = lambda: [export_items.sample_generator(0, i) for i in range(3)]
         together = model.sample(batch, gens(), **opts)
         for i in range(3):
             alone = model.sample(batch.index(slice(i, i + 1)), [gens()[i]], **opts)

@@ -21,8 +21,8 @@ from test_checkpoint import half_then
 from test_train import TINY
 
 from tti import train
-from tti.checkpoint import load_checkpoint
-from tti.cli import run_cli
+from tti.infra.checkpoints import load_checkpoint
+from tti.infra.cli import run_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12

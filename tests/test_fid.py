@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tti.metrics import fid
+from tti.eval.metrics import fid
 
 
 def reference_frechet(mu1, s1, mu2, s2):
@@ -303,7 +303,7 @@ def test_module_entry_point_on_npz_stats(tmp_path):
     (mu1, s1), (mu2, s2) = (fid.stats(gaussian_features(rng, 100, 6, 1.0)) for _ in range(2))
     fid.save_stats(str(tmp_path / "one.npz"), mu1, s1)
     fid.save_stats(str(tmp_path / "two.npz"), mu2, s2)
-    result = subprocess.run([sys.executable, "-m", "tti.metrics.fid", str(tmp_path / "one.npz"),
+    result = subprocess.run([sys.executable, "-m", "tti.eval.metrics.fid", str(tmp_path / "one.npz"),
                              str(tmp_path / "two.npz")], capture_output=True, text=True, timeout=120,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, result.stderr

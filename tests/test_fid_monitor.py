@@ -1,4 +1,4 @@
-"""FID during training (tti/fid_monitor.py): a 2-rank torchrun run with train.fid_every=1
+"""FID during training (tti/training/fid_monitor.py): a 2-rank torchrun run with train.fid_every=1
 logs an FID per step to history.jsonl and keeps best.pt equal to the best step's checkpoint;
 one process measuring the same checkpoint gets the same FID as the two ranks did (sharding
 changes nothing); a relaunch keeps the best across the restart and reuses the cached
@@ -12,7 +12,7 @@ import pytest
 import torch
 from processes import run_to_the_end
 
-from tti.metrics import fid
+from tti.eval.metrics import fid
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, FID_SAMPLES = 2, 6
@@ -91,10 +91,10 @@ def test_one_process_measures_the_same_fid_as_two_ranks(two_rank_run):
     too), give exactly the FID the two ranks logged: every image comes from its own seed,
     and the features are put back in item order."""
     from tti.data.coco import load_split
-    from tti.distributed import DistInfo
-    from tti.fid_monitor import FIDMonitor
-    from tti.model import load_for_inference
-    from tti.run_log import RunLog
+    from tti.infra.distributed import DistInfo
+    from tti.training.fid_monitor import FIDMonitor
+    from tti.models.text_to_image import load_for_inference
+    from tti.training.run_log import RunLog
 
     root, _, run_dir = two_rank_run
     model, cfg = load_for_inference(os.path.join(run_dir, "checkpoints", "latest.pt"),
@@ -145,8 +145,8 @@ def test_fid_checks_leave_training_as_it_was(two_rank_run, tmp_path):
 
 
 def test_gather_in_item_order_undoes_the_rank_sharding(monkeypatch):
-    from tti import distributed
-    from tti.fid_monitor import gather_in_item_order
+    from tti.infra import distributed
+    from tti.training.fid_monitor import gather_in_item_order
 
     items, world = list(range(7)), 3
     shards = [items[r::world] for r in range(world)]
@@ -181,7 +181,8 @@ def test_fid_from_features_equals_the_sqrtm_form(n1, n2):
     ("train.fid_samples=1", "train.fid_samples: must be >= 2"),
 ])
 def test_bad_fid_settings_name_the_key(override, message):
-    from tti.config import ConfigError, load_config
+    from tti.config.errors import ConfigError
+    from tti.config.load import load_config
 
     with pytest.raises(ConfigError, match=message):
         load_config(os.path.join(REPO, "configs", "shapes32.yaml"), [override])

@@ -1,5 +1,5 @@
 """DDP (find_unused_parameters=False) needs every trainable parameter to get a gradient at
-every step, or it dies at step 2. Checked on the model `tti.model.build` makes, through the
+every step, or it dies at step 2. Checked on the model `tti.models.text_to_image.build` makes, through the
 real loss, for every shipped config (sizes shrunk, the tiny RoBERTa where a config names
 roberta-base), frozen and fine-tuned, for BERT, RoBERTa and MiniLM encoders and alignDRAW;
 and by DDP itself, two steps with a fine-tuned encoder."""
@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 from coco_fixture import write_coco_fixture
 
-from tti.config import load_config
-from tti.model import build, to_model_range
-from tti.text import PACKAGED_MINILM, packaged_minilm_path
-from tti.tiny_roberta import build_tiny_roberta
-from tti.unused_parameters import drop_unused
+from tti.config.load import load_config
+from tti.models.text_to_image import build, to_model_range
+from tti.text.source import PACKAGED_MINILM, packaged_minilm_path
+from tti.text.tiny_roberta import build_tiny_roberta
+from tti.text.unused_parameters import drop_unused
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -45,10 +45,11 @@ def encoders(tmp_path_factory):
 def small_config(config: str, text_name: str, *extra):
     """`config` with the UNet / alignDRAW shrunk to seconds on a CPU; all else as shipped."""
     cfg = load_config(os.path.join(REPO, "configs", config))
-    levels = len(cfg.model.unet.channels)
-    overrides = [f"model.unet.channels={[16] + [32] * (levels - 1)}", "model.unet.head_dim=16",
-                 "model.unet.num_res_blocks=1", "model.unet.text_width=32",
-                 f"text.name={text_name}", *extra]
+    overrides = [f"text.name={text_name}", *extra]
+    if cfg.model.kind == "diffusion" and cfg.model.backbone == "unet":
+        levels = len(cfg.model.unet.channels)
+        overrides += [f"model.unet.channels={[16] + [32] * (levels - 1)}", "model.unet.head_dim=16",
+                      "model.unet.num_res_blocks=1", "model.unet.text_width=32"]
     if cfg.model.kind == "aligndraw":
         overrides = [f"model.aligndraw.overrides.{key}={value}" for key, value in dict(
             draw_steps=2, word_dim=8, lang_dim=8, align_dim=8, latent_dim=4, enc_dim=16,

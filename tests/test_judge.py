@@ -7,7 +7,7 @@ import torch
 
 from tti.data.shapes import (COLOURS, SHAPES, Scene, ShapeObject, caption_variants, generate_examples, is_held_out,
                              render, render_example)
-from tti.metrics.judge import RELATION_OUTCOMES, judge_batch, judge_image, relation_outcome
+from tti.eval.metrics.judge import RELATION_OUTCOMES, judge_batch, judge_image, relation_outcome
 
 
 def _val(n, seed, size=32):

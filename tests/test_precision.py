@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from tiny_run import train_tiny_run
-from tti.model import amp_dtype, load_for_inference
+from tti.infra.precision import amp_dtype
+from tti.models.text_to_image import load_for_inference
 
 
 def test_explicit_precisions_and_bad_value():
@@ -35,7 +36,7 @@ def test_bf16_sampling_returns_fp32_images_close_to_fp32_sampling(tiny_run):
         model, cfg = load_for_inference(tiny_run, "cpu", precision=precision)
         torch.manual_seed(0)  # the same random weights for both: a 2-step model outputs ~0
         with torch.no_grad():
-            for p in model.generator.parameters():
+            for p in model.image_model.parameters():
                 p.normal_(0.0, 0.05)
         gen = torch.Generator().manual_seed(1)
         images[precision] = model.sample(["a large red circle", "a small blue square"], gen,

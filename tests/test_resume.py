@@ -16,11 +16,14 @@ from test_train import TINY
 from test_train import run as train_run
 from test_train import shapes_root  # noqa: F401  (a module fixture: the 96/16-image shapes set)
 
-from tti.checkpoint import CheckpointError, load_checkpoint
-from tti.config import Config, ConfigError, load_config
-from tti.model import build, load_trainable_state, trainable_state
-from tti.resume_config import APPLIED, FIXED, HISTORY_FILE, POLICY, policy
-from tti.run_lock import LOCK_FILE
+from tti.infra.checkpoints import CheckpointError, load_checkpoint
+from tti.config.errors import ConfigError
+from tti.config.load import load_config
+from tti.config.schema import Config
+from tti.models.text_to_image import build, load_trainable_state, trainable_state
+from tti.config.resume import APPLIED, FIXED, POLICY, policy
+from tti.training.run_log import HISTORY_FILE
+from tti.infra.run_lock import LOCK_FILE
 
 STEPS = 3  # the finished run's steps; its last checkpoint is at this step
 BASE = ["train.lr_decay=constant", f"train.ckpt_every={STEPS}"]
@@ -97,8 +100,8 @@ def test_changed_settings_take_effect_and_are_recorded(shapes_root, finished, tm
      ["model.unet.channels [16, 32] -> [16, 48]", "text.max_length 32 -> 16"], ["train.lr"]),
     (["train.batch_size=8", "train.seed=1", "data.image_size=16"],
      ["train.batch_size 16 -> 8", "train.seed 0 -> 1", "data.image_size 32 -> 16"], []),
-    (["model.diffusion.prediction=eps", "text.name=vocab"],
-     ["model.diffusion.prediction 'v' -> 'eps'", "text.name 'packaged-minilm' -> 'vocab'"], []),
+    (["model.gaussian.prediction=eps", "text.name=vocab"],
+     ["model.gaussian.prediction 'v' -> 'eps'", "text.name 'packaged-minilm' -> 'vocab'"], []),
     (["train.steps=2"], ["train.steps: 2 is below step 3"], []),
 ])
 def test_fixed_settings_are_refused_and_nothing_is_written(shapes_root, finished, tmp_path,
@@ -150,13 +153,13 @@ def test_checkpoint_that_does_not_fit_the_model_names_the_keys(shapes_root, fini
     state = torch.load(latest, weights_only=False)
     weights = state["model"] if part == "model" else state["ema"]["shadow"]
     gone = sorted(weights)[-1]
-    weights["generator.extra.weight"] = weights.pop(gone)
+    weights["image_model.extra.weight"] = weights.pop(gone)
     torch.save(state, latest)
     with pytest.raises(CheckpointError) as refused:
         run(shapes_root, results, "train.steps=4")
     message = str(refused.value)
     assert message.startswith(latest) and ("EMA" in message) == (part == "ema")
-    assert f"missing {gone}" in message and "unexpected generator.extra.weight" in message
+    assert f"missing {gone}" in message and "unexpected image_model.extra.weight" in message
 
 
 @pytest.mark.parametrize("finetune", [False, True])

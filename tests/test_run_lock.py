@@ -15,16 +15,17 @@ import time
 import pytest
 from test_train import TINY
 
-from tti import export, run_lock, train
-from tti.run_lock import LOCK_FILE, RunLock, RunLockedError, lock_run_dir
+from tti import export, train
+from tti.infra import run_lock
+from tti.infra.run_lock import LOCK_FILE, RunLock, RunLockedError, lock_run_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO)
 # Takes the run lock as tti.train does, says so, then holds it until killed.
-HOLDER = ("import sys, time\nfrom tti.run_lock import lock_run_dir\n"
+HOLDER = ("import sys, time\nfrom tti.infra.run_lock import lock_run_dir\n"
           "lock_run_dir(sys.argv[1])\nprint('locked', flush=True)\ntime.sleep(600)\n")
 # Waits for a common start time, then tries the lock once: "won" (and holds it) or "lost <why>".
-RACER = ("import sys, time\nfrom tti.run_lock import RunLock, RunLockedError\n"
+RACER = ("import sys, time\nfrom tti.infra.run_lock import RunLock, RunLockedError\n"
          "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
          "try:\n    RunLock(sys.argv[1]).acquire()\nexcept RunLockedError as e:\n"
          "    print('lost', e, flush=True)\n    sys.exit(0)\n"

@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tti.diffusion import Diffusion, make_betas
-from tti.samplers import ddim_step, dpmpp2m_step
-from tti.text import TextBatch
+from diffusion_helpers import gaussian
+from tti.models.diffusion import Guided
+from tti.models.objectives.gaussian import make_betas
+from tti.models.objectives.samplers import ddim_step, dpmpp2m_step
+from tti.text.batch import TextBatch
 
 MU, S = 0.1, 0.4  # data N(MU, S^2) per pixel: its samples stay inside the [-1, 1] clip
 
@@ -27,7 +29,7 @@ def gaussian_ode(x_from: torch.Tensor, ab_from: float, ab_to: float) -> torch.Te
 
 
 class ExactGaussianUNet(nn.Module):
-    """The exact denoiser of N(MU, S^2) data, output as eps, v or x0 at integer timesteps."""
+    """The exact denoiser of N(MU, S^2) data, output as eps, v or x0 at timesteps t (floats holding integers)."""
 
     def __init__(self, prediction: str):
         super().__init__()
@@ -35,7 +37,7 @@ class ExactGaussianUNet(nn.Module):
         self.alphas_cumprod = None  # set once the Diffusion around it exists
 
     def forward(self, x, t, text):
-        ab = self.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+        ab = self.alphas_cumprod[t.long()].double().view(-1, 1, 1, 1)
         x0 = gaussian_x0(x, ab)
         eps = (x.double() - ab.sqrt() * x0) / (1 - ab).sqrt()
         return {"x0": x0, "eps": eps, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0}[self.prediction].float()
@@ -83,17 +85,17 @@ def test_sampler_error_on_gaussian_data_through_diffusion_sample(prediction, sch
     then the exact denoiser (every sampler's last step lands on its data prediction). 2M's
     error is well below DDIM's and falls at order ~2 as the steps double (DDIM's at ~1)."""
     unet = ExactGaussianUNet(prediction)
-    d = Diffusion(unet, schedule=schedule, timesteps=1000, prediction=prediction, image_size=4,
+    d = gaussian(unet, schedule=schedule, timesteps=1000, prediction=prediction, image_size=4,
                   shift=shift)
-    unet.alphas_cumprod = d.alphas_cumprod
-    ab = d.alphas_cumprod.double().tolist()
+    unet.alphas_cumprod = d.objective.alphas_cumprod
+    ab = d.objective.alphas_cumprod.double().tolist()
     text = TextBatch(torch.zeros(2, 1, 8), torch.ones(2, 1, dtype=torch.bool))
     x_T = torch.linspace(-2.0, 2.0, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
     errors = {}
     for sampler in ("ddim", "dpmpp2m"):
         errors[sampler] = []
         for n in (10, 20, 40, 160, 640):
-            last = d._sampling_steps(sampler, n)[-1]
+            last = d.objective.sampling_steps(sampler, n)[-1]
             reference = gaussian_x0(gaussian_ode(x_T, ab[-1], ab[last]), ab[last])
             out = d.sample(text, sampler=sampler, steps=n, noise=x_T)
             errors[sampler].append((out.double() - reference).abs().max().item())
@@ -128,7 +130,7 @@ def test_dpmpp2m_keeps_the_marginals_of_point_mass_data_for_every_eta(eta):
 
 def test_dpmpp2m_with_noise_uses_per_sample_generators():
     """eta > 0: image i depends on its own generator only, not on its batch."""
-    d = Diffusion(tiny_unet(), timesteps=50, image_size=16)
+    d = gaussian(tiny_unet(), timesteps=50, image_size=16)
     text = TextBatch(torch.randn(3, 4, 8), torch.ones(3, 4, dtype=torch.bool))
     gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
     batch = d.sample(text, gens([1, 2, 3]), sampler="dpmpp2m", steps=6, eta=1.0)
@@ -158,7 +160,7 @@ def test_dpmpp2m_equals_diffusers_dpmsolver_multistep(prediction, schedule, shif
     eta 1, solver_order 2, x0 clipped to [-1, 1] by its thresholding with max value 1)."""
     diffusers = pytest.importorskip("diffusers", reason="diffusers (requirements-dev.txt) is the reference")
     T, guidance = 200, 2.5
-    d = Diffusion(tiny_unet(), schedule=schedule, timesteps=T, prediction=prediction, image_size=16,
+    d = gaussian(tiny_unet(), schedule=schedule, timesteps=T, prediction=prediction, image_size=16,
                   shift=shift)
     text = TextBatch(torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool))
     null = TextBatch(torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool))
@@ -171,7 +173,7 @@ def test_dpmpp2m_equals_diffusers_dpmsolver_multistep(prediction, schedule, shif
         prediction_type={"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[prediction],
         algorithm_type="sde-dpmsolver++" if eta else "dpmsolver++", solver_order=2,
         thresholding=True, sample_max_value=1.0)  # s = max(1, quantile) clipped to 1: a plain clip
-    timesteps = d._sampling_steps("dpmpp2m", steps)
+    timesteps = d.objective.sampling_steps("dpmpp2m", steps)
     scheduler.set_timesteps(timesteps=timesteps)
     g = torch.Generator().manual_seed(5)  # the draws in our order: x_T, then each step's noise
     x = torch.randn(2, 3, 16, 16, generator=g)
@@ -179,7 +181,7 @@ def test_dpmpp2m_equals_diffusers_dpmsolver_multistep(prediction, schedule, shif
     for i, step in enumerate(timesteps):
         t = torch.full((2,), step, dtype=torch.long)
         with torch.no_grad():
-            output = d._guided_output(x, t, text, null, guidance)
+            output = Guided(d.backbone, text, null, guidance)(x, t.float())
         last = i == len(timesteps) - 1
         noise = torch.randn(2, 3, 16, 16, generator=g) if eta and not last else torch.zeros(2, 3, 16, 16)
         x = scheduler.step(output, step, x, variance_noise=noise).prev_sample

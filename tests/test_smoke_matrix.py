@@ -4,7 +4,7 @@ Each config trains 2 steps under `torchrun --standalone --nproc_per_node=2` (glo
 writes a checkpoint; a second torchrun launch resumes it for one more step; then, in this
 process, `tti.sample` draws a grid and `tti.export` writes a few gt/generated pairs from it.
 COCO configs read the COCO-like fixture (tests/coco_fixture.py) with the tiny RoBERTa
-(tti/tiny_roberta.py) where they name roberta-base; shapes configs generate a small shapes
+(tti/text/tiny_roberta.py) where they name roberta-base; shapes configs generate a small shapes
 set themselves (data.generate_shapes: their users' road). Frozen or fine-tuned encoder,
 caption cache, precision, sampler and data.num_workers (capped by the CPUs) stay as each
 config says; only what the fixture's size or CPU time requires is shrunk (`smoke_sets`).
@@ -12,7 +12,7 @@ config says; only what the fixture's size or CPU time requires is shrunk (`smoke
 A torchrun launch's process start-up costs more than a small config's two steps, so one
 launch trains every config in turn: this file is also the torchrun worker, which joins the
 process group once and calls tti.train.main per config, holding back
-tti.distributed.cleanup until the last. Two launches for the whole matrix, not two per config.
+tti.infra.distributed.cleanup until the last. Two launches for the whole matrix, not two per config.
 """
 import glob
 import json
@@ -44,7 +44,7 @@ LAUNCH_TIMEOUT_S = 420
 def smoke_sets(config: str, coco_root, shapes_root, roberta, results) -> dict:
     """The --set items that make `config` a smoke run: the data, the tiny RoBERTa for
     roberta-base, a batch the fixture holds, GPU-sized UNets at a quarter of their widths."""
-    from tti.config import load_config
+    from tti.config.load import load_config
 
     cfg = load_config(os.path.join(REPO, "configs", config))
     sets = {"run.results_dir": results, "train.batch_size": 4, "train.steps": FIRST_STEPS}
@@ -54,8 +54,8 @@ def smoke_sets(config: str, coco_root, shapes_root, roberta, results) -> dict:
         sets["data.root"] = coco_root
     if cfg.text.name == "roberta-base":
         sets["text.name"] = roberta
-    unet = cfg.model.unet
-    if cfg.model.kind == "diffusion" and max(unet.channels) > 128:  # sized for GPUs
+    unet = getattr(cfg.model, "unet", None) if cfg.model.kind == "diffusion" else None
+    if unet is not None and max(unet.channels) > 128:  # sized for GPUs
         # Same levels, blocks, heads and attention resolutions; a 16th of the parameters.
         sets["model.unet.channels"] = [c // 4 for c in unet.channels]
         sets["model.unet.head_dim"] = unet.head_dim // 4
@@ -75,7 +75,8 @@ def as_args(config: str, sets: dict) -> list:
 def worker(plan_file: str, record_dir: str) -> None:
     """One rank: train every run of the plan ({name: tti.train argv}) in turn, in one
     process group; rank 0 records each run directory as its run ends."""
-    from tti import distributed, train
+    from tti import train
+    from tti.infra import distributed
 
     info = distributed.setup("cpu")
     leave = distributed.cleanup
@@ -155,8 +156,9 @@ def test_the_matrix_has_every_shipped_config():
 
 @pytest.mark.parametrize("name", RUNS)
 def test_config_trains_resumes_samples_and_exports(name, matrix, tmp_path):
-    from tti import distributed, export, sample
-    from tti.config import load_config
+    from tti import export, sample
+    from tti.infra.threads import usable_cpus
+    from tti.config.load import load_config
 
     run_dir = run_of(matrix["first"], name)
     assert run_of(matrix["resumed"], name) == run_dir
@@ -177,7 +179,7 @@ def test_config_trains_resumes_samples_and_exports(name, matrix, tmp_path):
     # data.num_workers as the config says, capped by the CPUs each of the 2 ranks may use.
     config = RUNS[name][0]
     cfg = load_config(os.path.join(REPO, "configs", config))
-    capped = distributed.usable_cpus() // 2
+    capped = len(usable_cpus()) // 2
     assert (f"data.num_workers={cfg.data.num_workers} capped to {capped}" in log) == \
         (cfg.data.num_workers > capped)
     # The run's config.yaml says which file and which --set items made it.

@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from tti.text import PACKAGED_MINILM, TextEncoder
+from tti.text.encoder import TextEncoder
+from tti.text.source import PACKAGED_MINILM
 
 CAPTIONS = ["a small red circle to the left of a large blue square", "a large green triangle"]
 
@@ -55,7 +56,7 @@ def test_hidden_layer_out_of_range():
 
 def load_error(name: str) -> tuple[str, float]:
     """check_text_encoder's error message for `name`, and the seconds it took to fail."""
-    from tti.text import TextEncoderError, check_text_encoder
+    from tti.text.source import TextEncoderError, check_text_encoder
 
     start = time.perf_counter()
     with pytest.raises(TextEncoderError) as error:
@@ -66,8 +67,8 @@ def load_error(name: str) -> tuple[str, float]:
 def test_unreachable_roberta_fails_at_once_in_one_line(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
-    import tti.text_source
-    from tti.text_source import HUB_TIMEOUT_S, TextEncoderError
+    import tti.text.source
+    from tti.text.source import HUB_TIMEOUT_S, TextEncoderError
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -88,8 +89,8 @@ def test_unreachable_roberta_fails_at_once_in_one_line(monkeypatch, tmp_path):
     assert seconds < HUB_TIMEOUT_S and "hub does not answer" in message
     assert "--set text.name=/path/to/roberta-base" in message
     # Where the hub answers, the name goes to from_pretrained as it is.
-    monkeypatch.setattr(tti.text_source, "hub_answers", lambda: True)
-    assert tti.text_source.check_text_encoder("FacebookAI/roberta-base") == "FacebookAI/roberta-base"
+    monkeypatch.setattr(tti.text.source, "hub_answers", lambda: True)
+    assert tti.text.source.check_text_encoder("FacebookAI/roberta-base") == "FacebookAI/roberta-base"
 
 
 def test_paths_that_are_not_model_folders_are_named(tmp_path):
@@ -102,7 +103,7 @@ def test_paths_that_are_not_model_folders_are_named(tmp_path):
 def test_local_folders_and_the_hf_cache_load_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from tti.text import check_text_encoder, packaged_minilm_path
+    from tti.text.source import check_text_encoder, packaged_minilm_path
 
     assert check_text_encoder(PACKAGED_MINILM) == packaged_minilm_path()
     assert check_text_encoder("vocab") == "vocab"  # alignDRAW's words: nothing to load

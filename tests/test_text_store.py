@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-import tti.text_store as text_store
-from tti.text import PACKAGED_MINILM, TextEncoder
-from tti.text_store import TextStore, TextStoreError, build_store, encoder_identity, store_folder
+import tti.text.store as text_store
+from tti.text.encoder import TextEncoder
+from tti.text.source import PACKAGED_MINILM
+from tti.text.store import TextStore, TextStoreError, build_store, encoder_identity, store_folder
 
 LAYER = 3  # the shipped shapes configs read MiniLM's layer 3
 CAPTIONS = [
@@ -158,8 +159,8 @@ def test_a_store_is_keyed_by_what_its_states_depend_on(encoder, tmp_path):
 
 
 def test_a_config_names_its_store_by_the_layer_it_holds():
-    from tti.config import load_config
-    from tti.model import build_text_encoder
+    from tti.config.load import load_config
+    from tti.models.text_to_image import build_text_encoder
 
     def name(layer):
         cfg = load_config("configs/shapes32.yaml", [f"text.hidden_layer={layer}"])

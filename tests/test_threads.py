@@ -1,9 +1,9 @@
-"""tti.threads: torch gets the CPUs other processes leave free, and OMP_NUM_THREADS wins."""
+"""tti.infra.threads: torch gets the CPUs other processes leave free, and OMP_NUM_THREADS wins."""
 import os
 
 import torch
 
-from tti import threads
+from tti.infra import threads
 
 
 def scripted_cpu_times(monkeypatch, busy_per_cpu: list, later_samples: list = ()):

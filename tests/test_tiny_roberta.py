@@ -10,8 +10,8 @@ import torch
 from coco_fixture import write_coco_fixture
 from transformers import AutoModel, AutoTokenizer
 
-from tti.text import TextEncoder
-from tti.tiny_roberta import build_tiny_roberta, main
+from tti.text.encoder import TextEncoder
+from tti.text.tiny_roberta import build_tiny_roberta, main
 
 MAX_LENGTH = 24
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ def test_cli_writes_a_model_and_never_overwrites(tmp_path, capsys):
     main([str(tmp_path / "m"), "--captions", str(captions)])
     assert f"--set text.name={tmp_path / 'm'}" in capsys.readouterr().out
     assert AutoModel.from_pretrained(str(tmp_path / "m")).config.model_type == "roberta"
-    proc = subprocess.run([sys.executable, "-m", "tti.tiny_roberta", str(tmp_path / "m"),
+    proc = subprocess.run([sys.executable, "-m", "tti.text.tiny_roberta", str(tmp_path / "m"),
                            "--captions", str(captions)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "not an empty folder" in proc.stderr

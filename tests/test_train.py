@@ -14,7 +14,7 @@ from tti.data.shapes import write_coco
 TINY = [
     "data.shapes_train=96", "data.shapes_val=16", "data.num_workers=0",
     "model.unet.channels=[16, 32]", "model.unet.attn_resolutions=[16]", "model.unet.self_attn_resolutions=[16]", "model.unet.head_dim=16",
-    "model.diffusion.timesteps=100", "sample.steps=4",
+    "model.gaussian.timesteps=100", "sample.steps=4",
     "train.batch_size=16", "train.warmup_steps=2", "train.log_every=1",
     "train.sample_every=1000", "train.eval_samples=0", "train.deterministic=true",
     "sample.captions=['a large red circle', 'a small blue square']",
@@ -150,29 +150,30 @@ def test_grids_every_interval_and_at_the_end_unless_the_run_is_shorter(shapes_ro
 def test_data_workers_are_capped_by_the_cpus_each_rank_may_use(monkeypatch):
     from types import SimpleNamespace
 
-    from tti import distributed
-    from tti.config import load_config
+    from tti.infra import threads
+    from tti.training import setup
+    from tti.config.load import load_config
 
     cfg = load_config("configs/coco64_ft_roberta.yaml")
     assert cfg.data.num_workers == 8
     lines = []
     log = SimpleNamespace(print=lines.append)
     for cpus, ranks, expected in ((64, 4, 8), (6, 4, 1), (6, 1, 6), (2, 4, 0)):
-        monkeypatch.setattr(distributed, "usable_cpus", lambda: cpus)
+        monkeypatch.setattr(setup, "usable_cpus", lambda: set(range(cpus)))
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
-        assert train.data_workers(cfg, log) == expected
+        assert setup.data_workers(cfg, log) == expected
     capped = ((6, 4, 1), (6, 1, 6), (2, 4, 0))  # (CPUs, ranks on the node, workers)
     assert lines == [f"data.num_workers=8 capped to {n}: this process may use {c} CPU(s), "
                      f"shared by {r} rank(s) on this node" for c, r, n in capped]
     monkeypatch.undo()
-    assert distributed.usable_cpus() == len(os.sched_getaffinity(0))
+    assert threads.usable_cpus() == os.sched_getaffinity(0)
 
 
 def test_unreachable_encoder_fails_before_any_data_or_run_directory(tmp_path, monkeypatch):
     import huggingface_hub.constants
     from coco_fixture import write_coco_fixture
 
-    from tti.text import TextEncoderError
+    from tti.text.source import TextEncoderError
 
     fixture = write_coco_fixture(tmp_path / "coco")
     args = ["--config", "configs/coco64_ft_roberta.yaml", "--device", "cpu", "--set",

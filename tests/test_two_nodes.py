@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, CKPT_EVERY = 8, 2
 TINY = ["data.num_workers=0", "text.max_length=16", "model.unet.channels=[16, 32]",
         "model.unet.attn_resolutions=[16]", "model.unet.head_dim=16",
-        "model.diffusion.timesteps=100", "sample.steps=2", "sample.captions=['a red circle']",
+        "model.gaussian.timesteps=100", "sample.steps=2", "sample.captions=['a red circle']",
         "train.batch_size=8", "train.warmup_steps=2", "train.log_every=1",
         f"train.steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}", f"train.keep_last={STEPS}",
         "train.sample_every=1000", "train.fid_every=0", "train.deterministic=true",
@@ -179,7 +179,7 @@ def test_two_nodes_restart_after_a_killed_worker_and_end_like_an_undisturbed_run
 def test_shared_store_with_restarts_on_several_nodes_is_refused(monkeypatch):
     """Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, agents that restart apart would look for
     each other under different attempt numbers: refused before any rendezvous, naming the fix."""
-    from tti import distributed
+    from tti.infra import distributed
 
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("GROUP_WORLD_SIZE", "2")

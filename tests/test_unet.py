@@ -2,10 +2,11 @@
 import pytest
 import torch
 
-from tti.config import UNetConfig
-from tti.positions import coordinate_channels, sinusoidal_positions
-from tti.text import TextBatch
-from tti.unet import UNet, attention, timestep_embedding
+from tti.models.backbones.unet import UNetConfig
+from tti.models.backbones.positions import coordinate_channels, sinusoidal_positions
+from tti.text.batch import TextBatch
+from tti.models.backbones.layers import attention, timestep_embedding
+from tti.models.backbones.unet import UNet
 
 
 def tiny_unet(image_size: int = 16, image_channels: int = 3, **fields) -> UNet:

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tti.model import TextToImage
-from tti.text import TextBatch
-from tti.utilisation import model_flops_per_image, peak_tflops, train_flops_per_image, utilisation
+from tti.models.text_to_image import TextToImage
+from tti.text.batch import TextBatch
+from tti.training.utilisation import model_flops_per_image, peak_tflops, train_flops_per_image, utilisation
 
 
 def test_flops_are_counted_forward_and_backward():

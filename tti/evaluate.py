@@ -10,7 +10,7 @@ Writes <dir>/metrics.json with
     fid, fid_n, fid_resize         gt vs tti images (Inception-2015-12-05); fid_resize says how
                                    images reached 299x299: "clean" (clean-fid's, the default) or
                                    "pytorch-fid" (as `python -m pytorch_fid` does, so comparable
-                                   to tables made with it); see tti/metrics/fid.py
+                                   to tables made with it); see tti/eval/metrics/fid.py
     clip_score_gt, clip_score_tti  clipscore's CLIP-S (ViT-B/32) of each folder vs its captions
     caption_accuracy_gt, caption_accuracy_tti
                                    the exact judge (embedded shapes dataset only): per fact
@@ -32,12 +32,14 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tti.atomic_file import write_json
-from tti.cli import check_at_least, run_cli
-from tti.diffusion import SAMPLER_NAMES
-from tti.export import ExportError
-from tti.metrics.fid import DEFAULT_RESIZE, RESIZE_MODES
-from tti.threads import use_free_cpus
+import tti.models  # noqa: F401  (registers the samplers whose names the table shows)
+from tti.config.registry import all_samplers
+from tti.data.shapes_folder import is_shapes_dataset
+from tti.eval.export_folder import ExportError
+from tti.eval.metrics.fid import DEFAULT_RESIZE, RESIZE_MODES
+from tti.infra.atomic_file import write_json
+from tti.infra.cli import check_at_least, run_cli
+from tti.infra.threads import use_free_cpus
 
 METRICS = ("fid", "clip", "judge")
 RESULT_KEYS = {"fid": ("fid", "fid_n", "fid_resize"), "clip": ("clip_score_gt", "clip_score_tti"),
@@ -53,7 +55,7 @@ def export_folders(eval_dir: str) -> dict:
     Returns {"gt": (image_dir, captions_json), "tti": (...), "ids": sorted ids, "captions":
     {id: caption} of tti, "paths": {"gt": [...], "tti": [...]} in id order}.
     """
-    from tti.metrics.clip_score import match_images_to_captions
+    from tti.eval.metrics.clip_score import match_images_to_captions
 
     out = {"paths": {}}
     for kind in ("gt", "tti"):
@@ -83,22 +85,22 @@ def read_export_info(eval_dir: str) -> dict:
 
 
 def model_label(info: dict, eval_dir: str) -> str:
-    """The Model column: image size, encoder (frozen / fine-tuned), sampler, step."""
+    """The Model column: image size, model (its registry label), encoder (frozen /
+    fine-tuned), sampler and guidance where the model has samplers, step."""
     cfg = info.get("config")
     if not cfg:
         return os.path.basename(os.path.normpath(eval_dir))
-    s = cfg["image_size"]
+    s, step = cfg["image_size"], info.get("checkpoint_step", "?")
     text = f"{cfg['text_encoder']} {'fine-tuned' if cfg['text_finetuned'] else 'frozen'}"
+    model = cfg.get("label", cfg["model"])  # exports before the registry name the kind only
+    if not cfg.get("samplers", cfg["model"] == "diffusion"):  # samples its prior: no options
+        return f"{cfg['dataset']}: {s}x{s} {model} ({text}), step {step}"
     o = info.get("sampler_options", {})
-    if cfg["model"] != "diffusion":  # alignDRAW has no sampler options: prior + mean canvas
-        return (f"{cfg['dataset']}: {s}x{s} {cfg['model']} (word embeddings + BiLSTM), "
-                f"step {info.get('checkpoint_step', '?')}")
-    name = SAMPLER_NAMES.get(o.get("sampler"), str(o.get("sampler")))
-    sampler = f"DDPM {cfg.get('timesteps', '')}".strip() if o.get("sampler") == "ddpm" \
-        else f"{name} {o.get('steps')}"
+    name = all_samplers().get(o.get("sampler"), str(o.get("sampler")))
+    steps = cfg.get("model_config", {}).get("gaussian", {}).get("timesteps", cfg.get("timesteps", ""))
+    sampler = f"DDPM {steps}".strip() if o.get("sampler") == "ddpm" else f"{name} {o.get('steps')}"
     guide = f", g={o['guidance']:g}" if "guidance" in o else ""
-    return (f"{cfg['dataset']}: {s}x{s} ({text}), {sampler}{guide}, "
-            f"step {info.get('checkpoint_step', '?')}")
+    return f"{cfg['dataset']}: {s}x{s} {model} ({text}), {sampler}{guide}, step {step}"
 
 
 class _LazyImages:
@@ -122,7 +124,7 @@ class _LazyImages:
 
 def compute_fid(folders: dict, device: str, batch_size: int, cache_dir, progress: bool,
                 resize: str) -> dict:
-    from tti.metrics import fid
+    from tti.eval.metrics import fid
 
     fid.inception_path()  # InceptionNotInstalledError (-> fid_unavailable) when it is missing
     n = len(folders["ids"])
@@ -139,7 +141,7 @@ def compute_fid(folders: dict, device: str, batch_size: int, cache_dir, progress
 
 def compute_clip(folders: dict, clip_model: str, device: str, batch_size: int,
                  progress: bool) -> dict:
-    from tti.metrics.clip_score import clip_score_folder, load_clip
+    from tti.eval.metrics.clip_score import clip_score_folder, load_clip
 
     loaded, reason = load_clip(clip_model, device)
     if loaded is None:
@@ -150,8 +152,7 @@ def compute_clip(folders: dict, clip_model: str, device: str, batch_size: int,
 
 
 def compute_judge(folders: dict, data_root: str | None, progress: bool) -> dict:
-    from tti.in_loop import is_shapes_dataset
-    from tti.metrics.judge import judge_batch
+    from tti.eval.metrics.judge import judge_batch
 
     if not data_root:
         raise RuntimeError("no data root known (no export_info.json); pass --data-root")
@@ -168,7 +169,7 @@ def compute_judge(folders: dict, data_root: str | None, progress: bool) -> dict:
 
 def images_key(folders: dict) -> str:
     """Changes when any exported image or caption changes (names, sizes, mtimes)."""
-    from tti.metrics.fid import image_set_key
+    from tti.eval.metrics.fid import image_set_key
 
     key = image_set_key(folders["paths"]["gt"] + folders["paths"]["tti"])
     return f"{key[:24]}-{len(folders['ids'])}"
@@ -182,10 +183,10 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
 
     metrics: any of "fid", "clip", "judge". A metric that fails for a known reason (weights
     not installed, not a shapes dataset) gets `<name>_unavailable` instead of a value.
-    fid_resize: "clean" or "pytorch-fid" (see tti/metrics/fid.py); recorded as "fid_resize".
+    fid_resize: "clean" or "pytorch-fid" (see tti/eval/metrics/fid.py); recorded as "fid_resize".
     """
-    from tti.metrics import fid as fid_module
-    from tti.metrics.clip_score import CLIP_NAME
+    from tti.eval.metrics import fid as fid_module
+    from tti.eval.metrics.clip_score import CLIP_NAME
 
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -279,7 +280,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data-root", default=None, help="default: data_root in export_info.json")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--fid-resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE,
-                   help="how FID brings images to 299x299 (see tti/metrics/fid.py; "
+                   help="how FID brings images to 299x299 (see tti/eval/metrics/fid.py; "
                         "default %(default)s)")
     p.add_argument("--fid-cache-dir", default="default",
                    help="where FID folder statistics are cached (default ~/.cache/tti/fid)")

@@ -23,183 +23,34 @@ or unreadable ones are redone, and each PNG is written under a temporary name an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
-from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
 
-from tti import distributed
-from tti.cli import UserError, run_cli
-from tti.run_lock import RunLock
-from tti.threads import use_free_cpus
-
-SETTINGS_KEYS = ("checkpoint", "checkpoint_step", "use_ema", "sampler_options", "seed",
-                 "data_root", "val_split", "image_size", "precision")
-
-
-class ExportError(UserError, ValueError):
-    """An export folder that cannot be written, resumed or read as one; the message says why."""
-
-
-@dataclass(frozen=True)
-class ExportItem:
-    """One exported pair: file stem `id`, its val row, COCO image id and chosen caption."""
-    index: int
-    id: str
-    row: int
-    image_id: object
-    file_name: str
-    caption_index: int
-    caption: str
-
-
-def item_id(index: int) -> str:
-    """File stem of the index-th exported image (fixed width, so a larger --n keeps the names)."""
-    return f"{index:06d}"
-
-
-def choose_items(val_set, n: int, seed: int) -> list[ExportItem]:
-    """The first n of a seeded permutation of the val rows, each with a seeded caption.
-
-    val_set: a CaptionDataset (its own seed drives the caption draw, via caption_choice at
-    epoch 0). n is capped at len(val_set). The result for n is a prefix of the result for
-    any larger n with the same seed.
-    """
-    n = min(int(n), len(val_set))
-    rows = np.random.default_rng(seed).permutation(len(val_set))[:n]
-    items = []
-    for index, row in enumerate(int(r) for r in rows):
-        k = val_set.caption_choice(row, epoch=0)
-        items.append(ExportItem(index, item_id(index), row, val_set.image_id(row),
-                                val_set.file_name(row), k, val_set.captions(row)[k]))
-    return items
-
-
-def sample_generator(seed: int, index: int) -> torch.Generator:
-    """A CPU generator for image `index` alone (noise is moved to the model's device)."""
-    state = np.random.SeedSequence([int(seed), int(index)]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-@torch.no_grad()
-def generate_items(model, items: list[ExportItem], seed: int, **sampler_opts) -> torch.Tensor:
-    """uint8 [len(items), 3, S, S]: image i from caption i and sample_generator(seed, index i)."""
-    from tti.model import to_uint8
-
-    captions = [it.caption for it in items]
-    gens = [sample_generator(seed, it.index) for it in items]
-    return to_uint8(model.sample(captions, gens, **sampler_opts)).cpu()
-
-
-def png_is_complete(path: str, size: int) -> bool:
-    """True if `path` is a PNG that decodes fully to an RGB size x size image."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.format == "PNG" and image.mode == "RGB" and image.size == (size, size)
-    except (OSError, SyntaxError, ValueError):
-        return False
-
-
-def temp_path(path: str) -> str:
-    """Hidden temporary name next to `path` (not *.png, so no metric ever reads it)."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.tmp")
-
-
-def save_png_atomic(image: torch.Tensor | np.ndarray, path: str) -> None:
-    """image: uint8 [3, S, S] -> PNG at `path`, written to a temporary name then renamed."""
-    array = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[0] != 3:
-        raise ValueError(f"save_png_atomic: expected uint8 [3, H, W], got {array.dtype} {array.shape}")
-    tmp = temp_path(path)
-    Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0))).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
-
-
-def export_paths(out_dir: str) -> dict:
-    return {"gt": os.path.join(out_dir, "gt", "images"), "tti": os.path.join(out_dir, "tti", "images"),
-            "gt_json": os.path.join(out_dir, "gt", "gt_captions.json"),
-            "tti_json": os.path.join(out_dir, "tti", "tti_captions.json"),
-            "selection": os.path.join(out_dir, "selection.json"),
-            "info": os.path.join(out_dir, "export_info.json")}
-
-
-def export_shard(model, val_set, items: list[ExportItem], out_dir: str, seed: int,
-                 sampler_opts: dict, batch_size: int = 64, rank: int = 0, world_size: int = 1,
-                 progress: bool = True) -> dict:
-    """Write the gt and tti PNGs of items[rank::world_size] that are missing or incomplete.
-
-    Returns {"assigned", "generated", "reused", "seconds"} for this shard (seconds of sampling).
-    """
-    paths = export_paths(out_dir)
-    size = val_set.image_size
-    mine = items[rank::world_size]
-    for it in mine:
-        gt_path = os.path.join(paths["gt"], it.id + ".png")
-        if not png_is_complete(gt_path, size):
-            save_png_atomic(val_set[it.row][0], gt_path)
-    todo = [it for it in mine if not png_is_complete(os.path.join(paths["tti"], it.id + ".png"), size)]
-    start = time.perf_counter()
-    desc = "export" if world_size == 1 else f"export (rank 0 of {world_size})"
-    with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="img", desc=desc,
-              disable=not progress) as bar:
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b:b + batch_size]
-            images = generate_items(model, batch, seed, **sampler_opts)
-            for it, image in zip(batch, images):
-                save_png_atomic(image, os.path.join(paths["tti"], it.id + ".png"))
-            bar.update(len(batch))
-    return {"assigned": len(mine), "generated": len(todo), "reused": len(mine) - len(todo),
-            "seconds": time.perf_counter() - start}
-
-
-def finalize(items: list[ExportItem], out_dir: str, image_size: int) -> None:
-    """After every shard: check each id has both PNGs, drop PNGs of ids beyond n and stray
-    temporary files, then write the captions JSONs and selection.json atomically."""
-    paths = export_paths(out_dir)
-    ids = {it.id for it in items}
-    for kind in ("gt", "tti"):
-        for name in os.listdir(paths[kind]):
-            stem, ext = os.path.splitext(name)
-            if (name.startswith(".") and name.endswith(".tmp")) or (ext == ".png" and stem not in ids):
-                os.remove(os.path.join(paths[kind], name))  # an earlier, larger --n or a killed write
-        bad = [i for i in sorted(ids)
-               if not png_is_complete(os.path.join(paths[kind], i + ".png"), image_size)]
-        if bad:
-            raise RuntimeError(f"export: {len(bad)} {kind} images missing or unreadable after all "
-                               f"ranks finished (e.g. {bad[:5]}); rerun to redo them")
-    captions = {it.id: it.caption for it in items}
-    write_json_atomic(paths["gt_json"], captions)
-    write_json_atomic(paths["tti_json"], captions)
-    write_json_atomic(paths["selection"], {it.id: {"row": it.row, "image_id": it.image_id,
-                                                   "file_name": it.file_name,
-                                                   "caption_index": it.caption_index}
-                                           for it in items})
+from tti.config.registry import model_label, samplers
+from tti.data.coco import load_split
+from tti.eval.export_folder import ExportError, check_settings, export_paths, export_shard, finalize
+from tti.eval.items import choose_items
+from tti.infra import distributed
+from tti.infra.atomic_file import write_json
+from tti.infra.checkpoints import load_checkpoint
+from tti.infra.cli import run_cli
+from tti.infra.precision import PRECISIONS
+from tti.infra.run_lock import RunLock
+from tti.infra.threads import use_free_cpus
+from tti.models.text_to_image import load_for_inference
+from tti.sample import add_sampler_arguments, check_inference_arguments, sampler_options
 
 
 def config_summary(cfg, model) -> dict:
-    m, t = cfg.model, cfg.text
-    summary = {"dataset": cfg.run.dataset, "image_size": cfg.data.image_size, "model": m.kind,
-               "text_encoder": t.name, "text_finetuned": t.finetune,
-               "generator_parameters": sum(p.numel() for p in model.generator.parameters())}
-    if m.kind == "diffusion":
-        summary.update(unet_channels=list(m.unet.channels), timesteps=m.diffusion.timesteps,
-                       schedule=m.diffusion.schedule, prediction=m.diffusion.prediction)
-    return summary
+    """What export_info.json says of the model: read by tti.evaluate's Model column."""
+    return {"dataset": cfg.run.dataset, "image_size": cfg.data.image_size,
+            "model": cfg.model.kind, "label": model_label(cfg), "samplers": list(samplers(cfg)),
+            "text_encoder": cfg.text.name,
+            "text_finetuned": cfg.text.finetune, "model_config": cfg.model.to_dict(),
+            "image_model_parameters": sum(p.numel() for p in model.image_model.parameters())}
 
 
 def hardware(device: torch.device, world_size: int) -> str:
@@ -209,23 +60,7 @@ def hardware(device: torch.device, world_size: int) -> str:
             f"({os.cpu_count()} cores, {platform.processor() or platform.machine()})")
 
 
-def check_settings(info_path: str, settings: dict, overwrite: bool) -> None:
-    """Refuse to mix images made with other settings into a resumed export."""
-    if overwrite or not os.path.isfile(info_path):
-        return
-    with open(info_path, encoding="utf-8") as f:
-        old = json.load(f).get("settings", {})
-    diff = {k: (old.get(k), settings[k]) for k in SETTINGS_KEYS if old.get(k) != settings[k]}
-    if diff:
-        raise ExportError(f"{os.path.dirname(info_path)} holds images made with other "
-                          f"settings (old, new): {diff}. Use another --out-dir, or --overwrite "
-                          f"to delete them and start again.")
-
-
 def parse_args(argv=None):
-    from tti.model import PRECISIONS
-    from tti.sample import add_sampler_arguments, check_inference_arguments
-
     p = argparse.ArgumentParser(prog="python -m tti.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
@@ -243,7 +78,7 @@ def parse_args(argv=None):
     # fp32 by default: reduced-precision kernels pick their blocking by batch size, so an
     # image would then depend on the batch it was made in, not on its id alone.
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="autocast dtype for the network; anything but fp32 is ~1.5x faster on "
+                   help="autocast dtype for the network; anything but fp32 is faster on "
                         "bf16-capable hardware but only deterministic per id up to a few pixel levels")
     args = p.parse_args(argv)
     check_inference_arguments(p, args, {"n": 1, "batch_size": 1})
@@ -254,11 +89,6 @@ def parse_args(argv=None):
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    from tti.checkpoint import load_checkpoint
-    from tti.data.coco import load_split
-    from tti.model import load_for_inference
-    from tti.sample import sampler_options
-
     started = time.time()
     info = distributed.setup(args.device)
     model, cfg = load_for_inference(args.checkpoint, info.device, use_ema=not args.no_ema,
@@ -301,7 +131,7 @@ def main(argv=None) -> str:
         if args.n > len(val_set):
             print(f"export: --n {args.n} is more than the {len(val_set)} val images; exporting "
                   f"{len(val_set)}")
-        write_json_atomic(paths["info"], {"status": "running", "settings": settings})
+        write_json(paths["info"], {"status": "running", "settings": settings}, indent=1)
     distributed.barrier()
     if not info.is_main:
         val_set = open_val()
@@ -314,7 +144,7 @@ def main(argv=None) -> str:
         finalize(items, out_dir, d.image_size)
         generated = sum(s["generated"] for s in shards)
         seconds = max(s["seconds"] for s in shards)
-        write_json_atomic(paths["info"], {
+        write_json(paths["info"], {
             "status": "complete", "settings": settings, "n": len(items), "seed": args.seed,
             "checkpoint": settings["checkpoint"], "checkpoint_step": step,
             "config": config_summary(cfg, model), "sampler_options": opts,
@@ -325,7 +155,7 @@ def main(argv=None) -> str:
                         "total_seconds": round(time.time() - started, 3),
                         "batch_size_per_process": args.batch_size},
             "hardware": hardware(info.device, info.world_size), "world_size": info.world_size,
-            "torch": torch.__version__})
+            "torch": torch.__version__}, indent=1)
         print(f"export: {len(items)} gt/tti pairs in {out_dir} ({generated} generated, "
               f"{len(items) - generated} kept; {opts})")
     distributed.barrier()

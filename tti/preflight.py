@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 
-from tti.cli import check_at_least, run_cli
-from tti.config import Config, load_config, validate
-from tti.text_source import check_text_encoder
+import tti.models  # noqa: F401  (registers the plug-ins the config names)
+from tti.config.load import load_config
+from tti.config.rules import validate
+from tti.config.schema import Config
+from tti.infra.cli import check_at_least, run_cli
+from tti.text.source import check_text_encoder
 
 
 def check_training(cfg: Config, world_size: int) -> None:

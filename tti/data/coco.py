@@ -191,5 +191,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    from tti.cli import run_cli
+    from tti.infra.cli import run_cli
     run_cli(main)

@@ -30,9 +30,9 @@ from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
-from tti.atomic_file import write_json
-from tti.cli import UserError
-from tti.run_lock import RunLock
+from tti.infra.atomic_file import write_json
+from tti.infra.cli import UserError
+from tti.infra.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from typing import Sequence
 
 import numpy as np
 
-from tti.atomic_file import write_json
+from tti.infra.atomic_file import write_json
 from tti.data.shapes_folder import (LOCK_FILE, META_FILE, ShapesFolderError, check_may_write, is_complete,
                                     read_meta, settings)
-from tti.run_lock import RunLock
+from tti.infra.run_lock import RunLock
 
 # Saturated colours far apart in RGB, so slightly-off generated colours stay classifiable.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -420,5 +420,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from tti.cli import run_cli
+    from tti.infra.cli import run_cli
     run_cli(main)

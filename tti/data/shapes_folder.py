@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from tti.cli import UserError
+from tti.infra.cli import UserError
 
 META_FILE = "meta.json"  # the generator's settings: its mark on a folder it wrote
 LOCK_FILE = ".shapes.lock"  # one generator per folder at a time
@@ -86,3 +86,8 @@ def check_may_write(out_dir: str, meta: dict, replace: bool) -> dict | None:
             f"nothing was changed. To replace it run `{regenerate_command(out_dir, meta)}` or delete "
             f"the folder; or point data.root (or --out) at another folder")
     return old
+
+
+def is_shapes_dataset(root: str) -> bool:
+    """Whether `root` holds the embedded shapes dataset (whose captions the judge reads)."""
+    return os.path.isfile(os.path.join(root, "held_out_pairs.json"))

@@ -1,0 +1,1 @@
+"""Evaluation: exported items, grids, metrics."""

@@ -1,0 +1,171 @@
+"""Checkpoints that cannot be lost: atomic writes, `latest`, keep-last-K, clear load errors.
+
+A checkpoint is one dict: model, ema, optimizer, scaler, step, rng states, config (and the
+text encoder's weights or vocabulary when they are trained). It rebuilds the model with no
+other file and resumes training exactly.
+
+Layout: <run_dir>/checkpoints/0001500.pt plus latest.pt, a hard link to the newest step
+file (one write per checkpoint; deleting old step files never breaks `latest`). Where the
+filesystem has no hard links, latest.pt is a copy.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import glob
+import os
+import shutil
+
+import torch
+
+from tti.infra.atomic_file import fsync_dir, atomic_file, is_temp_file, temp_path
+from tti.infra.cli import UserError
+
+
+STEP_FILES = "[0-9]" * 7 + ".pt"  # 0001500.pt
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint could not be written or read; the message names the file and the cause."""
+
+
+def _disk_full(error: BaseException) -> bool:
+    """True if `error`, or an error it wraps, is ENOSPC/EDQUOT (torch.save turns the
+    OSError of a failed write into a RuntimeError whose __context__ is the OSError)."""
+    for _ in range(8):
+        if error is None:
+            return False
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save through atomic_file (durable): a kill at any moment leaves either the old
+    file or the new one, never half of one. A full disk raises CheckpointError and leaves
+    the old file untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    try:
+        with atomic_file(path, "wb", durable=True) as f:
+            torch.save(obj, f)
+    except BaseException as e:
+        if _disk_full(e):
+            raise CheckpointError(
+                f"disk full (or quota exceeded) while writing checkpoint {path}; the previous "
+                f"checkpoint is intact (free space: {shutil.disk_usage(folder).free // 2**20} "
+                f"MiB)") from e
+        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, CheckpointError):
+            raise CheckpointError(f"could not write checkpoint {path}: {e}") from e
+        raise
+
+
+def checkpoint_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def step_checkpoints(run_dir: str) -> list:
+    """Step-numbered checkpoint files, oldest first."""
+    return sorted(glob.glob(os.path.join(checkpoint_dir(run_dir), STEP_FILES)))
+
+
+def save_checkpoint(state: dict, run_dir: str, step: int, keep_last: int = 3) -> str:
+    """Write <step>.pt atomically, point latest.pt at it atomically, keep the last `keep_last`.
+
+    Temp files left by a save that was killed (SIGKILL, power loss) are removed first; only
+    one process (rank 0) may save into a run directory.
+    """
+    folder = checkpoint_dir(run_dir)
+    remove_stale_temp_files(run_dir)
+    path = os.path.join(folder, f"{step:07d}.pt")
+    atomic_save(state, path)
+    _atomic_link(path, os.path.join(folder, "latest.pt"))
+    for old in step_checkpoints(run_dir)[:-keep_last]:
+        os.remove(old)
+    return path
+
+
+def _atomic_link(source: str, target: str) -> None:
+    """Make `target` the same file as `source` by rename, so a reader sees old or new only."""
+    folder = os.path.dirname(os.path.abspath(target))
+    tmp = temp_path(target)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError as e:  # no hard links here (some network/FUSE filesystems): copy
+            if _disk_full(e):
+                raise
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+        fsync_dir(folder)
+    except OSError as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        why = "disk full" if _disk_full(e) else str(e)
+        raise CheckpointError(f"could not point {target} at {source} ({why}); "
+                              f"the previous {os.path.basename(target)} is intact") from e
+
+
+def remove_stale_temp_files(run_dir: str) -> None:
+    """Delete the temp files of interrupted saves in <run_dir>/checkpoints."""
+    folder = checkpoint_dir(run_dir)
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if is_temp_file(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+
+
+def latest_checkpoint(run_dir: str):
+    """Path of `latest.pt` in a run directory, or None for a fresh run."""
+    path = os.path.join(checkpoint_dir(run_dir), "latest.pt")
+    return path if os.path.isfile(path) else None
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint anywhere (a GPU checkpoint loads on CPU); say which file and why on failure.
+
+    `path` may be a checkpoint file or a run directory (its latest.pt is used).
+    """
+    if os.path.isdir(path):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no checkpoints/latest.pt in run directory {path}")
+        path = found
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        # weights_only=False: the checkpoint holds numpy/python RNG states and the config dict.
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises many types for a damaged file
+        size = os.path.getsize(path)
+        others = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), STEP_FILES)))
+        others = [os.path.basename(p) for p in others if not os.path.samefile(p, path)]
+        hint = f"; other checkpoints in its folder: {', '.join(others[-3:])}" if others else ""
+        raise CheckpointError(f"could not load checkpoint {path} ({size} bytes; truncated or "
+                              f"damaged?): {type(e).__name__}: {e}{hint}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a tti checkpoint (holds a {type(state).__name__})")
+    missing = [k for k in ("model", "config", "step") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a tti checkpoint (missing {', '.join(missing)})")
+    return state
+
+
+def mismatched_keys(expected: dict, found: dict, show: int = 5) -> str:
+    """What keeps `found` (name -> tensor) from loading strictly where `expected` is: '' when
+    the names and shapes agree, else e.g. "missing a.w, a.b; unexpected c.w; shape d.w
+    (3, 4) here, (3, 5) in the checkpoint" (the first `show` of each, and how many)."""
+    def names(keys: list) -> str:
+        more = f" and {len(keys) - show} more" if len(keys) > show else ""
+        return ", ".join(keys[:show]) + more
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(expected[k].shape)} here, {tuple(found[k].shape)} in the checkpoint"
+              for k in expected if k in found and expected[k].shape != found[k].shape]
+    parts = [f"{what} {names(keys)}" for what, keys in
+             (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if keys]
+    return "; ".join(parts)

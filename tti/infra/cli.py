@@ -1,0 +1,71 @@
+"""How every `python -m tti.…` command fails: a user's mistake in one line, a bug with its traceback.
+
+Each command-line module ends with
+
+    if __name__ == "__main__":
+        run_cli(main)              # from tti.infra.cli import run_cli
+
+A `UserError` (any subclass: a wrong config key, unreadable data, a damaged checkpoint, an
+impossible argument) then prints `<command>: error: <message>` on stderr and exits with status 1.
+Every other exception is a bug and keeps its traceback. `--debug` anywhere on the command line
+(taken out before `main` parses it) or TTI_DEBUG=1 shows the traceback of a UserError too.
+Argument errors found by argparse keep argparse's usage line and exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "TTI_DEBUG"
+USER_ERROR_EXIT = 1
+
+
+class UserError(Exception):
+    """Marker base of the errors a user causes and can fix; its message says what and where.
+
+    Subclass it beside the builtin type callers catch, e.g. `class ConfigError(UserError,
+    ValueError)`, so library callers keep catching ValueError and CLIs print the message alone.
+    """
+
+
+def command_name() -> str:
+    """`tti.sample` for `python -m tti.sample`, else the script's file name."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec is not None else os.path.basename(sys.argv[0] or "tti")
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def run_cli(main: Callable[[list], object], argv: Sequence[str] | None = None) -> None:
+    """Call main(argv without --debug); a UserError becomes one line on stderr and exit status 1.
+
+    argv: the arguments after the program name (default sys.argv[1:]). Under torchrun each
+    rank that fails prints its own line, tagged with its rank.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    try:
+        main([a for a in argv if a != DEBUG_FLAG])
+    except UserError as error:
+        if debug:
+            raise
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f" (rank {os.environ.get('RANK', '?')})" if world > 1 else ""
+        print(f"{command_name()}{rank}: error: {error} [{DEBUG_FLAG} shows the traceback]",
+              file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
+def check_at_least(parser, args, bounds: dict) -> None:
+    """parser.error unless each given argument is >= its bound (NaN fails too).
+
+    bounds: {dest name: lowest allowed value}; arguments left at None are not checked.
+    """
+    for name, low in bounds.items():
+        value = getattr(args, name)
+        if value is not None and not value >= low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {value}")

@@ -1,0 +1,1 @@
+"""alignDRAW, a model kind of its own."""

@@ -1,0 +1,1 @@
+"""Training objectives: noise, time, targets, loss weighting and sampling."""

@@ -1,0 +1,178 @@
+"""The one model module that training, sampling, export and evaluation share.
+
+`TextToImage` = a text encoder + an image model of a registered kind that keeps the
+two-method interface (`loss(images, text)`, `sample(text, generator, ...)`). Everything
+outside this file talks to captions and uint8/[-1, 1] images only, so the diffusion model
+and alignDRAW are interchangeable. `build(cfg)` makes one from a config;
+`load_for_inference(path)` rebuilds one from a checkpoint alone (EMA weights by default).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+import tti.models  # noqa: F401  (registers every plug-in)
+from tti.config.load import from_dict
+from tti.config.registry import MODEL_KINDS
+from tti.config.schema import Config
+from tti.infra.checkpoints import CheckpointError, load_checkpoint, mismatched_keys
+from tti.infra.precision import amp_dtype
+from tti.text.batch import TextBatch
+from tti.text.encoder import TextEncoder
+from tti.text.store import TextStore, encoder_identity, is_built, store_folder
+from tti.text.vocab import WordVocab, WordVocabEncoder
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] in [0, 255] -> float [B, 3, H, W] in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in [-1, 1] -> uint8 [B, 3, H, W] (values outside are clipped)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class TextToImage(nn.Module):
+    """Captions in, loss or images out. `forward` is the training loss (so DDP wraps it)."""
+
+    def __init__(self, text_encoder: nn.Module, image_model: nn.Module):
+        super().__init__()
+        self.text = text_encoder
+        self.image_model = image_model
+        self.sample_dtype: torch.dtype | None = None  # autocast dtype for sampling; None = fp32
+
+    def forward(self, images: torch.Tensor, captions: list) -> torch.Tensor:
+        """images: float [B, 3, H, W] in [-1, 1]; captions: B strings -> scalar loss."""
+        return self.image_model.loss(images, self.encode(captions))
+
+    @torch.compiler.disable
+    def encode(self, captions: list) -> TextBatch:
+        """B captions -> TextBatch. Left out of torch.compile (train.compile), which would
+        otherwise guard on every caption's text and recompile for each new batch."""
+        return self.text(captions)
+
+    @torch.no_grad()
+    def sample(self, captions: list, generator: torch.Generator | None = None,
+               return_trajectory: bool = False, **sampler_opts):
+        """B captions -> float [B, 3, H, W] in [-1, 1] (and the trajectory if asked).
+        The network runs under autocast to `self.sample_dtype` when set; images are fp32."""
+        text = self.text(captions)
+        null = self.text.null(1)
+        device_type = next(self.image_model.parameters()).device.type
+        with torch.autocast(device_type, dtype=self.sample_dtype or torch.float32,
+                            enabled=self.sample_dtype is not None):
+            return self.image_model.sample(text, generator, null_text=null,
+                                         return_trajectory=return_trajectory, **sampler_opts)
+
+    def sampler_options(self, cfg: Config) -> dict:
+        s = cfg.sample
+        return dict(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance=s.guidance)
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn.Module:
+    """The text side a config asks for. A word vocabulary (text.name vocab, or a model kind
+    that reads word ids) needs the training captions (fresh run) or the vocabulary saved in
+    a checkpoint (`vocab_state`)."""
+    t = cfg.text
+    if MODEL_KINDS.get(cfg.model.kind).text == "vocab" or t.name == "vocab":
+        if vocab_state is not None:
+            vocab = WordVocab.from_dict(vocab_state)
+        elif train_captions is not None:
+            vocab = WordVocab.build(train_captions)
+        else:
+            raise ValueError("a word-vocabulary text encoder needs the training captions")
+        return WordVocabEncoder(vocab, max_length=t.max_length)
+    encoder = TextEncoder(t.name, finetune=t.finetune, max_length=t.max_length, cache=t.cache,
+                          hidden_layer=t.hidden_layer)
+    if encoder.use_cache:
+        # Next to the packed image cache: every run on this dataset reuses the states.
+        cache_dir = cfg.data.cache_dir or os.path.join(cfg.data.root, "cache")
+        encoder.store_dir = store_folder(cache_dir, encoder_identity(encoder))
+        if is_built(encoder.store_dir):  # e.g. sampling on the machine that trained
+            encoder.use_store(TextStore(encoder.store_dir))
+    return encoder
+
+
+def build(cfg: Config, train_captions=None, vocab_state=None) -> TextToImage:
+    """The model `cfg` describes: its text encoder and an image model of kind model.kind."""
+    text = build_text_encoder(cfg, train_captions, vocab_state)
+    return TextToImage(text, MODEL_KINDS.get(cfg.model.kind).build(cfg, text))
+
+
+# ---------------------------------------------------------------- checkpoint state
+
+
+# Weight names that earlier versions wrote, old prefix -> new, first match wins: checkpoints
+# from before the plug-in core (the image model was `generator`, its network `unet`).
+RENAMED_WEIGHTS = (("generator.unet.", "image_model.backbone."), ("generator.", "image_model."))
+
+
+def current_names(weights: dict) -> dict:
+    """`weights` (name -> tensor, as a checkpoint holds them) under today's names."""
+    def rename(name: str) -> str:
+        for old, new in RENAMED_WEIGHTS:
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+    return {rename(k): v for k, v in weights.items()}
+
+
+def _checkpoints_text(model: TextToImage) -> bool:
+    """Whether checkpoints carry the text encoder: only when some of it is trained (a frozen
+    pretrained encoder is rebuilt by `from_pretrained`; it would make each checkpoint 500 MB)."""
+    return any(p.requires_grad for p in model.text.parameters())
+
+
+def trainable_state(model: TextToImage) -> dict:
+    """The weights a checkpoint must carry: everything but a frozen pretrained encoder."""
+    keep_text = _checkpoints_text(model)
+    return {k: v for k, v in model.state_dict().items()
+            if keep_text or not k.startswith("text.")}
+
+
+def load_trainable_state(model: TextToImage, weights: dict) -> None:
+    """Load what `trainable_state` saved, strictly: every key it names, with its shape, and
+    nothing else. A frozen encoder, which checkpoints leave out, keeps its pretrained weights.
+    Weights saved under earlier names load (RENAMED_WEIGHTS). Raises CheckpointError
+    naming the missing, unexpected and mis-shaped keys."""
+    weights = current_names(weights)
+    problems = mismatched_keys(trainable_state(model), weights)
+    if problems:
+        raise CheckpointError(f"the checkpoint's weights do not fit the model its config "
+                              f"describes: {problems}")
+    parts = [("image_model", model.image_model)]
+    if _checkpoints_text(model):
+        parts.append(("text", model.text))
+    for name, module in parts:
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                if k.startswith(prefix)}, strict=True)
+
+
+def text_extra_state(model: TextToImage):
+    """What rebuilds a vocabulary encoder (None for pretrained encoders)."""
+    to_dict = getattr(getattr(model.text, "vocab", None), "to_dict", None)
+    return to_dict() if to_dict else None
+
+
+def load_for_inference(path: str, device="cpu", use_ema: bool = True, precision: str = "fp32"):
+    """Checkpoint (file or run dir) -> (TextToImage in eval mode on `device`, Config).
+    `precision` (auto | fp32 | bf16 | fp16) sets the autocast dtype used for sampling."""
+    state = load_checkpoint(path, map_location="cpu")
+    cfg = from_dict(state["config"])
+    model = build(cfg, vocab_state=state.get("text_vocab"))
+    weights = current_names(state["model"])
+    if use_ema and state.get("ema"):
+        weights.update(current_names(state["ema"]["shadow"]))
+    try:
+        load_trainable_state(model, weights)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    model.sample_dtype = amp_dtype(precision, device)
+    return model.to(device).eval(), cfg

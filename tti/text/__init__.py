@@ -1,0 +1,1 @@
+"""Captions to token states: pretrained encoders, the text store, the word vocabulary."""

@@ -1,0 +1,1 @@
+"""The training loop's parts: state, checkpoints, EMA, monitors, the run log."""
