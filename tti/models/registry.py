@@ -6,10 +6,12 @@ one line here; docs/extending.md walks through one. Importing `tti.models` runs 
 from tti.config.registry import BACKBONES, MODEL_KINDS, OBJECTIVES
 from tti.models import diffusion
 from tti.models.aligndraw import model as aligndraw
-from tti.models.backbones import unet
-from tti.models.objectives import gaussian
+from tti.models.backbones import transformer, unet
+from tti.models.objectives import flow, gaussian
 
 MODEL_KINDS.add(diffusion.ENTRY)
 MODEL_KINDS.add(aligndraw.ENTRY)
 OBJECTIVES.add(gaussian.ENTRY)
+OBJECTIVES.add(flow.ENTRY)
 BACKBONES.add(unet.ENTRY)
+BACKBONES.add(transformer.ENTRY)

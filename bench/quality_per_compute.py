@@ -1,0 +1,144 @@
+"""Quality per unit of training compute: a recipe trained for the shipped quickstart's training
+FLOPs, exported (300 val captions) and scored (judge + FID), one line per run.
+
+The budget is configs/shapes32.yaml's: train.steps x train.batch_size images at its training
+FLOPs per image, both counted by tti.training.utilisation on one micro-batch of the first
+training items (the image model's forward and backward; the frozen encoder's states come
+from the text store, as in training). A recipe that costs more per image trains fewer
+steps: steps = budget / (batch x its FLOPs per image), rounded.
+
+    python -m bench.quality_per_compute --recipe flow_unet --seed 1      # one run
+    python -m bench.quality_per_compute --table                          # every run so far
+
+Each run lives in results/shapes32_diffusion/<run_idx> (a killed run resumes), exports to
+eval_data_run_<run_idx> and appends its record to bench/results/quality_per_compute.jsonl.
+Extra `--set key=value` items go to every command (e.g. train.precision=fp32).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/shapes32.yaml"
+RECORDS = os.path.join(REPO, "bench", "results", "quality_per_compute.jsonl")
+TRANSFORMER = ["model.backbone=transformer", "model.transformer.width=96",
+               "model.transformer.depth=6", "model.transformer.text_layers=2"]
+# name -> the --set items that make the recipe from configs/shapes32.yaml. The run index is
+# 100 + 10 x the recipe's position + the seed, so every (recipe, seed) has its own folder.
+RECIPES = {
+    "vp_unet": [],
+    "vp_minsnr_unet": ["model.gaussian.min_snr_gamma=5.0"],
+    "flow_unet": ["model.objective=flow"],
+    "dit_cross": TRANSFORMER,
+    "dit_joint": TRANSFORMER + ["model.transformer.text=joint"],
+    "dit_skips": TRANSFORMER + ["model.transformer.skips=true"],
+    "vp_minsnr_transformer": TRANSFORMER + ["model.gaussian.min_snr_gamma=5.0"],
+    "flow_transformer": TRANSFORMER + ["model.objective=flow"],
+}
+FACTS = ("all", "colour", "shape", "size", "relation")
+
+
+def flops_per_image(sets: list[str]) -> tuple[float, int, int]:
+    """(training FLOPs per image, train.steps, train.batch_size) of the config with `sets`."""
+    import torch
+
+    import tti.models  # noqa: F401
+    from tti.config.load import load_config
+    from tti.data.coco import collate, load_split
+    from tti.data.shapes import write_coco
+    from tti.models.text_to_image import build, to_model_range
+    from tti.training.utilisation import train_flops_per_image
+
+    cfg = load_config(CONFIG, sets)
+    d = cfg.data
+    write_coco(d.root, n_train=d.shapes_train, n_val=d.shapes_val, image_size=d.image_size, seed=0)
+    train_set = load_split(d.root, d.train_split, d.image_size, seed=cfg.train.seed)
+    images, captions = collate([train_set[i] for i in range(cfg.micro_batch(1))])
+    model = build(cfg, train_captions=[])
+    with torch.no_grad():
+        text = model.encode(captions)  # training reads the frozen encoder's states from its store
+    with torch.random.fork_rng():
+        flops = train_flops_per_image(lambda: model.image_model.loss(to_model_range(images), text),
+                                      len(captions))
+    return flops, cfg.train.steps, cfg.train.batch_size
+
+
+def run(name: str, seed: int, extra: list[str]) -> dict:
+    """Train, export and score one (recipe, seed) at the budget; its record."""
+    sets = RECIPES[name] + extra + [f"train.seed={seed}"]
+    budget_flops, budget_steps, batch = flops_per_image(extra)
+    flops = flops_per_image(sets)[0]
+    steps = round(budget_steps * budget_flops / flops)
+    idx = 100 + 10 * list(RECIPES).index(name) + seed
+    run_dir, out = f"results/shapes32_diffusion/{idx}", f"eval_data_run_{idx}"
+    train_sets = sets + [f"run.run_idx={idx}", f"train.steps={steps}",
+                         f"train.sample_every={steps}", "train.sample_at_end=false"]
+    argv = ["--config", CONFIG] + [a for s in train_sets for a in ("--set", s)]
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "tti.train", *argv], cwd=REPO, check=True)
+    trained = time.time() - start
+    subprocess.run([sys.executable, "-m", "tti.export", "--checkpoint", run_dir, "--n", "300",
+                    "--out-dir", out, "--precision", "auto"], cwd=REPO, check=True)
+    subprocess.run([sys.executable, "-m", "tti.evaluate", out, "--metrics", "judge,fid"],
+                   cwd=REPO, check=True)
+    with open(os.path.join(REPO, out, "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    acc = metrics["caption_accuracy_tti"]
+    record = {"recipe": name, "seed": seed, "sets": sets, "run_idx": idx, "steps": steps,
+              "batch": batch, "gflop_per_image": round(flops / 1e9, 4),
+              "budget_gflop_per_image": round(budget_flops / 1e9, 4),
+              "train_pflop": round(steps * batch * flops / 1e15, 3),
+              "train_seconds_incl_startup": round(trained), "fid": metrics.get("fid"),
+              **{f: acc[f] for f in FACTS}, "seen": acc["seen"]["all"],
+              "held_out": acc["held_out"]["all"], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with open(RECORDS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+def table(path: str = RECORDS) -> str:
+    """Markdown: one row per recipe, means over its seeds with the range (min-max)."""
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    by_recipe: dict[str, list] = {}
+    for r in records:
+        by_recipe.setdefault(r["recipe"], []).append(r)
+    cols = ["all", "seen", "held_out", "colour", "shape", "size", "relation", "fid"]
+    lines = ["| recipe | seeds | GFLOP/img | steps x 32 | " + " | ".join(cols) + " |",
+             "|" + "---|" * (4 + len(cols))]
+    for name, rs in by_recipe.items():
+        cells = []
+        for c in cols:
+            values = [r[c] for r in rs if r.get(c) is not None]
+            mean = statistics.mean(values) if values else float("nan")
+            digits = 1 if c == "fid" else 3
+            spread = f" ({min(values):.{digits}f}-{max(values):.{digits}f})" if len(values) > 1 else ""
+            cells.append(f"{mean:.{digits}f}{spread}")
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        lines.append(f"| {name} | {seeds} | {rs[0]['gflop_per_image']:.3f} | {rs[0]['steps']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=RECIPES)
+    p.add_argument("--seed", type=int, nargs="+", default=[1])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--table", action="store_true", help="print the table of every run so far")
+    args = p.parse_args(argv)
+    if args.recipe:
+        for seed in args.seed:
+            print(json.dumps(run(args.recipe, seed, args.set)))
+    if args.table:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()
