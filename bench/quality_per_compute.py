@@ -71,8 +71,9 @@ def flops_per_image(sets: list[str]) -> tuple[float, int, int]:
 
 def run(name: str, seed: int, extra: list[str]) -> dict:
     """Train, export and score one (recipe, seed) at the budget; its record."""
-    sets = RECIPES[name] + extra + [f"train.seed={seed}"]
-    budget_flops, budget_steps, batch = flops_per_image(extra)
+    seeded = [f"train.seed={seed}"]  # the seed picks the captions the count runs on
+    sets = RECIPES[name] + extra + seeded
+    budget_flops, budget_steps, batch = flops_per_image(extra + seeded)
     flops = flops_per_image(sets)[0]
     steps = round(budget_steps * budget_flops / flops)
     idx = 100 + 10 * list(RECIPES).index(name) + seed

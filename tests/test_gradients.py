@@ -43,13 +43,16 @@ def encoders(tmp_path_factory):
 
 
 def small_config(config: str, text_name: str, *extra):
-    """`config` with the UNet / alignDRAW shrunk to seconds on a CPU; all else as shipped."""
+    """`config` with its network shrunk to seconds on a CPU; all else as shipped."""
     cfg = load_config(os.path.join(REPO, "configs", config))
     overrides = [f"text.name={text_name}", *extra]
     if cfg.model.kind == "diffusion" and cfg.model.backbone == "unet":
         levels = len(cfg.model.unet.channels)
         overrides += [f"model.unet.channels={[16] + [32] * (levels - 1)}", "model.unet.head_dim=16",
                       "model.unet.num_res_blocks=1", "model.unet.text_width=32"]
+    if cfg.model.kind == "diffusion" and cfg.model.backbone == "transformer":
+        overrides += ["model.transformer.width=32", "model.transformer.head_dim=16",
+                      "model.transformer.depth=3", "model.transformer.text_width=32"]
     if cfg.model.kind == "aligndraw":
         overrides = [f"model.aligndraw.overrides.{key}={value}" for key, value in dict(
             draw_steps=2, word_dim=8, lang_dim=8, align_dim=8, latent_dim=4, enc_dim=16,

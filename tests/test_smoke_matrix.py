@@ -30,8 +30,9 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every file in configs/ (test_the_matrix_has_every_shipped_config keeps this list whole).
 CONFIGS = ["aligndraw_coco32.yaml", "aligndraw_shapes32.yaml", "coco32_cpu.yaml",
-           "coco32_frozen_roberta.yaml", "coco32_ft_roberta.yaml", "coco64_frozen_roberta.yaml",
-           "coco64_ft_roberta.yaml", "shapes32.yaml", "shapes32_long.yaml"]
+           "coco32_cpu_flow.yaml", "coco32_frozen_roberta.yaml", "coco32_ft_roberta.yaml",
+           "coco64_flow_ft_roberta.yaml", "coco64_frozen_roberta.yaml", "coco64_ft_roberta.yaml",
+           "coco64_transformer_ft_roberta.yaml", "shapes32.yaml", "shapes32_long.yaml"]
 # Each shipped config as it is, and what the issue's first report ran: shapes32 with its
 # encoder fine-tuned (a second run index, as the config names the same run folder).
 RUNS = {**{config: (config, {}) for config in CONFIGS},
@@ -43,7 +44,7 @@ LAUNCH_TIMEOUT_S = 420
 
 def smoke_sets(config: str, coco_root, shapes_root, roberta, results) -> dict:
     """The --set items that make `config` a smoke run: the data, the tiny RoBERTa for
-    roberta-base, a batch the fixture holds, GPU-sized UNets at a quarter of their widths."""
+    roberta-base, a batch the fixture holds, GPU-sized networks at a quarter of their widths."""
     from tti.config.load import load_config
 
     cfg = load_config(os.path.join(REPO, "configs", config))
@@ -54,11 +55,16 @@ def smoke_sets(config: str, coco_root, shapes_root, roberta, results) -> dict:
         sets["data.root"] = coco_root
     if cfg.text.name == "roberta-base":
         sets["text.name"] = roberta
-    unet = getattr(cfg.model, "unet", None) if cfg.model.kind == "diffusion" else None
-    if unet is not None and max(unet.channels) > 128:  # sized for GPUs
+    backbone = cfg.model.backbone if cfg.model.kind == "diffusion" else None
+    if backbone == "unet" and max(cfg.model.unet.channels) > 128:  # sized for GPUs
         # Same levels, blocks, heads and attention resolutions; a 16th of the parameters.
-        sets["model.unet.channels"] = [c // 4 for c in unet.channels]
-        sets["model.unet.head_dim"] = unet.head_dim // 4
+        sets["model.unet.channels"] = [c // 4 for c in cfg.model.unet.channels]
+        sets["model.unet.head_dim"] = cfg.model.unet.head_dim // 4
+    if backbone == "transformer" and cfg.model.transformer.width > 128:
+        # Same patches, heads and text attention; a quarter of the width and of the depth.
+        sets["model.transformer.width"] = cfg.model.transformer.width // 4
+        sets["model.transformer.head_dim"] = cfg.model.transformer.head_dim // 4
+        sets["model.transformer.depth"] = max(2, cfg.model.transformer.depth // 4)
     return sets
 
 

@@ -55,16 +55,16 @@ class TextConfig:
 class ModelConfig:
     """model.kind, model.objective, model.backbone, and the sections of the plug-ins they
     name (cfg.model.unet, cfg.model.gaussian, ...), kept in `sections` and read as
-    attributes. A section left out of the YAML takes its dataclass's defaults."""
+    attributes. A section left out of the YAML takes its dataclass's defaults; the section of
+    a plug-in the model does not use is type-checked when read, then dropped."""
     kind: str = "diffusion"          # tti/models/registry.py lists the kinds, objectives, backbones
     objective: str = "gaussian"      # diffusion: what it learns and how it samples
     backbone: str = "unet"           # diffusion: the network
     sections: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        for entry in used_entries(self):
-            if entry.schema is not None and entry.name not in self.sections:
-                self.sections[entry.name] = entry.schema()
+        used = [e for e in used_entries(self) if e.schema is not None]
+        self.sections = {e.name: self.sections.get(e.name) or e.schema() for e in used}
 
     def __getattr__(self, name: str):
         sections = self.__dict__.get("sections") or {}
