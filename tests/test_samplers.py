@@ -215,3 +215,17 @@ def test_sample_and_export_clis_take_dpmpp2m(tmp_path_factory):
                  "--sampler", "dpmpp2m", "--steps", "3"])
     info = json.load(open(os.path.join(out, "export", "export_info.json")))
     assert info["sampler_options"]["sampler"] == "dpmpp2m" and info["sampler_options"]["steps"] == 3
+
+
+def test_a_sampler_of_another_objective_is_one_line(tmp_path_factory, monkeypatch, capsys):
+    """`--sampler euler` (rectified flow's) on a Gaussian checkpoint: the registry's samplers
+    for its objective are named, in one line, before anything is drawn."""
+    from test_cli import assert_one_line, run_module
+    from tiny_run import train_tiny_run
+
+    run = train_tiny_run(tmp_path_factory)
+    out = tmp_path_factory.mktemp("wrong_sampler") / "grid.png"
+    code, err = run_module("tti.sample", ["--checkpoint", run, "--device", "cpu", "--sampler",
+                                          "euler", "--out", str(out)], monkeypatch, capsys)
+    assert_one_line(code, err, "tti.sample", "--sampler euler", "ddim, dpmpp2m, ddpm")
+    assert not out.exists()

@@ -57,9 +57,10 @@ def sampler_options(model, cfg, args) -> dict:
     opts.update(given)
     if known:  # a kind without samplers (alignDRAW) ignores these options
         try:
-            model.image_model.objective.check_sampling(opts["sampler"], opts["steps"], opts["eta"])
+            model.image_model.check_sampling(opts["sampler"], opts["steps"], opts["eta"])
         except ValueError as e:
-            raise UserError(f"--steps {opts['steps']}: {e}") from None
+            raise UserError(f"sampler {opts['sampler']}, --steps {opts['steps']}, --eta "
+                            f"{opts['eta']}: {e}") from None
     return opts
 
 

@@ -57,6 +57,10 @@ class Diffusion(nn.Module):
         """Same as loss(), so DDP can wrap the whole module."""
         return self.loss(images, text)
 
+    def check_sampling(self, sampler: str, steps: int, eta: float) -> None:
+        """ValueError naming the first sampling option the objective cannot run."""
+        self.objective.check_sampling(sampler, steps, eta)
+
     @torch.no_grad()
     def sample(self, text: TextBatch, generator: torch.Generator | list | None = None,
                null_text: TextBatch | None = None, guidance: float = 1.0,
@@ -77,7 +81,7 @@ class Diffusion(nn.Module):
         (one per step) of the predicted clean images, float [B, C, S, S], on the CPU.
         """
         sampler = sampler or next(iter(self.objective.samplers))
-        self.objective.check_sampling(sampler, steps, eta)
+        self.check_sampling(sampler, steps, eta)
         if guidance < 0:
             raise ValueError(f"Diffusion.sample: guidance must be >= 0, got {guidance}")
         device = next(itertools.chain(self.parameters(), self.buffers())).device
