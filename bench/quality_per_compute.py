@@ -9,6 +9,7 @@ steps: steps = budget / (batch x its FLOPs per image), rounded.
 
     python -m bench.quality_per_compute --recipe flow_unet --seed 1      # one run
     python -m bench.quality_per_compute --table                          # every run so far
+    python -m bench.quality_per_compute --time vp_unet flow_transformer  # fp32 img/s, alternating
 
 Each run lives in results/shapes32_diffusion/<run_idx> (a killed run resumes), exports to
 eval_data_run_<run_idx> and appends its record to bench/results/quality_per_compute.jsonl.
@@ -103,6 +104,41 @@ def run(name: str, seed: int, extra: list[str]) -> dict:
     return record
 
 
+def time_recipes(names: list[str], steps: int = 20, warmup: int = 3) -> str:
+    """fp32 training img/s of each recipe (forward, backward, AdamW at batch 32 on the shapes
+    captions, this process's threads), their steps interleaved so a slow phase of a shared
+    machine hits all of them; medians and the ratio to the first recipe."""
+    import torch
+
+    import tti.models  # noqa: F401
+    from tti.config.load import load_config
+    from tti.data.coco import collate, load_split
+    from tti.models.text_to_image import build, to_model_range
+
+    models, times = {}, {name: [] for name in names}
+    for name in names:
+        cfg = load_config(CONFIG, RECIPES[name] + ["train.precision=fp32"])
+        data = load_split(cfg.data.root, cfg.data.train_split, cfg.data.image_size)
+        images, captions = collate([data[i] for i in range(cfg.train.batch_size)])
+        model = build(cfg, train_captions=[])
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        models[name] = (model, optimizer, to_model_range(images), captions)
+    for i in range(warmup + steps):
+        for name, (model, optimizer, images, captions) in models.items():
+            start = time.perf_counter()
+            model(images, captions).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    batch = len(next(iter(models.values()))[3])
+    rates = {name: batch / statistics.median(ts) for name, ts in times.items()}
+    lines = [f"fp32, batch {batch}, {torch.get_num_threads()} threads, median of {steps} steps "
+             f"each, interleaved", "| recipe | img/s | vs " + names[0] + " |", "|---|---|---|"]
+    lines += [f"| {n} | {r:.1f} | {r / rates[names[0]]:.2f}x |" for n, r in rates.items()]
+    return "\n".join(lines)
+
+
 def table(path: str = RECORDS) -> str:
     """Markdown: one row per recipe, means over its seeds with the range (min-max)."""
     with open(path, encoding="utf-8") as f:
@@ -133,7 +169,11 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, nargs="+", default=[1])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--table", action="store_true", help="print the table of every run so far")
+    p.add_argument("--time", nargs="+", choices=RECIPES, metavar="RECIPE",
+                   help="time these recipes' fp32 training steps against each other")
     args = p.parse_args(argv)
+    if args.time:
+        print(time_recipes(args.time))
     if args.recipe:
         for seed in args.seed:
             print(json.dumps(run(args.recipe, seed, args.set)))
