@@ -23,12 +23,15 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 class Payload:
-    """What an attacker pickles: unpickling it calls open(marker, "w"), creating the marker."""
+    """What an attacker pickles: unpickling it calls open(marker, "w") (or, with shell=True,
+    os.system("touch marker")), creating the marker."""
 
-    def __init__(self, marker: str):
-        self.marker = marker
+    def __init__(self, marker: str, shell: bool = False):
+        self.marker, self.shell = marker, shell
 
     def __reduce__(self):
+        if self.shell:
+            return (os.system, (f"touch '{self.marker}'",))
         return (open, (self.marker, "w"))
 
 
@@ -59,6 +62,32 @@ def test_load_checkpoint_refuses_and_names_the_global(evil):
     message = str(refused.value)
     assert "io.open" in message and str(path) in message and "\n" not in message
     assert unsafe_globals(str(path)) == ["io.open"]
+
+
+def test_the_issues_os_system_payload_is_refused(tmp_path):
+    marker, path = tmp_path / "MARKER", tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": Payload(str(marker), shell=True), "step": 1}, path)
+    with pytest.raises(UnsafeCheckpointError, match=f"asks for {os.system.__module__}.system,"):
+        load_checkpoint(str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("shell", [False, True], ids=["open", "os.system"])
+def test_a_refusal_the_scan_misses_still_names_the_global(tmp_path, monkeypatch, shell):
+    """A pickle can build a global's name at load time, where no static scan sees it: the
+    unpickler's own refusal then gives the one line, without torch's advice to allow it."""
+    import tti.infra.checkpoints as checkpoints
+
+    marker, path = tmp_path / "MARKER", tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": Payload(str(marker), shell), "step": 1}, path)
+    monkeypatch.setattr(checkpoints, "unsafe_globals", lambda p: [])
+    with pytest.raises(UnsafeCheckpointError) as refused:
+        load_checkpoint(str(path))
+    message = str(refused.value)
+    wanted = f"{os.system.__module__}.system" if shell else "io.open"
+    assert message.startswith(f"refused to load {path}: its pickle asks for {wanted}, "), message
+    assert "\n" not in message and "safe_globals" not in message and "PyTorch" not in message
+    assert not marker.exists()
 
 
 def test_the_fid_monitors_best_checkpoint_is_refused(evil):

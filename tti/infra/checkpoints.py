@@ -18,6 +18,7 @@ import errno
 import glob
 import os
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -80,6 +81,18 @@ def refuse_unsafe(path: str) -> None:
                                     f"which can run code (nothing in it was run; {PLAIN_DATA})")
 
 
+def _refusal(error: Exception) -> str:
+    """What torch's weights-only unpickler refused, in a few words (its wording varies)."""
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"its pickle asks for {found.group(1)}, which can run code"
+    found = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    if found:  # without torch's advice to allow it, which is not ours
+        return found.group(1).split(" Please use")[0].rstrip(".")
+    return "torch's weights-only unpickler refused it"
+
+
 def safe_load(path: str, map_location="cpu", mmap: bool = False):
     """torch.load(path, weights_only=True), plus LEGACY_SAFE_GLOBALS: tensors and plain Python
     data come back and nothing in the file runs. UnsafeCheckpointError (one line, naming the
@@ -91,11 +104,9 @@ def safe_load(path: str, map_location="cpu", mmap: bool = False):
         if "weights only" not in str(e).lower():
             raise  # a damaged pickle, not a refused one
         refuse_unsafe(path)
-        # Refused by the unpickler for what no static scan sees (e.g. building a disallowed type).
-        why = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        why = why.split(" Please use")[0]  # torch's advice, to allow it, is not ours
-        raise UnsafeCheckpointError(f"refused to load {path}: {why} (nothing in it was run; "
-                                    f"{PLAIN_DATA})") from None
+        # Refused for what the static scan cannot see (a global's name built at load time).
+        raise UnsafeCheckpointError(f"refused to load {path}: {_refusal(e)} (nothing in it was "
+                                    f"run; {PLAIN_DATA})") from None
 
 
 def _disk_full(error: BaseException) -> bool:
