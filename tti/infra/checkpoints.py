@@ -55,11 +55,6 @@ class UnsafeCheckpointError(CheckpointError):
     """A checkpoint's pickle asks for a global (a function or class) that plain data never needs."""
 
 
-def _allowed_names() -> set:
-    return {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
-            for g in LEGACY_SAFE_GLOBALS}
-
-
 def unsafe_globals(path: str) -> list:
     """The globals the pickle of checkpoint file `path` names beyond torch's weights-only set and
     LEGACY_SAFE_GLOBALS, e.g. ["posix.system"], sorted. Reads the pickle's opcodes only: no tensor
@@ -69,7 +64,7 @@ def unsafe_globals(path: str) -> list:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # damaged, truncated, not a zip: for load_checkpoint to report
         return []
-    return sorted(set(found) - _allowed_names())
+    return sorted(found)
 
 
 def refuse_unsafe(path: str) -> None:
