@@ -6,7 +6,8 @@
 # $gpu_ids: sampling is one process, on the first listed GPU, or on the CPU for "cpu" / "cpu:N".
 # Samples the latest checkpoint of the run the training launcher made with the same config:
 # results/<run.dataset>_<model.kind>/$run_idx of TTI_CONFIG (default configs/coco64_ft_roberta.yaml,
-# i.e. results/coco64_ft_roberta_diffusion/$run_idx). TTI_RUN_DIR=<run folder> names it instead.
+# i.e. results/coco64_ft_roberta_diffusion/$run_idx). TTI_RUN_DIR=<run folder> names it instead,
+# or a release folder (python -m tti.release), which draws the same images.
 # With no sentence, the run's own grid captions (sample.captions in its config) are drawn.
 # Writes $TTI_OUT (default <run dir>/samples)/eval_grid.png and eval_denoise.gif.
 # TTI_SAMPLE_ARGS passes options to python -m tti.sample, e.g. "--n 4 --steps 100 --guidance 3".
@@ -24,9 +25,10 @@ source scripts/launch_common.sh "$1"
 run_idx=$2; shift 2
 run_dir=${TTI_RUN_DIR:-$(python -m tti.preflight --run-dir-only \
   --config "${TTI_CONFIG:-configs/coco64_ft_roberta.yaml}" --set run.run_idx="$run_idx")}
-if [[ ! -f "$run_dir/checkpoints/latest.pt" ]]; then
+if [[ ! -f "$run_dir/checkpoints/latest.pt" && \
+      ! ( -f "$run_dir/model.safetensors" && -f "$run_dir/config.json" ) ]]; then
   echo "$run_dir has no checkpoints/latest.pt: has that run saved a checkpoint yet? (TTI_CONFIG" \
-       "names the training config, TTI_RUN_DIR the run folder)" >&2; exit 1
+       "names the training config, TTI_RUN_DIR the run folder or a release folder)" >&2; exit 1
 fi
 out=${TTI_OUT:-$run_dir/samples}
 captions=()

@@ -43,6 +43,7 @@ from tti.eval.metrics.judge import RELATION_OUTCOMES, judge_image, relation_outc
 from tti.infra.precision import PRECISIONS
 from tti.models.text_to_image import load_for_inference
 from tti.eval.grid import generate
+from tti.infra.cli import run_cli
 
 PAIRS = (("red", "blue"), ("green", "purple"), ("yellow", "cyan"))
 
@@ -193,4 +194,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a damaged or unsafe checkpoint: one line, no traceback

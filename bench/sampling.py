@@ -46,6 +46,7 @@ from tti.eval.items import choose_items, generate_items
 from tti.data.shapes_folder import is_shapes_dataset
 from tti.infra.precision import PRECISIONS
 from tti.models.text_to_image import load_for_inference
+from tti.infra.cli import run_cli
 
 GUIDANCES = (1.0, 2.0, 3.0, 5.0)
 FULL_STEPS = (10, 25, 50, 100)
@@ -130,7 +131,7 @@ def sample_or_reuse(model, items, row: dict, args, rows_dir: str | None, identit
     key = f"{row['sampler']}-{row['steps']}-g{row['guidance']:g}-eta{row.get('eta', 0.0):g}-n{row['n']}"
     path = os.path.join(rows_dir, key + ".pt") if rows_dir else None
     if path and os.path.exists(path):
-        kept = torch.load(path)
+        kept = torch.load(path, weights_only=True)  # data only: tensors, numbers, strings
         if kept["identity"] == identity:
             print(f"  {key}: reusing the images sampled earlier ({path})")
             return kept["images"], kept["seconds"]
@@ -406,4 +407,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a damaged or unsafe checkpoint: one line, no traceback

@@ -42,6 +42,7 @@ from tti.data.shapes import COLOURS, SHAPES, SIZES, generate_examples
 from tti.text.encoder import TextEncoder
 from tti.text.source import PACKAGED_MINILM
 from tti.models.backbones.layers import TextAdapter
+from tti.infra.cli import run_cli
 
 TARGETS = ("colour 1", "shape 1", "size 1", "colour 2", "shape 2", "size 2", "axis")
 CLASSES = (len(COLOURS), len(SHAPES), len(SIZES)) * 2 + (2,)
@@ -198,7 +199,7 @@ class Probe(nn.Module):
         return [head(read[:, i]) for i, head in enumerate(self.heads)]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--val-images", type=int, default=800)
@@ -214,7 +215,7 @@ def main():
                         help="only the per-layer linear probe of the left/top role (see the docstring)")
     parser.add_argument("--checkpoint", default=None,
                         help="with --linear-role: probe this diffusion run's text layers and keys")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -260,4 +261,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a damaged or unsafe checkpoint: one line, no traceback

@@ -41,6 +41,7 @@ from tti.config.registry import MODEL_KINDS
 from tti.text.encoder import TextEncoder
 from tti.text.source import PACKAGED_MINILM
 from tti.text.store import TextStore, build_store, encoder_identity, store_folder
+from tti.infra.cli import run_cli
 
 COCO_CAPTIONS = 414_113  # captions in COCO 2014 train (414,113) ...
 COCO_VAL_CAPTIONS = 202_654  # ... and val (202,654)
@@ -328,4 +329,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # a damaged or unsafe checkpoint: one line, no traceback

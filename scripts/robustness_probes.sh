@@ -65,7 +65,7 @@ train --set train.steps=5 --set train.ckpt_every=5 --set train.lr=5e-4
 report $?
 python - "$RUN" <<'PY'
 import sys, torch, yaml
-state = torch.load(sys.argv[1] + "/checkpoints/latest.pt", weights_only=False)
+state = torch.load(sys.argv[1] + "/checkpoints/latest.pt", weights_only=True)
 with open(sys.argv[1] + "/config.yaml") as f:
     saved = yaml.safe_load(f)["train"]["lr"]
 lr = state["optimizer"]["param_groups"][0]["lr"]
@@ -78,7 +78,7 @@ echo "  config.yaml's model.unet.channels now: $(grep -A2 '  channels:' "$RUN/co
 python - "$RUN" <<'PY'
 import sys, torch
 path = sys.argv[1] + "/checkpoints/latest.pt"
-state = torch.load(path, weights_only=False)
+state = torch.load(path, weights_only=True)
 key = sorted(state["model"])[-1]
 state["model"]["generator.renamed.weight"] = state["model"].pop(key)
 torch.save(state, path)

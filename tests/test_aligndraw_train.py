@@ -66,7 +66,7 @@ def logged_losses(run_dir):
 
 
 def latest(run_dir):
-    return torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=False)
+    return torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)
 
 
 def test_config_builds_aligndraw_and_bad_overrides_name_the_key(shapes_root, tmp_path):

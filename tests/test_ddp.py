@@ -238,7 +238,7 @@ def one_rank(shapes_root, tmp_path_factory):
 
 
 def final_state(run_dir):
-    return torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=False)
+    return torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)
 
 
 def weight_difference(a, b):
@@ -275,7 +275,7 @@ def test_two_ranks_match_one_rank_with_the_global_batch(two_ranks, one_rank):
     ddp, big = final_state(two_ranks[0]), final_state(one_rank[0])
     assert_same_training(ddp, big)
     halfway = torch.load(os.path.join(two_ranks[0], "checkpoints", f"{CKPT_EVERY:07d}.pt"),
-                         weights_only=False)
+                         weights_only=True)
     assert moment_difference(ddp, halfway) > 0.1 and weight_difference(ddp, halfway)[0] > 1e-3
 
 

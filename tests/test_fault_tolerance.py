@@ -109,7 +109,7 @@ def test_sigkilled_run_resumes_to_bitwise_the_same_state(shapes_root, tmp_path):
         proc.send_signal(signal.SIGKILL)  # no handler, no cleanup: anything may be half-written
         assert proc.wait() == -signal.SIGKILL
         interrupted = torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"),
-                                 weights_only=False)  # whole, wherever the kill fell
+                                 weights_only=True)  # whole, wherever the kill fell
         assert seen - 1 <= interrupted["step"] < STEPS, (seen, interrupted["step"])
 
     restart = start(shapes_root, tmp_path / "killed")
@@ -120,8 +120,8 @@ def test_sigkilled_run_resumes_to_bitwise_the_same_state(shapes_root, tmp_path):
     assert len(resumed_at) == KILLS and resumed_at[-1] == interrupted["step"], resumed_at
     assert not [f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if f.startswith(".tmp")]
 
-    a = torch.load(os.path.join(straight, "checkpoints", "latest.pt"), weights_only=False)
-    b = torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=False)
+    a = torch.load(os.path.join(straight, "checkpoints", "latest.pt"), weights_only=True)
+    b = torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)
     assert a["step"] == STEPS
     assert_same_state(a, b)
 

@@ -150,7 +150,7 @@ def test_checkpoint_that_does_not_fit_the_model_names_the_keys(shapes_root, fini
                                                                part):
     results, run_dir = copy_of(finished, tmp_path)
     latest = os.path.join(run_dir, "checkpoints", "latest.pt")
-    state = torch.load(latest, weights_only=False)
+    state = torch.load(latest, weights_only=True)
     weights = state["model"] if part == "model" else state["ema"]["shadow"]
     gone = sorted(weights)[-1]
     weights["image_model.extra.weight"] = weights.pop(gone)

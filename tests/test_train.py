@@ -55,7 +55,7 @@ def test_loss_falls(shapes_root, tmp_path):
 
 
 def _weights(run_dir):
-    state = torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=False)
+    state = torch.load(os.path.join(run_dir, "checkpoints", "latest.pt"), weights_only=True)
     return state["model"], state["ema"]["shadow"], state["step"]
 
 

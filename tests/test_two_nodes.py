@@ -125,7 +125,7 @@ def worker_of(node) -> tuple[int, int]:
 
 
 def final_state(results):
-    return torch.load(os.path.join(results, RUN, "checkpoints", "latest.pt"), weights_only=False)
+    return torch.load(os.path.join(results, RUN, "checkpoints", "latest.pt"), weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,9 @@
     torchrun --standalone --nproc_per_node=8 -m tti.export --checkpoint CKPT --num-samples 30000
     bash gen_images_for_metrics.sh $gpu_ids $run_idx $pretrained_model_path   # the same, launched
 
+--checkpoint takes a checkpoint file, a run directory (its latest.pt) or a release folder
+(`python -m tti.release`), which exports the same images as the checkpoint it came from.
+
 writes, with ids 000000, 000001, ... equal to the file stems:
 
     <out-dir>/gt/images/<id>.png    gt/gt_captions.json    {"<id>": "<caption>"}
@@ -35,12 +38,12 @@ from tti.eval.export_folder import ExportError, check_settings, export_paths, ex
 from tti.eval.items import choose_items
 from tti.infra import distributed
 from tti.infra.atomic_file import write_json
-from tti.infra.checkpoints import load_checkpoint
 from tti.infra.cli import run_cli
 from tti.infra.precision import PRECISIONS
+from tti.infra.release_folder import load_inference_state
 from tti.infra.run_lock import RunLock
 from tti.infra.threads import use_free_cpus
-from tti.models.text_to_image import load_for_inference
+from tti.models.text_to_image import model_from_state
 from tti.sample import add_sampler_arguments, check_inference_arguments, sampler_options
 
 
@@ -63,7 +66,8 @@ def hardware(device: torch.device, world_size: int) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tti.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file, run directory or release folder (python -m tti.release)")
     p.add_argument("--out-dir", default=None, help="default eval_data_run_<run_idx of the checkpoint>")
     p.add_argument("--n", "--num-samples", dest="n", type=int, default=5000,
                    help="images to export (COCO papers use 30000; capped at the val size). "
@@ -91,9 +95,11 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     started = time.time()
     info = distributed.setup(args.device)
-    model, cfg = load_for_inference(args.checkpoint, info.device, use_ema=not args.no_ema,
-                                    precision=args.precision)
-    step = int(load_checkpoint(args.checkpoint)["step"])
+    state = load_inference_state(args.checkpoint)
+    step = int(state["step"])
+    model, cfg = model_from_state(state, args.checkpoint, info.device, use_ema=not args.no_ema,
+                                  precision=args.precision)
+    del state  # its tensors now live in the model
     out_dir = args.out_dir or f"eval_data_run_{cfg.run.run_idx}"
     d = cfg.data
     root = args.data_root or d.root

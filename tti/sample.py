@@ -5,8 +5,9 @@
         --caption "a large green triangle" --n 8 --sampler ddim --steps 50 --guidance 3 \
         --out grid.png --gif denoise.gif
 
---checkpoint takes a checkpoint file or a run directory (its latest.pt). EMA weights are
-used unless --no-ema. The same seed gives the same images.
+--checkpoint takes a checkpoint file, a run directory (its latest.pt) or a release folder
+(`python -m tti.release`; it draws the same images as the checkpoint it came from). EMA
+weights are used unless --no-ema. The same seed gives the same images.
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def sampler_options(model, cfg, args) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tti.sample", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint file, run directory or release folder (python -m tti.release)")
     p.add_argument("--caption", action="append", default=[], help="repeatable")
     p.add_argument("--captions-file", help="one caption per line")
     p.add_argument("--n", type=int, default=8, help="samples per caption")

@@ -2,7 +2,10 @@
 
 A checkpoint is one dict: model, ema, optimizer, scaler, step, rng states, config (and the
 text encoder's weights or vocabulary when they are trained). It rebuilds the model with no
-other file and resumes training exactly.
+other file and resumes training exactly. It holds tensors, numbers, strings, lists, tuples and
+dicts only, and every load is `torch.load(weights_only=True)`: a checkpoint is data, and one
+that asks its unpickler for anything else (a function to call, a class to build) is refused
+before any of it runs.
 
 Layout: <run_dir>/checkpoints/0001500.pt plus latest.pt, a hard link to the newest step
 file (one write per checkpoint; deleting old step files never breaks `latest`). Where the
@@ -14,9 +17,17 @@ import contextlib
 import errno
 import glob
 import os
+import pickle
+import re
 import shutil
 
+import numpy as np
 import torch
+
+try:  # numpy 2 moved numpy.core to numpy._core
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1.26
+    from numpy.core.multiarray import _reconstruct
 
 from tti.infra.atomic_file import fsync_dir, atomic_file, is_temp_file, temp_path
 from tti.infra.cli import UserError
@@ -24,9 +35,73 @@ from tti.infra.cli import UserError
 
 STEP_FILES = "[0-9]" * 7 + ".pt"  # 0001500.pt
 
+# All that a weights-only load allows beyond tensors and plain Python data, and why: every
+# version before issue 28 (commit 9019312 and earlier, e.g. tests/fixtures/legacy_*.pt) saved
+# np.random.get_state() in rng[rank]["numpy"], whose MT19937 key is a uint32 numpy array.
+# These names rebuild exactly that array (dtype and array types only, no code); today's
+# checkpoints save the key as a list and need none of them.
+LEGACY_SAFE_GLOBALS = [
+    (_reconstruct, "numpy._core.multiarray._reconstruct"),  # pickled under numpy 2
+    (_reconstruct, "numpy.core.multiarray._reconstruct"),   # pickled under numpy 1
+    np.ndarray, np.dtype, np.dtypes.UInt32DType]
+PLAIN_DATA = "a tti checkpoint holds only tensors, numbers, strings, lists and dicts"
+
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint could not be written or read; the message names the file and the cause."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint's pickle asks for a global (a function or class) that plain data never needs."""
+
+
+def unsafe_globals(path: str) -> list:
+    """The globals the pickle of checkpoint file `path` names beyond torch's weights-only set and
+    LEGACY_SAFE_GLOBALS, e.g. ["posix.system"], sorted. Reads the pickle's opcodes only: no tensor
+    data, nothing run. [] for a file that is no torch.save zip (the load then says what is wrong)."""
+    try:
+        with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # damaged, truncated, not a zip: for load_checkpoint to report
+        return []
+    return sorted(found)
+
+
+def refuse_unsafe(path: str) -> None:
+    """UnsafeCheckpointError (one line, naming the globals) when checkpoint file `path` asks for
+    anything beyond plain data. A cheap look before a launch starts processes that would load it."""
+    names = unsafe_globals(path)
+    if names:
+        raise UnsafeCheckpointError(f"refused to load {path}: its pickle asks for {', '.join(names)}, "
+                                    f"which can run code (nothing in it was run; {PLAIN_DATA})")
+
+
+def _refusal(error: Exception) -> str:
+    """What torch's weights-only unpickler refused, in a few words (its wording varies)."""
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"its pickle asks for {found.group(1)}, which can run code"
+    found = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    if found:  # without torch's advice to allow it, which is not ours
+        return found.group(1).split(" Please use")[0].rstrip(".")
+    return "torch's weights-only unpickler refused it"
+
+
+def safe_load(path: str, map_location="cpu", mmap: bool = False):
+    """torch.load(path, weights_only=True), plus LEGACY_SAFE_GLOBALS: tensors and plain Python
+    data come back and nothing in the file runs. UnsafeCheckpointError (one line, naming the
+    global asked for) for a pickle that wants more; other errors are torch's."""
+    try:
+        with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise  # a damaged pickle, not a refused one
+        refuse_unsafe(path)
+        # Refused for what the static scan cannot see (a global's name built at load time).
+        raise UnsafeCheckpointError(f"refused to load {path}: {_refusal(e)} (nothing in it was "
+                                    f"run; {PLAIN_DATA})") from None
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -124,11 +199,9 @@ def latest_checkpoint(run_dir: str):
     return path if os.path.isfile(path) else None
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint anywhere (a GPU checkpoint loads on CPU); say which file and why on failure.
-
-    `path` may be a checkpoint file or a run directory (its latest.pt is used).
-    """
+def checkpoint_file(path: str) -> str:
+    """The checkpoint file `path` names: itself, or a run directory's checkpoints/latest.pt.
+    CheckpointError when there is none."""
     if os.path.isdir(path):
         found = latest_checkpoint(path)
         if found is None:
@@ -136,9 +209,20 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
         path = found
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    """Load a checkpoint anywhere (a GPU checkpoint loads on CPU); say which file and why on failure.
+
+    `path` may be a checkpoint file or a run directory (its latest.pt is used). Weights only:
+    UnsafeCheckpointError for a file that asks to run code (see safe_load).
+    """
+    path = checkpoint_file(path)
     try:
-        # weights_only=False: the checkpoint holds numpy/python RNG states and the config dict.
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = safe_load(path, map_location=map_location)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # torch raises many types for a damaged file
         size = os.path.getsize(path)
         others = sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), STEP_FILES)))

@@ -4,7 +4,8 @@
 two-method interface (`loss(images, text)`, `sample(text, generator, ...)`). Everything
 outside this file talks to captions and uint8/[-1, 1] images only, so the diffusion model
 and alignDRAW are interchangeable. `build(cfg)` makes one from a config;
-`load_for_inference(path)` rebuilds one from a checkpoint alone (EMA weights by default).
+`load_for_inference(path)` rebuilds one from a checkpoint or a release folder alone (EMA
+weights by default).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import tti.models  # noqa: F401  (registers every plug-in)
 from tti.config.load import from_dict
 from tti.config.registry import MODEL_KINDS
 from tti.config.schema import Config
-from tti.infra.checkpoints import CheckpointError, load_checkpoint, mismatched_keys
+from tti.infra.checkpoints import CheckpointError, mismatched_keys
 from tti.infra.precision import amp_dtype
+from tti.infra.release_folder import load_inference_state
 from tti.text.batch import TextBatch
 from tti.text.encoder import TextEncoder
 from tti.text.store import TextStore, encoder_identity, is_built, store_folder
@@ -161,18 +163,33 @@ def text_extra_state(model: TextToImage):
     return to_dict() if to_dict else None
 
 
-def load_for_inference(path: str, device="cpu", use_ema: bool = True, precision: str = "fp32"):
-    """Checkpoint (file or run dir) -> (TextToImage in eval mode on `device`, Config).
-    `precision` (auto | fp32 | bf16 | fp16) sets the autocast dtype used for sampling."""
-    state = load_checkpoint(path, map_location="cpu")
-    cfg = from_dict(state["config"])
-    model = build(cfg, vocab_state=state.get("text_vocab"))
+def inference_weights(state: dict, use_ema: bool = True) -> dict:
+    """The weights sampling loads from a checkpoint's or release's `state` (load_inference_state),
+    under today's names: the model's, with the EMA's in their place unless `use_ema` is False."""
     weights = current_names(state["model"])
     if use_ema and state.get("ema"):
         weights.update(current_names(state["ema"]["shadow"]))
+    return weights
+
+
+def model_from_state(state: dict, path: str, device="cpu", use_ema: bool = True,
+                     precision: str = "fp32"):
+    """`state` (load_inference_state(path)) -> (TextToImage in eval mode on `device`, Config)."""
+    if not use_ema and state.get("release", {}).get("weights") == "ema":
+        raise CheckpointError(f"{path} is a release: it holds the EMA weights only (sample it "
+                              f"without --no-ema, or sample the run's checkpoint)")
+    cfg = from_dict(state["config"])
+    model = build(cfg, vocab_state=state.get("text_vocab"))
     try:
-        load_trainable_state(model, weights)
+        load_trainable_state(model, inference_weights(state, use_ema))
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     model.sample_dtype = amp_dtype(precision, device)
     return model.to(device).eval(), cfg
+
+
+def load_for_inference(path: str, device="cpu", use_ema: bool = True, precision: str = "fp32"):
+    """Checkpoint (file or run dir) or release folder -> (TextToImage in eval mode on `device`,
+    Config). Weights only: nothing in the file runs. `precision` (auto | fp32 | bf16 | fp16)
+    sets the autocast dtype used for sampling."""
+    return model_from_state(load_inference_state(path), path, device, use_ema, precision)

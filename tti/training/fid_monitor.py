@@ -26,7 +26,7 @@ from tti.eval.metrics.fid import (DEFAULT_RESIZE, FEATURE_DIM, INCEPTION_FILE, f
 from tti.eval.metrics.judge import judge_image, summarize_verdicts
 from tti.infra import distributed
 from tti.infra.atomic_file import atomic_file
-from tti.infra.checkpoints import atomic_save, checkpoint_dir
+from tti.infra.checkpoints import atomic_save, checkpoint_dir, safe_load
 from tti.training.sample_monitor import log_judge
 from tti.training.state import checkpoint_contents
 
@@ -53,7 +53,7 @@ def read_best(run_dir: str) -> dict | None:
     path = os.path.join(checkpoint_dir(run_dir), BEST_FILE)
     if not os.path.isfile(path):
         return None
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("fid")
+    return safe_load(path, mmap=True).get("fid")
 
 
 class FIDMonitor:

@@ -41,15 +41,21 @@ class TrainState:
 
 
 def rng_state() -> dict:
-    """Every random state a resumed run needs: python, numpy, torch CPU and CUDA."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """Every random state a resumed run needs: python, numpy, torch CPU and CUDA, as plain
+    data (tuples of numbers, byte tensors) that a weights-only load reads back."""
+    kind, key, *rest = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (kind, key.tolist(), *rest),  # the uint32 key array as a list of ints
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore `rng_state()`'s states (or a legacy checkpoint's, whose numpy key is an array)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
