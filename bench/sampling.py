@@ -41,7 +41,7 @@ import time
 
 import torch
 
-from tti.config.registry import all_samplers
+from tti.config.registry import all_samplers, samplers
 from tti.eval.items import choose_items, generate_items
 from tti.data.shapes_folder import is_shapes_dataset
 from tti.infra.precision import PRECISIONS
@@ -110,6 +110,8 @@ def paired_difference(a: list[bool], b: list[bool], seed: int = 0, draws: int = 
 
 def unet_evaluations(row: dict, timesteps: int) -> int:
     steps = timesteps if row["sampler"] == "ddpm" else row["steps"]
+    if row["sampler"] == "heun":  # two passes a step, one on the step onto the clean image
+        steps = 2 * steps - 1
     return row["n"] * steps * (1 if row["guidance"] == 1.0 else 2)
 
 
@@ -367,13 +369,17 @@ def main(argv=None) -> list[dict]:
     if against and any(len(r["correct"]) != n for r in against):
         raise SystemExit(f"--against {args.against}: its rows are over "
                          f"{len(against[0]['correct'])} captions, this study over {n}")
-    timesteps = cfg.model.gaussian.timesteps
     if args.guidance_sweep:
         rows = sweep_rows(args.sweep_sampler, cfg.sample, n)
     elif args.settings:
         rows = [parse_setting(t, n) for t in args.settings]
     else:
         rows = grid(args.full, n, args.ddpm_n)
+    other = sorted({r["sampler"] for r in rows} - set(samplers(cfg)))
+    if other:
+        raise SystemExit(f"{args.checkpoint}: its objective ({cfg.model.objective}) samples with "
+                         f"{', '.join(samplers(cfg))}, not {', '.join(other)}")
+    timesteps = cfg.model.gaussian.timesteps if cfg.model.objective == "gaussian" else None
     # Sample and time every row first: the judge and FID (scipy's BLAS threads) run after,
     # so they never compete with the timed sampling.
     results = score(sample_all(model, items, rows, args, timesteps), val, items, shapes, args)

@@ -12,7 +12,7 @@ def test_parse_setting():
     assert parse_setting("ddim:50:2:0.5", 10)["eta"] == 0.5
     assert parse_setting("ddpm:all:3.5", 4) == dict(sampler="ddpm", steps=None, guidance=3.5, n=4, eta=0.0)
     assert parse_setting("dpmpp2m:20:2:1", 4) == dict(sampler="dpmpp2m", steps=20, guidance=2.0, n=4, eta=1.0)
-    for bad in ("ddim:50", "euler:10:2", "ddim:ten:2", "ddim:50:2:-1", "ddpm:all:2:1", "ddim:5:2:1:1"):
+    for bad in ("ddim:50", "plms:10:2", "ddim:ten:2", "ddim:50:2:-1", "ddpm:all:2:1", "ddim:5:2:1:1"):
         with pytest.raises(SystemExit, match="sampler:steps:guidance"):
             parse_setting(bad, 1)
 
@@ -147,4 +147,6 @@ def test_guidance_sweep_draws_fid_and_accuracy_against_guidance(tiny_run, tmp_pa
     with Image.open(out.with_suffix(".png")) as png:
         assert png.format == "PNG" and png.size[0] > 600
     with pytest.raises(SystemExit, match="not sampler:steps"):
+        main(["--checkpoint", tiny_run, "--n", "2", "--guidance-sweep", "--sweep-sampler", "plms:2"])
+    with pytest.raises(SystemExit, match=r"objective \(gaussian\) samples with ddim, dpmpp2m, ddpm, not euler"):
         main(["--checkpoint", tiny_run, "--n", "2", "--guidance-sweep", "--sweep-sampler", "euler:2"])
