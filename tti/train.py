@@ -41,6 +41,7 @@ from tti.infra.cli import run_cli
 from tti.infra.run_lock import lock_run_dir
 from tti.infra.threads import use_free_cpus
 from tti.preflight import check_training
+from tti.training.batch_plan import plan_batches
 from tti.training.fid_monitor import FIDMonitor
 from tti.training.loop import train_loop
 from tti.training.run_log import describe_data, record_launch
@@ -65,7 +66,7 @@ def main(argv=None) -> str:
     # ------------------------------------------------------------ setup
     cfg = load_config(args.config, args.set)
     # Config and encoder mistakes fail here: no process group, no data packed, no run directory.
-    check_training(cfg, distributed.world_size_from_env())
+    check_training(cfg, distributed.world_size_from_env(), args.device)
     info = distributed.setup(args.device)
     tr, run_dir = cfg.train, cfg.run_dir()
     if tr.deterministic:
@@ -84,7 +85,6 @@ def main(argv=None) -> str:
     if info.is_main:  # images kept, and what prepare skipped and why
         for split in (train_set, val_set):
             log.print(describe_data(split))
-    loader = make_loader(cfg, info, train_set, workers)
 
     # ------------------------------------------------------------ model and optimizer
     model = build_model(cfg, info, train_set, val_set, resume, log)
@@ -99,12 +99,17 @@ def main(argv=None) -> str:
         log.print(f"resumed from {resume_path} at step {state.step}")
     del resume  # its tensors now live in `state`
     settle_config(cfg, args, info)
-    record_launch(log, state.step, changes, resume_path, info.world_size)
-    flops = count_flops(model, train_set, cfg, info, state.amp, log) if info.is_main else 0.0
+
+    # ------------------------------------------------------------ micro-batch and loader
+    plan = plan_batches(cfg, info, state, train_set, log)  # auto on a GPU: measured here
+    loader = make_loader(cfg, info, train_set, workers, plan.micro)
+    record_launch(log, state.step, changes, resume_path, info.world_size, plan.record())
+    flops = (count_flops(model, train_set, cfg, info, state.amp, log, plan.micro)
+             if info.is_main else 0.0)
     forward = for_training(model, cfg, info)
 
     # ------------------------------------------------------------ loop
-    batches = resumable_batches(loader, tr.grad_accum, start_step=state.step)
+    batches = resumable_batches(loader, plan.accum, start_step=state.step)
     samples = SampleMonitor(cfg, run_dir, val_set, info) if info.is_main else None
     fid = FIDMonitor(cfg, val_set, info, log) if tr.fid_every else None  # on every rank
     try:

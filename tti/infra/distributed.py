@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from tti.infra.cli import UserError
+from tti.infra.gpus import GPUError
 
 
 @dataclass
@@ -55,8 +56,8 @@ def setup(device: str | None = None) -> DistInfo:
     world_size = world_size_from_env()
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
-                               f"visible GPU(s): --nproc_per_node must not exceed the GPUs per node")
+            raise GPUError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
+                           f"visible GPU(s): --nproc_per_node must not exceed the GPUs per node")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
         backend = "nccl"

@@ -81,12 +81,13 @@ def open_datasets(cfg: Config, info: distributed.DistInfo, workers: int):
     return train_set, open_split(d.val_split)
 
 
-def make_loader(cfg: Config, info: distributed.DistInfo, train_set, workers: int) -> DataLoader:
-    """This rank's loader of micro-batches (train.batch_size / world size / grad_accum
-    images uint8 [B, 3, S, S] with B captions), in an order a resumed run can continue,
-    read by `workers` processes (0: this one)."""
+def make_loader(cfg: Config, info: distributed.DistInfo, train_set, workers: int,
+                micro: int | None = None) -> DataLoader:
+    """This rank's loader of micro-batches of `micro` images (default: the split the config
+    states, Config.micro_batch) uint8 [B, 3, S, S] with B captions, in an order a resumed
+    run can continue, read by `workers` processes (0: this one)."""
     tr = cfg.train
-    micro = cfg.micro_batch(info.world_size)
+    micro = micro or cfg.micro_batch(info.world_size)
     sampler = ResumableSampler(train_set, num_replicas=info.world_size, rank=info.rank,
                                seed=tr.seed)
     loader = DataLoader(train_set, batch_size=micro, sampler=sampler, drop_last=True,
@@ -95,7 +96,7 @@ def make_loader(cfg: Config, info: distributed.DistInfo, train_set, workers: int
                         # Its own generator: creating an iterator must not draw from the
                         # global RNG, or a resumed run (new iterator mid-epoch) diverges.
                         generator=torch.Generator().manual_seed(tr.seed))
-    if steps_per_epoch(loader, tr.grad_accum) == 0:
+    if steps_per_epoch(loader, tr.batch_size // (info.world_size * micro)) == 0:
         raise ConfigError(f"train.batch_size {tr.batch_size} is larger than the training set "
                           f"({len(train_set)} images)")
     return loader
@@ -138,10 +139,11 @@ def for_training(model: TextToImage, cfg: Config, info: distributed.DistInfo):
 
 
 def count_flops(model: TextToImage, train_set, cfg: Config, info: distributed.DistInfo,
-                amp: torch.dtype | None, log: RunLog) -> float:
-    """Training FLOPs per image, counted once on one micro-batch of the first training items
-    (the loader and the random streams are left untouched)."""
-    micro = cfg.micro_batch(info.world_size)
+                amp: torch.dtype | None, log: RunLog, micro: int | None = None) -> float:
+    """Training FLOPs per image, counted once on one micro-batch (`micro` images; default
+    the config's split) of the first training items (the loader and the random streams are
+    left untouched)."""
+    micro = micro or cfg.micro_batch(info.world_size)
     images, captions = collate([train_set[i] for i in range(micro)])
     flops = model_flops_per_image(model, to_model_range(images.to(info.device)), captions, amp)
     log.print(f"training FLOPs per image: {flops / 1e9:.3f} GFLOP (forward + backward, "
