@@ -21,7 +21,9 @@ class GPUError(UserError, RuntimeError):
 
 
 def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    """The first sentence of an error's message ("Found no NVIDIA driver on your system")."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split(". ")[0].rstrip(".")
 
 
 def cuda_problem() -> str | None:
