@@ -136,10 +136,8 @@ def train_loop(state: TrainState, forward, batches, cfg: Config, info: distribut
             interval.data_wait += time.perf_counter() - t_fetch
             try:
                 loss_sum, grad_norm, updated = train_step(state, forward, micro_batches, cfg, info)
-            except torch.OutOfMemoryError:  # the step left no trace: its checkpoint holds
-                error = out_of_memory(cfg, info, state.step + 1, micro_batches)
-                log.print(f"stopped: {error}")
-                raise error from None
+            except torch.OutOfMemoryError:  # mid-step: the last checkpoint is untouched
+                raise out_of_memory(cfg, info, state.step + 1, micro_batches, log) from None
             if not updated:
                 count_bad_step(state, cfg, log)
             progress.update(1)
@@ -153,5 +151,10 @@ def train_loop(state: TrainState, forward, batches, cfg: Config, info: distribut
                 sample_monitor.run(state.model, state.ema, state.step, log)
             if fid_monitor is not None and fid_monitor.due(state.step, last):
                 fid_monitor.run(state, log)
+    except Exception as error:  # a collective that failed because another rank stopped
+        note = None if isinstance(error, UserError) else distributed.peer_stopped()
+        if note is not None:
+            raise distributed.PeerStoppedError(f"another rank stopped the run: {note}") from None
+        raise
     finally:
         progress.close()

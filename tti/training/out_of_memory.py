@@ -15,6 +15,7 @@ from tti.config.schema import Config
 from tti.infra import distributed
 from tti.infra.checkpoints import latest_checkpoint
 from tti.infra.cli import UserError
+from tti.training.run_log import RunLog
 from tti.training.utilisation import peak_memory_gib, total_memory_gib
 
 
@@ -43,17 +44,21 @@ def _fixes(cfg: Config, micro: int, accum: int) -> str:
     return f"relaunch with {first}{auto}: the same global batch in more accumulation steps"
 
 
-def out_of_memory(cfg: Config, info: distributed.DistInfo, step: int,
-                  micro_batches: list) -> TrainingOutOfMemoryError:
+def out_of_memory(cfg: Config, info: distributed.DistInfo, step: int, micro_batches: list,
+                  log: RunLog) -> TrainingOutOfMemoryError:
     """The error for running out of memory in step `step` over `micro_batches` (the step's
-    list of (images, captions))."""
+    list of (images, captions)); on rank 0 also in log.txt and history.jsonl."""
     micro, accum = len(micro_batches[0][1]), len(micro_batches)
     latest = latest_checkpoint(cfg.run_dir())
     kept = (f"its checkpoints are untouched and it resumes from {latest}" if latest else
             "no checkpoint was written yet")
-    return TrainingOutOfMemoryError(
+    error = TrainingOutOfMemoryError(
         f"out of memory in step {step} on {info.device}: {cfg.run_dir()} at micro-batch "
         f"{micro} (x {accum} accumulation x {info.world_size} process(es) = global batch "
         f"{cfg.train.batch_size}), peak {peak_memory_gib(info.device):.1f} GiB of "
         f"{total_memory_gib(info.device):.1f} GiB; {kept}: {_fixes(cfg, micro, accum)}")
-
+    distributed.tell_peers_stopping(f"rank {info.rank} ran out of memory in step {step}")
+    log.print(f"stopped: {error}")
+    log.record({"event": "out_of_memory", "step": step, "micro_batch": micro,
+                "grad_accum": accum})
+    return error
