@@ -20,7 +20,11 @@ checkpoints/latest.pt: model, EMA, optimizer, LR schedule, step, data order and 
 rank's RNGs (bitwise on CPU with train.deterministic=true). A relaunch may change the
 settings tti/config/resume.py marks APPLIED (steps, lr, logging, ...): they are logged and
 recorded in the run's history.jsonl; the others (model, data, text encoder, ...) are refused.
-Only rank 0 writes logs, samples and checkpoints. A NaN/inf loss skips the step on all
+train.batch_size is the global batch; train.micro_batch (auto in the COCO configs) sets how
+much of it each process runs per forward pass, the rest by gradient accumulation: auto finds
+the largest that fits each GPU at start (tti/training/batch_plan.py). A step that runs out of
+GPU memory stops the run in one line naming the setting that fixes it, the checkpoints
+untouched. Only rank 0 writes logs, samples and checkpoints. A NaN/inf loss skips the step on all
 ranks, and stops the run (NonFiniteLossError) once more than train.max_bad_steps steps were
 bad; a step the fp16 loss scaler skips (inf/nan gradients) leaves the EMA alone. With
 train.fid_every > 0, every rank samples its share of a fixed val subset for FID
@@ -41,7 +45,7 @@ from tti.infra.cli import run_cli
 from tti.infra.run_lock import lock_run_dir
 from tti.infra.threads import use_free_cpus
 from tti.preflight import check_training
-from tti.training.batch_plan import plan_batches
+from tti.training.batch_plan import longest_captions, plan_batches
 from tti.training.fid_monitor import FIDMonitor
 from tti.training.loop import train_loop
 from tti.training.run_log import describe_data, record_launch
@@ -101,7 +105,7 @@ def main(argv=None) -> str:
     settle_config(cfg, args, info)
 
     # ------------------------------------------------------------ micro-batch and loader
-    plan = plan_batches(cfg, info, state, train_set, log)  # auto on a GPU: measured here
+    plan = plan_batches(cfg, info, state, longest_captions(train_set), log)  # auto: measured
     loader = make_loader(cfg, info, train_set, workers, plan.micro)
     record_launch(log, state.step, changes, resume_path, info.world_size, plan.record())
     flops = (count_flops(model, train_set, cfg, info, state.amp, log, plan.micro)

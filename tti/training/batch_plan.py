@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -66,16 +67,19 @@ def memory_oracle(device: torch.device) -> MemoryOracle | None:
     return CudaMemory(device) if device.type == "cuda" else None
 
 
-def probe_captions(train_set, n: int) -> list[str]:
-    """The `n` longest training captions: the costliest text a micro-batch can draw."""
-    every = (c for i in range(len(train_set)) for c in train_set.captions(i))
-    return heapq.nlargest(n, every, key=len)
+def longest_captions(train_set) -> Callable[[int], list[str]]:
+    """n -> the n longest captions of `train_set`: the costliest text a micro-batch can draw."""
+    def longest(n: int) -> list[str]:
+        every = (c for i in range(len(train_set)) for c in train_set.captions(i))
+        return heapq.nlargest(n, every, key=len)
+    return longest
 
 
-def plan_batches(cfg: Config, info: distributed.DistInfo, state: TrainState, train_set,
-                 log: RunLog) -> BatchPlan:
+def plan_batches(cfg: Config, info: distributed.DistInfo, state: TrainState,
+                 captions: Callable[[int], list[str]], log: RunLog) -> BatchPlan:
     """This run's split: as the config states it, or (auto) searched on every rank's GPU and
-    agreed on; logged. A collective under auto on a GPU: every rank calls it."""
+    agreed on; logged. `captions`: n -> the n captions the search's probes read (see
+    longest_captions). A collective under auto on a GPU: every rank calls it."""
     tr, world = cfg.train, info.world_size
     if tr.micro_batch != "auto":
         how = (f"train.micro_batch={tr.micro_batch}" if tr.micro_batch is not None
@@ -87,17 +91,18 @@ def plan_batches(cfg: Config, info: distributed.DistInfo, state: TrainState, tra
             plan = stated_plan(cfg, world, f"train.micro_batch=auto on {info.device.type}: no "
                                f"memory search off a GPU, the config's own split")
         else:
-            plan = _searched_plan(cfg, info, state, train_set, oracle, log)
+            plan = _searched_plan(cfg, info, state, captions, oracle, log)
     log.print(f"batch: {plan.describe()} ({plan.how})")
     return plan
 
 
-def _searched_plan(cfg: Config, info: distributed.DistInfo, state: TrainState, train_set,
-                   oracle: MemoryOracle, log: RunLog) -> BatchPlan:
+def _searched_plan(cfg: Config, info: distributed.DistInfo, state: TrainState,
+                   captions: Callable[[int], list[str]], oracle: MemoryOracle,
+                   log: RunLog) -> BatchPlan:
     """auto on a GPU: each rank's search, the smallest result on every rank."""
     per_process = cfg.train.batch_size // info.world_size
-    probe = probe_step(state.model, cfg.data.image_size, probe_captions(train_set, per_process),
-                       state.amp, info.device)
+    probe = probe_step(state.model, cfg.data.image_size, captions(per_process), state.amp,
+                       info.device)
     found = search_micro_batch(state.model, per_process, probe, oracle,
                                pending_bytes(state.optimizer, info.world_size), info.device)
     log.print(f"micro-batch search on {info.device} (rank {info.rank}): {found.describe()}")
