@@ -148,3 +148,14 @@ def test_train_under_torchrun_with_more_processes_than_gpus(monkeypatch, capsys,
     code, err = train_by_hand(monkeypatch, capsys, tmp_path)
     assert_one_line(code, err, "tti.train (rank 3)", "LOCAL_RANK 3: this machine shows 2 GPU(s) "
                     "(ids 0-1): torchrun's --nproc_per_node must not exceed the GPUs per node")
+
+
+def test_what_counts_as_out_of_memory():
+    from tti.infra.gpus import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                         "`cublasCreate(handle)`"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))

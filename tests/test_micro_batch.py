@@ -124,6 +124,25 @@ def test_search_leaves_random_streams_gradients_and_buffers_as_they_were():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_cuda_oracle_budgets_free_memory_plus_its_own_cache_less_the_margin(monkeypatch):
+    """What CudaMemory reads from a GPU (patched: no GPU here): 80 GiB, 50 free, 10 held in
+    this process's cache -> a budget of 50 + 10 - 8 GiB; a probe's peak is the allocator's."""
+    from tti.training.micro_batch_search import CudaMemory
+
+    gib, calls = 2 ** 30, []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (50 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 33 * gib)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty"))
+    oracle = CudaMemory(torch.device("cuda", 0), margin=0.1)
+    assert oracle.budget() == 52 * gib and oracle.total() == 80 * gib
+    assert oracle.measure(8, lambda: calls.append("probe")) == 33 * gib
+    oracle.release()
+    assert calls == ["reset", "probe", "sync", "empty"]
+
+
 # ---------------------------------------------------------------- a run under auto
 
 

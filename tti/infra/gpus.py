@@ -79,3 +79,15 @@ def gpu_name(index: int) -> str:
 def describe(index: int, free: int, total: int) -> str:
     """'GPU 2 (NVIDIA A10, 3.1 of 24.0 GiB free)'."""
     return f"GPU {index} ({gpu_name(index)}, {free / GIB:.1f} of {total / GIB:.1f} GiB free)"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a GPU running out of memory: torch.OutOfMemoryError (the caching
+    allocator's), or the RuntimeError cuBLAS/cuDNN raise when their own workspace cannot be
+    allocated."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "CUDA error: out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
+        or "CUDNN_STATUS_ALLOC_FAILED" in text)

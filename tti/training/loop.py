@@ -13,6 +13,7 @@ from tti.config.schema import Config
 from tti.infra import distributed
 from tti.infra.checkpoints import latest_checkpoint
 from tti.infra.cli import UserError
+from tti.infra.gpus import is_out_of_memory
 from tti.models.text_to_image import to_model_range
 from tti.training.out_of_memory import out_of_memory
 from tti.training.run_log import RunLog
@@ -136,7 +137,10 @@ def train_loop(state: TrainState, forward, batches, cfg: Config, info: distribut
             interval.data_wait += time.perf_counter() - t_fetch
             try:
                 loss_sum, grad_norm, updated = train_step(state, forward, micro_batches, cfg, info)
-            except torch.OutOfMemoryError:  # mid-step: the last checkpoint is untouched
+            except RuntimeError as error:  # torch.OutOfMemoryError is one
+                if not is_out_of_memory(error):
+                    raise
+                # mid-step: the last checkpoint is untouched
                 raise out_of_memory(cfg, info, state.step + 1, micro_batches, log) from None
             if not updated:
                 count_bad_step(state, cfg, log)

@@ -25,7 +25,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from tti.infra.gpus import GIB
+from tti.infra.gpus import GIB, is_out_of_memory
 from tti.models.text_to_image import TextToImage, to_model_range
 
 # Share of the GPU's memory a search leaves free: batches of longer captions than the probe's
@@ -167,7 +167,9 @@ def search_micro_batch(model: TextToImage, per_process: int, probe: Callable[[in
     def fits(micro: int) -> bool:
         try:
             result.peaks[micro] = oracle.measure(micro, lambda: probe(micro))
-        except torch.OutOfMemoryError:
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(error):
+                raise
             result.peaks[micro] = None
             model.zero_grad(set_to_none=True)
             oracle.release()
