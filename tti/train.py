@@ -50,8 +50,8 @@ from tti.training.fid_monitor import FIDMonitor
 from tti.training.loop import train_loop
 from tti.training.run_log import describe_data, record_launch
 from tti.training.sample_monitor import SampleMonitor
-from tti.training.setup import (build_model, count_flops, data_workers, for_training, make_loader,
-                                open_datasets, settle_config, start_run)
+from tti.training.setup import (build_model, check_epoch, count_flops, data_workers, for_training,
+                                make_loader, open_datasets, settle_config, start_run)
 from tti.training.state import find_checkpoint, make_train_state, resume_state, seed_everything
 
 
@@ -89,6 +89,7 @@ def main(argv=None) -> str:
     if info.is_main:  # images kept, and what prepare skipped and why
         for split in (train_set, val_set):
             log.print(describe_data(split))
+    check_epoch(cfg, info, train_set)  # before the model is built (the loader comes later)
 
     # ------------------------------------------------------------ model and optimizer
     model = build_model(cfg, info, train_set, val_set, resume, log)

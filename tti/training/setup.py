@@ -15,7 +15,7 @@ from tti.config.load import save_config
 from tti.config.registry import model_label
 from tti.config.schema import Config
 from tti.data.coco import collate, load_split
-from tti.data.order import ResumableSampler, steps_per_epoch
+from tti.data.order import ResumableSampler
 from tti.infra import distributed
 from tti.infra.threads import usable_cpus
 from tti.models.text_to_image import TextToImage, build, to_model_range
@@ -96,10 +96,16 @@ def make_loader(cfg: Config, info: distributed.DistInfo, train_set, workers: int
                         # Its own generator: creating an iterator must not draw from the
                         # global RNG, or a resumed run (new iterator mid-epoch) diverges.
                         generator=torch.Generator().manual_seed(tr.seed))
-    if steps_per_epoch(loader, tr.batch_size // (info.world_size * micro)) == 0:
-        raise ConfigError(f"train.batch_size {tr.batch_size} is larger than the training set "
-                          f"({len(train_set)} images)")
+    check_epoch(cfg, info, train_set)
     return loader
+
+
+def check_epoch(cfg: Config, info: distributed.DistInfo, train_set) -> None:
+    """ConfigError unless an epoch holds at least one step: each rank's shard of the training
+    set (drop_last) at least its share of train.batch_size, however that share splits."""
+    if len(train_set) // info.world_size < cfg.train.batch_size // info.world_size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training "
+                          f"set ({len(train_set)} images)")
 
 
 def build_model(cfg: Config, info: distributed.DistInfo, train_set, val_set, resume: dict | None,
