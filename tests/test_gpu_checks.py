@@ -157,5 +157,8 @@ def test_what_counts_as_out_of_memory():
     assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
                                          "`cublasCreate(handle)`"))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. "
+                                         "DefaultCPUAllocator: can't allocate memory: you tried "
+                                         "to allocate 68719476736 bytes"))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_out_of_memory(ValueError("out of memory"))

@@ -82,12 +82,12 @@ def describe(index: int, free: int, total: int) -> str:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is a GPU running out of memory: torch.OutOfMemoryError (the caching
-    allocator's), or the RuntimeError cuBLAS/cuDNN raise when their own workspace cannot be
-    allocated."""
+    """Whether `error` is a device running out of memory: torch.OutOfMemoryError (CUDA's
+    caching allocator), the RuntimeError cuBLAS/cuDNN raise when their own workspace cannot
+    be allocated, or the CPU allocator's."""
     if isinstance(error, torch.OutOfMemoryError):
         return True
     text = str(error)
-    return isinstance(error, RuntimeError) and (
-        "CUDA error: out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
-        or "CUDNN_STATUS_ALLOC_FAILED" in text)
+    return isinstance(error, RuntimeError) and any(sign in text for sign in (
+        "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+        "DefaultCPUAllocator: can't allocate memory"))
