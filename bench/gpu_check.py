@@ -4,7 +4,10 @@
     bash bench/gpu_check.sh --dry-run      # CPU, tiny sizes: every part runs (a test does)
 
 It prints:
-1. Training throughput of the COCO configs (coco32/coco64, frozen and fine-tuned RoBERTa):
+1. Training throughput of the COCO configs (coco32/coco64, frozen and fine-tuned RoBERTa)
+   at the micro-batch their `train.micro_batch: auto` chooses on this GPU (searched as
+   training searches it; a second table gives it per config with its peak memory and
+   tti.preflight's estimate, for docs/training_on_coco.md):
    img/s, peak memory, training FLOPs per image, achieved TFLOP/s and MFU against the
    device's dense bf16 peak (tti/training/utilisation.py's table; "unknown" for other devices), eager
    and with torch.compile, under DDP on every visible GPU (one torchrun launch). Each row is
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import heapq
 import json
 import os
 import random
@@ -126,18 +130,17 @@ def make_shapes(args, work: str) -> None:
 # ---------------------------------------------------------------- part 1, in each torchrun process
 
 
-def synthetic_steps(cfg, info, pool: list[str]):
+def synthetic_steps(cfg, info, pool: list[str], split):
     """A fixed micro-batch of random uint8 images, and a function giving one step's list of
-    micro-batches with captions drawn from `pool`."""
-    tr = cfg.train
-    micro = tr.batch_size // (info.world_size * tr.grad_accum)
+    micro-batches (as the BatchPlan `split` says) with captions drawn from `pool`."""
+    micro = split.micro
     size = cfg.data.image_size
     images = torch.randint(0, 256, (micro, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(info.rank))
     if info.device.type == "cuda":
         images = images.pin_memory()
     rng = random.Random(info.rank)
-    return images, lambda: [(images, rng.sample(pool, micro)) for _ in range(tr.grad_accum)]
+    return images, lambda: [(images, rng.sample(pool, micro)) for _ in range(split.accum)]
 
 
 def measure_row(plan: dict, config: str, compiled: bool, info, pool: list[str], log) -> dict:
@@ -146,7 +149,9 @@ def measure_row(plan: dict, config: str, compiled: bool, info, pool: list[str], 
     from tti.config.load import load_config
     from tti.config.rules import validate
     from tti.models.text_to_image import build, to_model_range
+    from tti.training.batch_plan import plan_batches
     from tti.training.loop import train_step
+    from tti.training.memory_estimate import estimate
     from tti.training.setup import for_training, open_text_store
     from tti.training.state import make_train_state
     from tti.training.utilisation import model_flops_per_image, peak_memory_gib
@@ -159,7 +164,11 @@ def measure_row(plan: dict, config: str, compiled: bool, info, pool: list[str], 
     if model.text.use_cache:
         open_text_store(model.text, pool, info, log)
     state = make_train_state(cfg, model, info.device, log)
-    images, step_batches = synthetic_steps(cfg, info, pool)
+    # The COCO configs' train.micro_batch: auto, searched as training searches it.
+    start = time.perf_counter()
+    split = plan_batches(cfg, info, state, lambda n: heapq.nlargest(n, pool, key=len), log)
+    search_s = time.perf_counter() - start
+    images, step_batches = synthetic_steps(cfg, info, pool, split)
     flops = model_flops_per_image(model, to_model_range(images.to(info.device)),
                                   pool[:len(images)], state.amp)
     eager = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False))
@@ -178,7 +187,10 @@ def measure_row(plan: dict, config: str, compiled: bool, info, pool: list[str], 
     sync(info.device)
     images_per_s = plan["steps"] * cfg.train.batch_size / (time.perf_counter() - start)
     peak_mem = max(distributed.all_gather_object(peak_memory_gib(info.device)))
+    need = estimate(cfg, info.world_size).at(split.micro) if not compiled else 0
     return {"config": config, "compiled": compiled, "batch": cfg.train.batch_size,
+            "micro": split.micro, "accum": split.accum, "how": split.how, "search_s": search_s,
+            "estimate_gib": need / 2 ** 30,
             "params_m": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
             "img_per_s": images_per_s, "gflop_per_img": flops / 1e9, "warmup_s": warm_s,
             "tflops": images_per_s * flops / 1e12, "peak_mem_gib": peak_mem}
@@ -260,6 +272,20 @@ def throughput_table(rows: list[dict], world: int, peak: float | None) -> str:
     return "\n".join(lines)
 
 
+def micro_batch_table(rows: list[dict], device: str) -> str:
+    """What train.micro_batch: auto chose per COCO config on this device, the timed steps'
+    peak memory at it, and tti.preflight's estimate there (docs/training_on_coco.md's table)."""
+    lines = ["| config | device | micro-batch (auto) | accumulation | search | peak memory "
+             "(timed steps) | preflight's estimate |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["compiled"] or "skipped" in r:
+            continue
+        search = f"{r['search_s']:.1f} s" if "no memory search" not in r["how"] else "none (CPU)"
+        lines.append(f"| {r['config']} | {device} | {r['micro']} | {r['accum']} | {search} | "
+                     f"{r['peak_mem_gib']:.2f} GiB | {r['estimate_gib']:.2f} GiB |")
+    return "\n".join(lines)
+
+
 def run_judge(args, work: str, device: torch.device, data: subprocess.Popen) -> dict:
     """Part 2: the shapes long config for --judge-steps steps; the last in-loop judge line."""
     from tti import train
@@ -302,6 +328,8 @@ def main(argv=None) -> None:
               f"{args.warmup} untimed ('first steps': their time, compilation included).", ""]
     rows = run_throughput(args, work, text_name, device)
     report += [throughput_table(rows, world, peak), "",
+               "train.micro_batch: auto per config (per process; the global batch is the "
+               "config's):", "", micro_batch_table(rows, devices.split(",")[0]), "",
                f"Part 1 took {time.perf_counter() - started:.0f} s from the start.", ""]
     print("\n".join(report), flush=True)
     judge = run_judge(args, work, device, data)

@@ -23,6 +23,7 @@ from tti.data.order import resumable_batches
 from tti.models.text_to_image import to_model_range
 from tti.training.run_log import RunLog
 from tti.training.loop import train_step
+from tti.training.batch_plan import stated_plan
 from tti.training.setup import build_model, make_loader, open_datasets
 from tti.training.state import make_train_state
 
@@ -66,7 +67,8 @@ def main():
     info = distributed.setup("cpu")
     log = RunLog("/tmp/tti_step_profile", False)  # not the main rank: writes nothing
     train_set, val_set = open_datasets(cfg, info, 0)
-    batches = resumable_batches(make_loader(cfg, info, train_set, 0), cfg.train.grad_accum, 0)
+    plan = stated_plan(cfg, info.world_size, "")  # auto: the config's split, as on a CPU
+    batches = resumable_batches(make_loader(cfg, info, train_set, 0, plan.micro), plan.accum, 0)
     model = build_model(cfg, info, train_set, val_set, None, log).train()
     state = make_train_state(cfg, model, info.device, log)
     print(f"{args.config} {' '.join(args.set)}: batch {cfg.train.batch_size}, "

@@ -45,13 +45,18 @@ _venv="$(dirname "${BASH_SOURCE[0]}")/../.venv"  # the repository's, wherever th
 if [[ -x "$_venv/bin/python" && -z "${VIRTUAL_ENV:-}" ]]; then source "$_venv/bin/activate"; fi
 
 # run_training CONFIG RUN_IDX DATASET_PATH [--set key=value ...]: check the config for WORLD
-# processes and the text encoder in one process first (a mistake prints one line, before any
-# data is packed or run directory made, not once per rank inside torchrun's report), then
-# run tti.train under LAUNCH.
+# processes, the text encoder and (cuda) the listed GPUs in one process first (a mistake
+# prints one line, before any data is packed or run directory made, not once per rank
+# inside torchrun's report), then run tti.train under LAUNCH.
 run_training() {
   local config=$1 run_idx=$2 dataset_path=$3
   shift 3
   local sets=(--set run.run_idx="$run_idx" --set data.root="$dataset_path" "$@")
-  python -m tti.preflight --world-size "$WORLD" --config "$config" "${sets[@]}" > /dev/null
+  local check=(python -m tti.preflight --world-size "$WORLD" --nnodes "${TTI_NNODES:-1}"
+               --device "$DEVICE")
+  # $gpu_ids name the machine's GPUs (CUDA_VISIBLE_DEVICES is set to them above): the
+  # check sees them all, to tell an id that is not there from one that is.
+  if [[ "$DEVICE" == cuda ]]; then check=(env -u CUDA_VISIBLE_DEVICES "${check[@]}" --gpus "$gpu_ids"); fi
+  "${check[@]}" --config "$config" "${sets[@]}" > /dev/null
   "${LAUNCH[@]}" -m tti.train --config "$config" --device "$DEVICE" "${sets[@]}"
 }

@@ -44,6 +44,20 @@ def test_user_error_is_one_line_and_exit_1(capsys, monkeypatch):
     assert " (rank 1): error: " in run_cli_with(main, [], capsys)[1]
 
 
+def test_a_quiet_user_error_exits_1_and_prints_nothing(capsys, monkeypatch):
+    """Another torchrun rank already printed the line (tti.infra.distributed.PeerStoppedError)."""
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+
+    class Quiet(cli.UserError):
+        quiet = True
+
+    def main(argv):
+        raise Quiet("rank 1 ran out of memory in step 3")
+
+    code, err = run_cli_with(main, [], capsys)
+    assert code == 1 and err == ""
+
+
 def test_debug_flag_or_env_shows_the_traceback(monkeypatch):
     monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
     seen = []
@@ -173,6 +187,9 @@ def test_own_error_classes_are_user_errors():
     ("tti.infra.run_lock", "RunLockedError"),
     ("tti.training.loop", "NonFiniteLossError"),
     ("tti.infra.distributed", "SharedStoreRestartError"),
+    ("tti.infra.distributed", "PeerStoppedError"),
+    ("tti.infra.gpus", "GPUError"),
+    ("tti.training.out_of_memory", "TrainingOutOfMemoryError"),
 ])
 def test_project_error_classes_are_user_errors(where, name):
     import importlib

@@ -1,5 +1,7 @@
 """bench/gpu_check.sh, the script waiting for a GPU, runs end to end on CPU (--dry-run: tiny
-models, data and step counts; the same code path as on a GPU, one process under torchrun)."""
+models, data and step counts; the same code path as on a GPU, one process under torchrun),
+with the micro-batch `train.micro_batch: auto` takes per COCO config (on a CPU: the
+config's own split, no search)."""
 import os
 import re
 import subprocess
@@ -23,6 +25,12 @@ def test_dry_run_prints_every_row_and_the_judge(tmp_path):
         ("coco32_frozen_roberta", "compiled")]
     assert all(float(img_s) > 0 and float(gflop) > 0 for _, _, img_s, gflop in rows)
     assert rows[0][3] == rows[4][3]  # compiling changes the speed, not the FLOPs counted
+    # train.micro_batch: auto per config: on a CPU the config's split (global batch 4, one process)
+    auto = re.findall(r"^\| (coco\S+) \| CPU \(\d+ cores\) \| 4 \| 1 \| none \(CPU\) \| "
+                      r"[0-9.]+ GiB \| ([0-9.]+) GiB \|$", text, re.M)
+    assert [config for config, _ in auto] == [config for config, mode, _, _ in rows
+                                              if mode == "eager"]
+    assert all(float(estimate) > 0 for _, estimate in auto)
     judge = re.search(r"^Judge: configs/shapes32_long.yaml trained 4 steps .* at step 4: (.*)$",
                       text, re.M)
     assert judge and "seen/all=" in judge.group(1) and "held_out/all=" in judge.group(1)

@@ -124,7 +124,7 @@ def test_a_batch_the_processes_do_not_divide_fails_first_in_one_line(place, tiny
                   *set_items({"text.name": tiny_roberta, "train.batch_size": 5}), cwd=user)
     assert_failed_before_any_work(
         result, user / "fresh", repo / "results" / "coco64_ft_roberta_diffusion" / "1",
-        "train.batch_size: 5 is not divisible by 2 processes x 1 grad_accum: use 4 or 6")
+        "train.batch_size: 5 is not divisible by 2 processes: use 4 or 6")
 
 
 def test_unreachable_roberta_fails_first_in_one_line(place, tmp_path):
@@ -138,3 +138,19 @@ def test_unreachable_roberta_fails_first_in_one_line(place, tmp_path):
         result, tmp_path / "coco", repo / "results" / "coco64_ft_roberta_diffusion" / "2",
         "text.name 'roberta-base'", "--set text.name=/path/to/roberta-base",
         "--set text.name=packaged-minilm")
+
+
+@pytest.mark.skipif(os.path.exists("/proc/driver/nvidia"), reason="this machine has an NVIDIA driver")
+def test_gpu_ids_without_a_driver_fail_first_in_one_line(place, tiny_roberta, tmp_path):
+    """What a new user sees on a machine without a working NVIDIA driver (this one): the
+    launcher's check, before torch's traceback from inside torch._C._cuda_init()."""
+    from coco_fixture import write_coco_fixture
+
+    repo, user = place
+    write_coco_fixture(tmp_path / "coco")
+    result = bash(repo / "run_tti_64_coco_ft_roberta.sh", "0", 3, tmp_path / "coco",
+                  *set_items({"text.name": tiny_roberta}), cwd=user)
+    assert_failed_before_any_work(
+        result, tmp_path / "coco", repo / "results" / "coco64_ft_roberta_diffusion" / "3",
+        "tti.preflight: error: no usable CUDA GPU here (Found no NVIDIA driver on your system): "
+        "run on the CPU with $gpu_ids cpu (one process) or cpu:N (N processes)")

@@ -20,7 +20,11 @@ checkpoints/latest.pt: model, EMA, optimizer, LR schedule, step, data order and 
 rank's RNGs (bitwise on CPU with train.deterministic=true). A relaunch may change the
 settings tti/config/resume.py marks APPLIED (steps, lr, logging, ...): they are logged and
 recorded in the run's history.jsonl; the others (model, data, text encoder, ...) are refused.
-Only rank 0 writes logs, samples and checkpoints. A NaN/inf loss skips the step on all
+train.batch_size is the global batch; train.micro_batch (auto in the COCO configs) sets how
+much of it each process runs per forward pass, the rest by gradient accumulation: auto finds
+the largest that fits each GPU at start (tti/training/batch_plan.py). A step that runs out of
+GPU memory stops the run in one line naming the setting that fixes it, the checkpoints
+untouched. Only rank 0 writes logs, samples and checkpoints. A NaN/inf loss skips the step on all
 ranks, and stops the run (NonFiniteLossError) once more than train.max_bad_steps steps were
 bad; a step the fp16 loss scaler skips (inf/nan gradients) leaves the EMA alone. With
 train.fid_every > 0, every rank samples its share of a fixed val subset for FID
@@ -41,12 +45,13 @@ from tti.infra.cli import run_cli
 from tti.infra.run_lock import lock_run_dir
 from tti.infra.threads import use_free_cpus
 from tti.preflight import check_training
+from tti.training.batch_plan import longest_captions, plan_batches
 from tti.training.fid_monitor import FIDMonitor
 from tti.training.loop import train_loop
 from tti.training.run_log import describe_data, record_launch
 from tti.training.sample_monitor import SampleMonitor
-from tti.training.setup import (build_model, count_flops, data_workers, for_training, make_loader,
-                                open_datasets, settle_config, start_run)
+from tti.training.setup import (build_model, check_epoch, count_flops, data_workers, for_training,
+                                make_loader, open_datasets, settle_config, start_run)
 from tti.training.state import find_checkpoint, make_train_state, resume_state, seed_everything
 
 
@@ -65,7 +70,7 @@ def main(argv=None) -> str:
     # ------------------------------------------------------------ setup
     cfg = load_config(args.config, args.set)
     # Config and encoder mistakes fail here: no process group, no data packed, no run directory.
-    check_training(cfg, distributed.world_size_from_env())
+    check_training(cfg, distributed.world_size_from_env(), args.device)
     info = distributed.setup(args.device)
     tr, run_dir = cfg.train, cfg.run_dir()
     if tr.deterministic:
@@ -84,7 +89,7 @@ def main(argv=None) -> str:
     if info.is_main:  # images kept, and what prepare skipped and why
         for split in (train_set, val_set):
             log.print(describe_data(split))
-    loader = make_loader(cfg, info, train_set, workers)
+    check_epoch(cfg, info, train_set)  # before the model is built (the loader comes later)
 
     # ------------------------------------------------------------ model and optimizer
     model = build_model(cfg, info, train_set, val_set, resume, log)
@@ -99,12 +104,17 @@ def main(argv=None) -> str:
         log.print(f"resumed from {resume_path} at step {state.step}")
     del resume  # its tensors now live in `state`
     settle_config(cfg, args, info)
-    record_launch(log, state.step, changes, resume_path, info.world_size)
-    flops = count_flops(model, train_set, cfg, info, state.amp, log) if info.is_main else 0.0
+
+    # ------------------------------------------------------------ micro-batch and loader
+    plan = plan_batches(cfg, info, state, longest_captions(train_set), log)  # auto: measured
+    loader = make_loader(cfg, info, train_set, workers, plan.micro)
+    record_launch(log, state.step, changes, resume_path, info.world_size, plan.record())
+    flops = (count_flops(model, train_set, cfg, info, state.amp, log, plan.micro)
+             if info.is_main else 0.0)
     forward = for_training(model, cfg, info)
 
     # ------------------------------------------------------------ loop
-    batches = resumable_batches(loader, tr.grad_accum, start_step=state.step)
+    batches = resumable_batches(loader, plan.accum, start_step=state.step)
     samples = SampleMonitor(cfg, run_dir, val_set, info) if info.is_main else None
     fid = FIDMonitor(cfg, val_set, info, log) if tr.fid_every else None  # on every rank
     try:

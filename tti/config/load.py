@@ -59,8 +59,14 @@ def _type_error(key: str, expected: str, value: Any) -> ConfigError:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check/convert one leaf value against its annotated type; `key` names it in errors."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union:  # Optional[X]
-        return None if value is None else _coerce(value, args[0], key)
+    if origin is typing.Union:  # Optional[X], or a choice: Optional[Union[int, str]]
+        options = [a for a in args if a is not type(None)]
+        if value is None or len(options) == 1:
+            return None if value is None else _coerce(value, options[0], key)
+        for option in options:
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, option, key)
+        raise _type_error(key, " or ".join(_EXPECTED[o] for o in options), value)
     if tp in _EXPECTED:
         if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             with contextlib.suppress(ValueError):

@@ -51,6 +51,8 @@ POLICY = {
     "train.batch_size": (FIXED, "the global batch: every step's place in the data follows from it"),
     "train.seed": (FIXED, "the data order and the per-step random streams follow from it"),
     "train.grad_accum": (APPLIED, "how the same global batch splits into micro-batches"),
+    "train.micro_batch": (APPLIED, "how the same global batch splits into micro-batches: "
+                                   "another GPU, or the fix after an out-of-memory stop"),
     "train.steps": (APPLIED, _SCHEDULE),
     "train.lr": (APPLIED, _SCHEDULE),
     "train.warmup_steps": (APPLIED, _SCHEDULE),

@@ -88,14 +88,47 @@ def _check_train(tr: TrainConfig, world_size: int) -> None:
                          "log_every": ">= 1", "sample_every": ">= 1", "ckpt_every": ">= 1",
                          "keep_last": ">= 1", "eval_samples": ">= 0", "max_bad_steps": ">= 0",
                          "fid_every": ">= 0"})
-    per_step = world_size * tr.grad_accum
-    processes = f"{world_size} process{'es' if world_size != 1 else ''}"
-    check(tr.batch_size % per_step == 0, "train.batch_size",
-          f"{tr.batch_size} is not divisible by {processes} x {tr.grad_accum} grad_accum: "
-          f"use {_valid_batch_sizes(tr.batch_size, per_step)}", "train.grad_accum")
+    _check_split(tr, world_size)
     one_of(tr.lr_decay, LR_DECAYS, "train.lr_decay")
     one_of(tr.precision, PRECISIONS, "train.precision")
     check(tr.grad_clip >= 0, "train.grad_clip",
           f"must be >= 0 (0 disables clipping), got {tr.grad_clip}")
     check(tr.fid_samples >= 2, "train.fid_samples",
           f"must be >= 2 (FID needs a covariance), got {tr.fid_samples}")
+
+
+def _nearest_divisors(n: int, near: int) -> str:
+    """The divisors of `n` next to `near`: '8 or 16' (one when `near` is past either end)."""
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    below = [d for d in divisors if d < near][-1:]
+    above = [d for d in divisors if d > near][:1]
+    return " or ".join(str(d) for d in below + above)
+
+
+def _check_split(tr: TrainConfig, world_size: int) -> None:
+    """train.batch_size (the global batch) splits evenly over the processes and into
+    micro-batches: by train.grad_accum when train.micro_batch is null, else by micro_batch
+    (a number, or auto: chosen at start), which then sets the accumulation itself."""
+    processes = f"{world_size} process{'es' if world_size != 1 else ''}"
+    mb = tr.micro_batch
+    if mb is None:
+        per_step = world_size * tr.grad_accum
+        check(tr.batch_size % per_step == 0, "train.batch_size",
+              f"{tr.batch_size} is not divisible by {processes} x {tr.grad_accum} grad_accum: "
+              f"use {_valid_batch_sizes(tr.batch_size, per_step)}", "train.grad_accum")
+        return
+    check(mb == "auto" or (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 1),
+          "train.micro_batch", f"must be auto, a number of images >= 1, or null, got {mb!r}")
+    check(tr.grad_accum == 1, "train.grad_accum",
+          f"{tr.grad_accum} and train.micro_batch={mb} both set how the batch splits: leave "
+          f"grad_accum at 1 (micro_batch sets the accumulation), or set train.micro_batch=null "
+          f"to split by grad_accum", "train.micro_batch")
+    check(tr.batch_size % world_size == 0, "train.batch_size",
+          f"{tr.batch_size} is not divisible by {processes}: use "
+          f"{_valid_batch_sizes(tr.batch_size, world_size)}")
+    per_process = tr.batch_size // world_size
+    if mb != "auto":
+        check(per_process % mb == 0, "train.micro_batch",
+              f"{mb} does not divide {per_process}, the images per process per step "
+              f"(train.batch_size {tr.batch_size} over {processes}): use "
+              f"{_nearest_divisors(per_process, mb)}, or auto", "train.batch_size")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from tti.config.registry import used_entries
 
@@ -85,7 +85,12 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 64             # global batch (all ranks, one optimizer step)
-    grad_accum: int = 1              # micro-batches per optimizer step
+    grad_accum: int = 1              # micro-batches per optimizer step (with micro_batch null)
+    # Images per process per forward pass: auto (the largest that fits the GPU, measured at
+    # start; on a CPU the split batch_size / processes / grad_accum), a number (grad_accum
+    # follows from it), or null (batch_size / processes / grad_accum). The global batch, and
+    # so the run, stays the same whichever it is (tti/training/batch_plan.py).
+    micro_batch: Optional[Union[int, str]] = None
     steps: int = 1500
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -131,7 +136,11 @@ class Config:
                             str(self.run.run_idx))
 
     def micro_batch(self, world_size: int) -> int:
-        """Images per process per forward pass: train.batch_size over processes and grad_accum."""
+        """Images per process per forward pass as the config states them: train.micro_batch
+        when it is a number, else train.batch_size over processes and grad_accum (for auto
+        that is the starting point: tti/training/batch_plan.py measures the real one)."""
+        if isinstance(self.train.micro_batch, int):
+            return self.train.micro_batch
         return self.train.batch_size // (world_size * self.train.grad_accum)
 
     def to_dict(self) -> dict:

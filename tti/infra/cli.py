@@ -7,7 +7,9 @@ Each command-line module ends with
 
 A `UserError` (any subclass: a wrong config key, unreadable data, a damaged checkpoint, an
 impossible argument) then prints `<command>: error: <message>` on stderr and exits with status 1.
-Every other exception is a bug and keeps its traceback. `--debug` anywhere on the command line
+A UserError whose class sets `quiet = True` exits with status 1 and prints nothing: another
+process (a torchrun rank) already printed the line. Every other exception is a bug and keeps
+its traceback. `--debug` anywhere on the command line
 (taken out before `main` parses it) or TTI_DEBUG=1 shows the traceback of a UserError too.
 Argument errors found by argparse keep argparse's usage line and exit status 2.
 """
@@ -53,6 +55,8 @@ def run_cli(main: Callable[[list], object], argv: Sequence[str] | None = None) -
     except UserError as error:
         if debug:
             raise
+        if getattr(error, "quiet", False):
+            sys.exit(USER_ERROR_EXIT)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = f" (rank {os.environ.get('RANK', '?')})" if world > 1 else ""
         print(f"{command_name()}{rank}: error: {error} [{DEBUG_FLAG} shows the traceback]",

@@ -6,6 +6,7 @@ so multi-node runs put each process on its own local GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tti.infra.cli import UserError
+from tti.infra.gpus import GPUError
 
 
 @dataclass
@@ -55,8 +57,8 @@ def setup(device: str | None = None) -> DistInfo:
     world_size = world_size_from_env()
     if device == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
-                               f"visible GPU(s): --nproc_per_node must not exceed the GPUs per node")
+            raise GPUError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
+                           f"visible GPU(s): --nproc_per_node must not exceed the GPUs per node")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
         backend = "nccl"
@@ -95,6 +97,40 @@ def _join_group(backend: str, rank: int, world_size: int) -> None:
     store = dist.PrefixStore(f"tti/attempt_{attempt}/default_pg", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                             timeout=timeout)
+    global _STORE
+    _STORE = store
+
+
+# ---------------------------------------------------------------- a rank that stops alone
+
+_STORE = None  # the key-value store this process's group was made through (_join_group)
+_STOP_KEY = "tti/stopped"
+
+
+class PeerStoppedError(UserError, RuntimeError):
+    """Another rank stopped the run (its own error line says why) while this one waited for
+    it in a collective: exit with status 1 and print nothing more (`quiet`, tti.infra.cli)."""
+    quiet = True
+
+
+def tell_peers_stopping(note: str) -> None:
+    """Leave `note` (why this rank stops) in the group's store. The ranks waiting for this one
+    in a collective see it fail (gloo: "Connection closed by peer") and, finding the note,
+    exit quietly (peer_stopped) instead of each printing that traceback; NCCL's collectives
+    wait instead, until torchrun stops them."""
+    if _STORE is not None:
+        with contextlib.suppress(Exception):  # a store that is gone: nobody to tell
+            _STORE.set(_STOP_KEY, note)
+
+
+def peer_stopped() -> str | None:
+    """The note another rank left with tell_peers_stopping, or None."""
+    if _STORE is None:
+        return None
+    try:
+        return _STORE.get(_STOP_KEY).decode() if _STORE.check([_STOP_KEY]) else None
+    except Exception:  # the store went with the rank that served it
+        return None
 
 
 def cleanup() -> None:

@@ -13,7 +13,9 @@ from tti.config.schema import Config
 from tti.infra import distributed
 from tti.infra.checkpoints import latest_checkpoint
 from tti.infra.cli import UserError
+from tti.infra.gpus import is_out_of_memory
 from tti.models.text_to_image import to_model_range
+from tti.training.out_of_memory import out_of_memory
 from tti.training.run_log import RunLog
 from tti.training.state import TrainState, save_train_state
 from tti.training.utilisation import utilisation
@@ -28,10 +30,11 @@ def train_step(state: TrainState, forward, micro_batches: list, cfg: Config,
     """One optimizer step over the step's micro-batches; state.step advances by one.
 
     forward: the model as the loop calls it (behind DDP and torch.compile when they are on).
+    micro_batches: the step's list of (images, captions), as many as it accumulates.
     The update (AdamW, EMA) runs only if every rank's loss and gradients are finite.
     Returns (loss summed over the micro-batches, gradient norm before clipping, updated).
     """
-    tr = cfg.train
+    tr, accum = cfg.train, len(micro_batches)
     # Caption dropout from its own stream keyed by (seed, step, rank): same after resume.
     drop = torch.Generator().manual_seed((tr.seed * 1_000_003 + state.step) * 4099 + info.rank)
     state.optimizer.zero_grad(set_to_none=True)
@@ -40,11 +43,11 @@ def train_step(state: TrainState, forward, micro_batches: list, cfg: Config,
         images = to_model_range(images.to(info.device, non_blocking=True))
         keep = torch.rand(len(captions), generator=drop) >= cfg.text.caption_dropout
         captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-        inner = info.enabled and i < tr.grad_accum - 1  # no all-reduce until the last
+        inner = info.enabled and i < accum - 1  # no all-reduce until the last
         with forward.no_sync() if inner else contextlib.nullcontext():
             with torch.autocast(info.device.type, dtype=state.amp or torch.float32,
                                 enabled=state.amp is not None):
-                loss = forward(images, captions) / tr.grad_accum
+                loss = forward(images, captions) / accum
             state.scaler.scale(loss).backward()
         loss_sum += loss.detach().float()
     state.scaler.unscale_(state.optimizer)
@@ -132,7 +135,13 @@ def train_loop(state: TrainState, forward, batches, cfg: Config, info: distribut
             t_fetch = time.perf_counter()
             micro_batches = next(batches)
             interval.data_wait += time.perf_counter() - t_fetch
-            loss_sum, grad_norm, updated = train_step(state, forward, micro_batches, cfg, info)
+            try:
+                loss_sum, grad_norm, updated = train_step(state, forward, micro_batches, cfg, info)
+            except RuntimeError as error:  # torch.OutOfMemoryError is one
+                if not is_out_of_memory(error):
+                    raise
+                # mid-step: the last checkpoint is untouched
+                raise out_of_memory(cfg, info, state.step + 1, micro_batches, log) from None
             if not updated:
                 count_bad_step(state, cfg, log)
             progress.update(1)
@@ -146,5 +155,10 @@ def train_loop(state: TrainState, forward, batches, cfg: Config, info: distribut
                 sample_monitor.run(state.model, state.ema, state.step, log)
             if fid_monitor is not None and fid_monitor.due(state.step, last):
                 fid_monitor.run(state, log)
+    except Exception as error:  # a collective that failed because another rank stopped
+        note = None if isinstance(error, UserError) else distributed.peer_stopped()
+        if note is not None:
+            raise distributed.PeerStoppedError(f"another rank stopped the run: {note}") from None
+        raise
     finally:
         progress.close()

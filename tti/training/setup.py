@@ -15,7 +15,7 @@ from tti.config.load import save_config
 from tti.config.registry import model_label
 from tti.config.schema import Config
 from tti.data.coco import collate, load_split
-from tti.data.order import ResumableSampler, steps_per_epoch
+from tti.data.order import ResumableSampler
 from tti.infra import distributed
 from tti.infra.threads import usable_cpus
 from tti.models.text_to_image import TextToImage, build, to_model_range
@@ -81,12 +81,13 @@ def open_datasets(cfg: Config, info: distributed.DistInfo, workers: int):
     return train_set, open_split(d.val_split)
 
 
-def make_loader(cfg: Config, info: distributed.DistInfo, train_set, workers: int) -> DataLoader:
-    """This rank's loader of micro-batches (train.batch_size / world size / grad_accum
-    images uint8 [B, 3, S, S] with B captions), in an order a resumed run can continue,
-    read by `workers` processes (0: this one)."""
+def make_loader(cfg: Config, info: distributed.DistInfo, train_set, workers: int,
+                micro: int | None = None) -> DataLoader:
+    """This rank's loader of micro-batches of `micro` images (default: the split the config
+    states, Config.micro_batch) uint8 [B, 3, S, S] with B captions, in an order a resumed
+    run can continue, read by `workers` processes (0: this one)."""
     tr = cfg.train
-    micro = cfg.micro_batch(info.world_size)
+    micro = micro or cfg.micro_batch(info.world_size)
     sampler = ResumableSampler(train_set, num_replicas=info.world_size, rank=info.rank,
                                seed=tr.seed)
     loader = DataLoader(train_set, batch_size=micro, sampler=sampler, drop_last=True,
@@ -95,10 +96,16 @@ def make_loader(cfg: Config, info: distributed.DistInfo, train_set, workers: int
                         # Its own generator: creating an iterator must not draw from the
                         # global RNG, or a resumed run (new iterator mid-epoch) diverges.
                         generator=torch.Generator().manual_seed(tr.seed))
-    if steps_per_epoch(loader, tr.grad_accum) == 0:
-        raise ConfigError(f"train.batch_size {tr.batch_size} is larger than the training set "
-                          f"({len(train_set)} images)")
+    check_epoch(cfg, info, train_set)
     return loader
+
+
+def check_epoch(cfg: Config, info: distributed.DistInfo, train_set) -> None:
+    """ConfigError unless an epoch holds at least one step: each rank's shard of the training
+    set (drop_last) at least its share of train.batch_size, however that share splits."""
+    if len(train_set) // info.world_size < cfg.train.batch_size // info.world_size:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is larger than the training "
+                          f"set ({len(train_set)} images)")
 
 
 def build_model(cfg: Config, info: distributed.DistInfo, train_set, val_set, resume: dict | None,
@@ -138,10 +145,11 @@ def for_training(model: TextToImage, cfg: Config, info: distributed.DistInfo):
 
 
 def count_flops(model: TextToImage, train_set, cfg: Config, info: distributed.DistInfo,
-                amp: torch.dtype | None, log: RunLog) -> float:
-    """Training FLOPs per image, counted once on one micro-batch of the first training items
-    (the loader and the random streams are left untouched)."""
-    micro = cfg.micro_batch(info.world_size)
+                amp: torch.dtype | None, log: RunLog, micro: int | None = None) -> float:
+    """Training FLOPs per image, counted once on one micro-batch (`micro` images; default
+    the config's split) of the first training items (the loader and the random streams are
+    left untouched)."""
+    micro = micro or cfg.micro_batch(info.world_size)
     images, captions = collate([train_set[i] for i in range(micro)])
     flops = model_flops_per_image(model, to_model_range(images.to(info.device)), captions, amp)
     log.print(f"training FLOPs per image: {flops / 1e9:.3f} GFLOP (forward + backward, "

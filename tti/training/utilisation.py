@@ -5,6 +5,7 @@ function, `train_flops_per_image`.
 """
 from __future__ import annotations
 
+import os
 import re
 import resource
 import sys
@@ -65,6 +66,13 @@ def peak_memory_gib(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** (30 if sys.platform == "darwin" else 20)  # bytes on macOS, KiB on Linux
+
+
+def total_memory_gib(device: torch.device) -> float:
+    """The device's memory in GiB: a GPU's, or the machine's physical memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
 
 
 def utilisation(images_per_s: float, flops_per_image: float, world_size: int,

@@ -1,0 +1,93 @@
+"""What a CUDA launch needs from the machine, asked before any work: a working driver, the
+GPU ids it names, and each one's free memory. Every problem is a `GPUError`: one line
+saying what was found and what to run instead (CLIs print it without a traceback), instead
+of torch's own traceback from inside `torch._C._cuda_init()` at the first CUDA call.
+
+Ids here are what CUDA_VISIBLE_DEVICES and the launchers' `$gpu_ids` name: positions among
+the GPUs this process sees (all of the machine's when CUDA_VISIBLE_DEVICES is unset).
+"""
+from __future__ import annotations
+
+import torch
+
+from tti.infra.cli import UserError
+
+GIB = 2 ** 30
+
+
+class GPUError(UserError, RuntimeError):
+    """The GPUs a launch names cannot run it here (no driver, an id that is not there, too
+    little free memory); the message says what was found and what to run instead."""
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of an error's message ("Found no NVIDIA driver on your system")."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line.split(". ")[0].rstrip(".")
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used in this process, in a few words (no driver, a torch built
+    without CUDA, no GPU visible), or None when it can."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    try:
+        torch.cuda.init()  # raises with the driver's own reason ("Found no NVIDIA driver ...")
+    except Exception as e:  # RuntimeError or AssertionError, by torch version
+        return _first_line(e)
+    return "torch.cuda.is_available() is false"
+
+
+def check_cuda(instead: str) -> None:
+    """GPUError unless CUDA works here; `instead` ends the message (what to run instead)."""
+    problem = cuda_problem()
+    if problem is not None:
+        raise GPUError(f"no usable CUDA GPU here ({problem}): {instead}")
+
+
+def check_ids(ids: list[int], instead: str, what: str = "GPU id") -> int:
+    """GPUError naming the ids in `ids` this process cannot see; the visible count."""
+    count = torch.cuda.device_count()
+    missing = [i for i in ids if not 0 <= i < count]
+    if missing:
+        shown = f"ids 0-{count - 1}" if count > 1 else ("id 0" if count else "none")
+        raise GPUError(f"{what}{'s' if len(missing) > 1 else ''} {','.join(map(str, missing))}: "
+                       f"this machine shows {count} GPU(s) ({shown}): {instead}")
+    return count
+
+
+def free_memory(index: int) -> tuple[int, int]:
+    """(free, total) bytes of GPU `index`, as the driver reports them (other processes'
+    use included). GPUError when the GPU cannot be opened (e.g. another job holds it in
+    exclusive-process mode)."""
+    try:
+        return torch.cuda.mem_get_info(index)
+    except RuntimeError as e:
+        raise GPUError(f"GPU {index} cannot be opened ({_first_line(e)}): another job may hold "
+                       f"it; pick other GPU ids") from None
+
+
+def gpu_name(index: int) -> str:
+    try:
+        return torch.cuda.get_device_name(index)
+    except RuntimeError:
+        return "GPU"
+
+
+def describe(index: int, free: int, total: int) -> str:
+    """'GPU 2 (NVIDIA A10, 3.1 of 24.0 GiB free)'."""
+    return f"GPU {index} ({gpu_name(index)}, {free / GIB:.1f} of {total / GIB:.1f} GiB free)"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a device running out of memory: torch.OutOfMemoryError (CUDA's
+    caching allocator), the RuntimeError cuBLAS/cuDNN raise when their own workspace cannot
+    be allocated, or the CPU allocator's."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(sign in text for sign in (
+        "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+        "DefaultCPUAllocator: can't allocate memory"))
