@@ -19,15 +19,19 @@ from tti.config.load import load_config
 from tti.config.rules import validate
 from tti.config.schema import Config
 from tti.infra.cli import check_at_least, run_cli
+from tti.models.autoencoder import check_autoencoder
 from tti.text.source import check_text_encoder
 
 
 def check_training(cfg: Config, world_size: int) -> None:
     """ConfigError unless train.batch_size splits over `world_size` processes (and every
     other rule of validate holds); TextEncoderError unless text.name can be loaded here.
-    Fast: reads no data and no weights."""
+    AutoencoderError unless model.autoencoder (if set) can be. Fast: reads no data and no
+    weights."""
     validate(cfg, world_size=world_size)
     check_text_encoder(cfg.text.name)
+    if cfg.model.autoencoder:
+        check_autoencoder(cfg.model.autoencoder)
 
 
 def main(argv=None) -> str:
