@@ -64,7 +64,8 @@ def bench_build(model, packed, work: Path):
     print(f"{seconds:.1f} s = {len(packed) / seconds:.2f} images/s")
     print(f"bytes per image: {per_image:.0f}; files: "
           + ", ".join(f"{f} {v} B" for f, v in sorted(sizes.items())))
-    for name, n in (("COCO 2014 train", COCO_TRAIN_IMAGES), ("+ val", COCO_TRAIN_IMAGES + COCO_VAL_IMAGES)):
+    for name, n in (("COCO 2014 train", COCO_TRAIN_IMAGES),
+                    ("+ val", COCO_TRAIN_IMAGES + COCO_VAL_IMAGES)):
         print(f"{name} ({n} images): {per_image * n / 2 ** 30:.2f} GiB")
     return folder
 
@@ -132,13 +133,15 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-flops", action="store_true")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} CPUs")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"{os.cpu_count()} CPUs")
     started = time.perf_counter()
     shape = SD_VAE if args.vae == "sd" else TINY_VAE
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         write_synthetic_coco(work / "coco", args.images, "train2014")
-        packed = load_split(work / "coco", "train2014", 256, cache_dir=work / "cache", num_workers=0)
+        packed = load_split(work / "coco", "train2014", 256, cache_dir=work / "cache",
+                            num_workers=0)
         vae = build_tiny_vae(work / "vae", shape=shape)
         torch.manual_seed(0)
         model = build(load_config(args.config, CPU_SIZE + [f"model.autoencoder={vae}"]))

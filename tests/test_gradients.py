@@ -1,8 +1,8 @@
 """DDP (find_unused_parameters=False) needs every trainable parameter to get a gradient at
 every step, or it dies at step 2. Checked on the model `tti.models.text_to_image.build` makes, through the
 real loss, for every shipped config (sizes shrunk, the tiny RoBERTa where a config names
-roberta-base, the tiny VAE where it names an autoencoder), frozen and fine-tuned, for BERT, RoBERTa and MiniLM encoders and alignDRAW;
-and by DDP itself, two steps with a fine-tuned encoder."""
+roberta-base, the tiny VAE where it names an autoencoder), frozen and fine-tuned, for BERT,
+RoBERTa and MiniLM encoders and alignDRAW; and by DDP itself, two steps with a fine-tuned encoder."""
 import glob
 import os
 

@@ -46,7 +46,8 @@ def test_the_store_holds_what_the_vae_gives(packed, vae, clean):
     assert moments.shape == (len(packed), 8, 32, 32) and moments.dtype == np.float16
     images = torch.from_numpy(np.load(packed.images_path)[:5]).float() / 127.5 - 1
     live = vae.moments(images)
-    torch.testing.assert_close(torch.from_numpy(moments[:5]).float(), live, rtol=2 ** -10, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(moments[:5]).float(), live, rtol=2 ** -10,
+                               atol=1e-4)
     meta = json.load(open(os.path.join(clean, "meta.json")))
     assert (meta["split"], meta["image_size"], meta["rows"]) == (SPLIT, SIZE, len(packed))
     assert meta["data"] == packed.fingerprint() and meta["weights"] == vae.identity()["weights"]
@@ -95,8 +96,8 @@ def moments_then_die(self, images):
     calls.append(len(images))
     return real(self, images)
 FrozenAutoencoder.moments = moments_then_die
-store.build_latent_store(load_autoencoder({tiny_vae!r}), CaptionDataset({str(packed.images_path)!r}),
-                         {folder!r}, chunk=2)
+store.build_latent_store(load_autoencoder({tiny_vae!r}),
+                         CaptionDataset({str(packed.images_path)!r}), {folder!r}, chunk=2)
 """
     env = {**os.environ, "PYTHONPATH": REPO}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=120)
@@ -112,7 +113,8 @@ store.build_latent_store(load_autoencoder({tiny_vae!r}), CaptionDataset({str(pac
     assert sum(encoded) == len(packed) - 8  # only what the killed build had not saved
     assert not os.path.exists(f"{folder}.partial")
     for name in ("moments.npy", "meta.json"):
-        assert open(os.path.join(folder, name), "rb").read() == open(os.path.join(clean, name), "rb").read()
+        with open(os.path.join(folder, name), "rb") as a, open(os.path.join(clean, name), "rb") as b:
+            assert a.read() == b.read()
 
 
 def latent_run(coco_fixture, tiny_vae, results, steps: int, *extra) -> str:
@@ -133,13 +135,15 @@ def test_training_reads_latents_and_resumes_exactly(coco_fixture, tiny_vae, tmp_
     real = FrozenAutoencoder.moments
     monkeypatch.setattr(FrozenAutoencoder, "moments",
                         lambda self, images: encoded.append(len(images)) or real(self, images))
-    straight = latent_run(coco_fixture, tiny_vae, tmp_path / "straight", 3)
-    rows = json.load(open(os.path.join(coco_fixture.root, "cache", f"{SPLIT}_{SIZE}px.json")))["num_images"]
+    cache = f"data.cache_dir={tmp_path / 'cache'}"  # a store of its own, built here
+    straight = latent_run(coco_fixture, tiny_vae, tmp_path / "straight", 3, cache)
+    index = tmp_path / "cache" / f"{SPLIT}_{SIZE}px.json"
+    rows = json.loads(index.read_text())["num_images"]
     assert sum(encoded) == rows  # the store's one pass; no training step ran the encoder
     log = open(os.path.join(straight, "log.txt")).read()
     assert f"{rows} images encoded" in log and "training FLOPs per image" in log
-    latent_run(coco_fixture, tiny_vae, tmp_path / "resumed", 2)
-    resumed = latent_run(coco_fixture, tiny_vae, tmp_path / "resumed", 3)
+    latent_run(coco_fixture, tiny_vae, tmp_path / "resumed", 2, cache)
+    resumed = latent_run(coco_fixture, tiny_vae, tmp_path / "resumed", 3, cache)
     assert sum(encoded) == rows  # the second and third runs reused the store
     a, b = (torch.load(os.path.join(run, "checkpoints", "latest.pt"), weights_only=False)
             for run in (straight, resumed))

@@ -4,8 +4,8 @@
 kind, and for kinds that compose one an objective and a backbone; each of those plug-ins
 reads its own section, `model.<name>`, typed by the dataclass it registered
 (tti/config/registry.py). `model.autoencoder` names a frozen VAE whose latent space the
-model learns in (`Config.grid`). tti/config/load.py reads YAML files and `--set` items into it;
-tti/config/rules.py checks its values.
+model learns in (`Config.grid`). tti/config/load.py reads YAML files and `--set` items into
+it; tti/config/rules.py checks its values.
 """
 from __future__ import annotations
 

@@ -79,8 +79,9 @@ def build_latent_store(autoencoder, dataset, folder: str, chunk: int = 32,
     autoencoder: has `identity()` and `moments(images float [B, 3, S, S] in [-1, 1])` ->
     float [B, 2C, s, s] (tti.models.autoencoder.FrozenAutoencoder). dataset: a CaptionDataset
     (its packed images are read in chunks of `chunk`). Returns how many images were encoded
-    now: 0 when the store already held them, fewer than all when a killed build resumed. A store of the same folder name made from other
-    packed images (the annotations changed and the cache was rebuilt) is rebuilt.
+    now: 0 when the store already held them, fewer than all when a killed build resumed.
+    A store of the same folder name made from other packed images (the annotations changed
+    and the cache was rebuilt) is rebuilt.
     """
     key = store_key(autoencoder.identity(), dataset)
     parent, name = os.path.split(os.path.abspath(folder))

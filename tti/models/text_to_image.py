@@ -4,8 +4,9 @@
 two-method interface (`loss(images, text)`, `sample(text, generator, ...)`), and with
 model.autoencoder a frozen VAE whose latents the image model learns (tti/models/autoencoder.py).
 Everything outside this file talks to captions and uint8/[-1, 1] images only, so the
-diffusion model and alignDRAW, in pixels or in a latent space, are interchangeable. `build(cfg)` makes one from a config;
-`load_for_inference(path)` rebuilds one from a checkpoint alone (EMA weights by default).
+diffusion model and alignDRAW, in pixels or in a latent space, are interchangeable.
+`build(cfg)` makes one from a config; `load_for_inference(path)` rebuilds one from a
+checkpoint alone (EMA weights by default).
 """
 from __future__ import annotations
 
