@@ -42,4 +42,13 @@ def tiny_roberta(coco_fixture, tmp_path_factory):
     return build_tiny_roberta(tmp_path_factory.mktemp("roberta") / "m", coco_fixture.all_captions())
 
 
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """A tiny random AutoencoderKL folder of the SD VAE's geometry (tti.models.tiny_vae): what
+    the tests load where a config names stabilityai/sd-vae-ft-ema. Built once per session."""
+    from tti.models.tiny_vae import build_tiny_vae
+
+    return build_tiny_vae(tmp_path_factory.mktemp("vae") / "m")
+
+
 import tti.models  # noqa: E402,F401  (registers the plug-ins every config names, as the CLIs do)

@@ -1,8 +1,8 @@
 """DDP (find_unused_parameters=False) needs every trainable parameter to get a gradient at
 every step, or it dies at step 2. Checked on the model `tti.models.text_to_image.build` makes, through the
 real loss, for every shipped config (sizes shrunk, the tiny RoBERTa where a config names
-roberta-base), frozen and fine-tuned, for BERT, RoBERTa and MiniLM encoders and alignDRAW;
-and by DDP itself, two steps with a fine-tuned encoder."""
+roberta-base, the tiny VAE where it names an autoencoder), frozen and fine-tuned, for BERT,
+RoBERTa and MiniLM encoders and alignDRAW; and by DDP itself, two steps with a fine-tuned encoder."""
 import glob
 import os
 
@@ -74,10 +74,11 @@ def assert_every_trainable_parameter_gets_a_gradient(cfg):
 
 
 @pytest.mark.parametrize("config, finetune", CASES)
-def test_every_shipped_config(encoders, config, finetune):
+def test_every_shipped_config(encoders, tiny_vae, config, finetune):
     cfg = load_config(os.path.join(REPO, "configs", config))
     name = encoders["roberta"] if cfg.text.name == "roberta-base" else cfg.text.name
-    cfg = small_config(config, name, f"text.finetune={finetune}")
+    vae = [f"model.autoencoder={tiny_vae}"] if cfg.model.autoencoder else []
+    cfg = small_config(config, name, f"text.finetune={finetune}", *vae)
     model, trainable = assert_every_trainable_parameter_gets_a_gradient(cfg)
     text_trained = [n for n in trainable if n.startswith("text.")]
     assert bool(text_trained) == (finetune and cfg.model.kind == "diffusion")

@@ -5,9 +5,10 @@ own folder with a relative dataset path.
 The launchers and configs/ are copied into a scratch repository, so results/ is written there
 under its real run-directory names while tti is imported from this checkout. Train with the
 COCO launcher (its default config, fine-tuned tiny RoBERTa) -> sample that run with the eval
-launcher -> export it with gen_images_for_metrics.sh; train the alignDRAW launcher; and the
-mistakes a launcher must catch before any work: a batch the processes do not divide, and
-RoBERTa weights that cannot be found.
+launcher -> export it with gen_images_for_metrics.sh; the same road at 256 px in a VAE's latent
+space (TTI_CONFIG=configs/coco256_latent_frozen_roberta.yaml, the tiny VAE), with a resume;
+train the alignDRAW launcher; and the mistakes a launcher must catch before any work: a batch
+the processes do not divide, and RoBERTa or VAE weights that cannot be found.
 """
 import json
 import os
@@ -25,6 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["run_tti_64_coco_ft_roberta.sh", "run_tti_eval_coco.sh", "gen_images_for_metrics.sh",
            "scripts/run_aligndraw_coco.sh", "scripts/launch_common.sh"]
 COCO64_RUN = "results/coco64_ft_roberta_diffusion/0"
+LATENT_CONFIG = "configs/coco256_latent_frozen_roberta.yaml"
+LATENT_RUN = "results/coco256_latent_frozen_roberta_diffusion/0"
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +97,40 @@ def test_export_launcher_runs_two_processes_and_writes_in_the_callers_folder(coc
         assert sorted(os.listdir(out / side / "images")) == [f"00000{i}.png" for i in range(3)]
 
 
+@pytest.fixture(scope="module")
+def latent_run(place, tiny_roberta, tiny_vae):
+    """`TTI_CONFIG=configs/coco256_latent_frozen_roberta.yaml bash run_tti_64_coco_ft_roberta.sh
+    cpu:2 0 coco` (+ the smoke matrix's --set items: the tiny RoBERTa and VAE), then again
+    with one more step: the relaunch resumes."""
+    repo, user = place
+    sets = smoke_sets(os.path.basename(LATENT_CONFIG), None, None, tiny_roberta, None, tiny_vae)
+    del sets["run.results_dir"], sets["data.root"]  # the launcher's, as a user has them
+    for steps in (2, 3):
+        result = bash(repo / "run_tti_64_coco_ft_roberta.sh", "cpu:2", 0, "coco",
+                      *set_items({**sets, "train.steps": steps}), cwd=user, TTI_CONFIG=LATENT_CONFIG)
+        assert result.returncode == 0, result.stderr[-4000:]
+    return repo / LATENT_RUN
+
+
+def test_the_latent_config_trains_resumes_samples_and_exports_at_256(latent_run, place):
+    repo, user = place
+    log = (latent_run / "log.txt").read_text()
+    assert log.count("world size 2") == 2 and "resumed from" in log and "latent store" in log
+    assert (latent_run / "checkpoints" / "0000003.pt").is_file()
+    result = bash(repo / "run_tti_eval_coco.sh", "cpu:2", 0, "A red bus.", cwd=user,
+                  TTI_CONFIG=LATENT_CONFIG, TTI_SAMPLE_ARGS="--n 1 --steps 2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert Image.open(latent_run / "samples" / "eval_grid.png").size[1] >= 256
+    assert Image.open(latent_run / "samples" / "eval_denoise.gif").n_frames == 2
+    result = bash(repo / "gen_images_for_metrics.sh", "cpu:2", 1, os.path.relpath(latent_run, user),
+                  "--num-samples", 2, "--steps", 2, cwd=user)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for side in ("gt", "tti"):
+        images = sorted((user / "eval_data_run_1" / side / "images").iterdir())
+        assert [p.name for p in images] == ["000000.png", "000001.png"]
+        assert Image.open(images[0]).size == (256, 256)
+
+
 def test_aligndraw_launcher_trains_two_processes(place):
     repo, user = place
     # The paper's 32 DRAW steps cost CPU time the launcher test does not need.
@@ -125,6 +162,19 @@ def test_a_batch_the_processes_do_not_divide_fails_first_in_one_line(place, tiny
     assert_failed_before_any_work(
         result, user / "fresh", repo / "results" / "coco64_ft_roberta_diffusion" / "1",
         "train.batch_size: 5 is not divisible by 2 processes: use 4 or 6")
+
+
+def test_unreachable_autoencoder_fails_first_in_one_line(place, tiny_roberta, tmp_path):
+    from coco_fixture import write_coco_fixture
+
+    repo, user = place
+    write_coco_fixture(tmp_path / "coco")
+    result = bash(repo / "run_tti_64_coco_ft_roberta.sh", "cpu:2", 3, tmp_path / "coco",
+                  *set_items({"text.name": tiny_roberta}), cwd=user, TTI_CONFIG=LATENT_CONFIG,
+                  HF_HUB_CACHE=str(tmp_path / "empty_hf_cache"), HF_HUB_OFFLINE="1")
+    assert_failed_before_any_work(
+        result, tmp_path / "coco", repo / "results" / "coco256_latent_frozen_roberta_diffusion" / "3",
+        "model.autoencoder 'stabilityai/sd-vae-ft-ema'", "--set model.autoencoder=/path/to/sd-vae-ft-ema")
 
 
 def test_unreachable_roberta_fails_first_in_one_line(place, tmp_path):

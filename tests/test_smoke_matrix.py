@@ -4,7 +4,8 @@ Each config trains 2 steps under `torchrun --standalone --nproc_per_node=2` (glo
 writes a checkpoint; a second torchrun launch resumes it for one more step; then, in this
 process, `tti.sample` draws a grid and `tti.export` writes a few gt/generated pairs from it.
 COCO configs read the COCO-like fixture (tests/coco_fixture.py) with the tiny RoBERTa
-(tti/text/tiny_roberta.py) where they name roberta-base; shapes configs generate a small shapes
+(tti/text/tiny_roberta.py) where they name roberta-base and the tiny random VAE
+(tti/models/tiny_vae.py) where they name an autoencoder; shapes configs generate a small shapes
 set themselves (data.generate_shapes: their users' road). Frozen or fine-tuned encoder,
 caption cache, precision, sampler and data.num_workers (capped by the CPUs) stay as each
 config says; only what the fixture's size or CPU time requires is shrunk (`smoke_sets`).
@@ -29,10 +30,12 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every file in configs/ (test_the_matrix_has_every_shipped_config keeps this list whole).
-CONFIGS = ["aligndraw_coco32.yaml", "aligndraw_shapes32.yaml", "coco32_cpu.yaml",
-           "coco32_cpu_flow.yaml", "coco32_frozen_roberta.yaml", "coco32_ft_roberta.yaml",
-           "coco64_flow_ft_roberta.yaml", "coco64_frozen_roberta.yaml", "coco64_ft_roberta.yaml",
-           "coco64_transformer_ft_roberta.yaml", "shapes32.yaml", "shapes32_long.yaml"]
+CONFIGS = ["aligndraw_coco32.yaml", "aligndraw_shapes32.yaml", "coco256_latent_frozen_roberta.yaml",
+           "coco256_latent_ft_roberta.yaml", "coco256_latent_transformer_frozen_roberta.yaml",
+           "coco32_cpu.yaml", "coco32_cpu_flow.yaml", "coco32_frozen_roberta.yaml",
+           "coco32_ft_roberta.yaml", "coco64_flow_ft_roberta.yaml", "coco64_frozen_roberta.yaml",
+           "coco64_ft_roberta.yaml", "coco64_transformer_ft_roberta.yaml", "shapes32.yaml",
+           "shapes32_long.yaml"]
 # Each shipped config as it is, and what the issue's first report ran: shapes32 with its
 # encoder fine-tuned (a second run index, as the config names the same run folder).
 RUNS = {**{config: (config, {}) for config in CONFIGS},
@@ -42,9 +45,10 @@ FIRST_STEPS, RESUMED_STEPS = 2, 3
 LAUNCH_TIMEOUT_S = 420
 
 
-def smoke_sets(config: str, coco_root, shapes_root, roberta, results) -> dict:
+def smoke_sets(config: str, coco_root, shapes_root, roberta, results, vae=None) -> dict:
     """The --set items that make `config` a smoke run: the data, the tiny RoBERTa for
-    roberta-base, a batch the fixture holds, GPU-sized networks at a quarter of their widths."""
+    roberta-base, the tiny VAE for an autoencoder, a batch the fixture holds, GPU-sized
+    networks at a quarter of their widths."""
     from tti.config.load import load_config
 
     cfg = load_config(os.path.join(REPO, "configs", config))
@@ -55,6 +59,8 @@ def smoke_sets(config: str, coco_root, shapes_root, roberta, results) -> dict:
         sets["data.root"] = coco_root
     if cfg.text.name == "roberta-base":
         sets["text.name"] = roberta
+    if cfg.model.autoencoder:
+        sets["model.autoencoder"] = vae
     backbone = cfg.model.backbone if cfg.model.kind == "diffusion" else None
     if backbone == "unet" and max(cfg.model.unet.channels) > 128:  # sized for GPUs
         # Same levels, blocks, heads and attention resolutions; a 16th of the parameters.
@@ -134,12 +140,12 @@ def shapes_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def matrix(coco_fixture, tiny_roberta, shapes_root, tmp_path_factory):
+def matrix(coco_fixture, tiny_roberta, tiny_vae, shapes_root, tmp_path_factory):
     """Both launches over every run of RUNS: {"first": ..., "resumed": ..., "args": the
     resumed launch's tti.train argv per run}."""
     tmp = tmp_path_factory.mktemp("matrix")
     sets = {name: {**smoke_sets(config, coco_fixture.root, shapes_root, tiny_roberta,
-                                tmp / "results"), **extra}
+                                tmp / "results", tiny_vae), **extra}
             for name, (config, extra) in RUNS.items()}
     first = torchrun(tmp / "first", {name: as_args(RUNS[name][0], s) for name, s in sets.items()})
     resumed = {name: as_args(RUNS[name][0], {**sets[name], "train.steps": RESUMED_STEPS})

@@ -2,7 +2,7 @@
 
     python -m tti.export --checkpoint results/shapes32_diffusion/0 --out-dir eval_data_run_0
     python -m tti.evaluate eval_data_run_0 [--metrics fid,clip,judge] [--device cuda]
-        [--fid-resize clean|pytorch-fid]
+        [--fid-resize clean|pytorch-fid] [--protocol pairs|coco-fid30k]
 
 Reads <dir>/{gt,tti}/images/*.png with {gt,tti}/*_captions.json (as `tti.export` writes them;
 ids = file stems, one to one) and export_info.json (the Model column and the data root).
@@ -11,6 +11,10 @@ Writes <dir>/metrics.json with
                                    images reached 299x299: "clean" (clean-fid's, the default) or
                                    "pytorch-fid" (as `python -m pytorch_fid` does, so comparable
                                    to tables made with it); see tti/eval/metrics/fid.py
+    fid_protocol, fid_reference    which protocol (tti/eval/protocols.py; default the one the
+                                   export was made for): "pairs" compares tti with gt; with
+                                   "coco-fid30k" the reference is every val image as U-ViT
+                                   prepares them (fid_reference says which and how many)
     clip_score_gt, clip_score_tti  clipscore's CLIP-S (ViT-B/32) of each folder vs its captions
     caption_accuracy_gt, caption_accuracy_tti
                                    the exact judge (embedded shapes dataset only): per fact
@@ -37,12 +41,13 @@ from tti.config.registry import all_samplers
 from tti.data.shapes_folder import is_shapes_dataset
 from tti.eval.export_folder import ExportError
 from tti.eval.metrics.fid import DEFAULT_RESIZE, RESIZE_MODES
+from tti.eval.protocols import PROTOCOLS, ProtocolError, check_image_size, reference_stats
 from tti.infra.atomic_file import write_json
 from tti.infra.cli import check_at_least, run_cli
 from tti.infra.threads import use_free_cpus
 
 METRICS = ("fid", "clip", "judge")
-RESULT_KEYS = {"fid": ("fid", "fid_n", "fid_resize"), "clip": ("clip_score_gt", "clip_score_tti"),
+RESULT_KEYS = {"fid": ("fid", "fid_n", "fid_resize", "fid_protocol", "fid_reference"), "clip": ("clip_score_gt", "clip_score_tti"),
                "judge": ("caption_accuracy_gt", "caption_accuracy_tti")}
 UNAVAILABLE_KEY = {"fid": "fid_unavailable", "clip": "clip_score_unavailable",
                    "judge": "caption_accuracy_unavailable"}
@@ -123,20 +128,48 @@ class _LazyImages:
 
 
 def compute_fid(folders: dict, device: str, batch_size: int, cache_dir, progress: bool,
-                resize: str) -> dict:
+                resize: str, protocol=PROTOCOLS["pairs"], info: dict | None = None) -> dict:
     from tti.eval.metrics import fid
 
     fid.inception_path()  # InceptionNotInstalledError (-> fid_unavailable) when it is missing
     n = len(folders["ids"])
     if n < 2:
         raise ValueError(f"FID needs at least 2 images per side, the export has {n}")
+    out = {"fid_n": n, "fid_resize": resize, "fid_protocol": protocol.name}
+    if protocol.reference == "split":
+        return {**out, **split_fid(folders, protocol, info or {}, device, batch_size, cache_dir,
+                                   progress)}
     if progress:
         print(f"FID ({resize} resize): Inception features of 2 x {n} images (cached per "
               f"folder), then a 2048 x 2048 matrix square root")
     value = fid.fid_from_folders(folders["gt"][0], folders["tti"][0], batch_size=batch_size,
                                  device=device, cache_dir=cache_dir, progress=progress,
                                  resize=resize)
-    return {"fid": value, "fid_n": n, "fid_resize": resize}
+    return {"fid": value, **out, "fid_reference": f"the export's {n} gt images"}
+
+
+def split_fid(folders: dict, protocol, info: dict, device: str, batch_size: int, cache_dir,
+              progress: bool) -> dict:
+    """FID of the tti images against the protocol's reference: every image of the val split
+    the export drew from (export_info.json names it), prepared as the protocol says."""
+    from tti.eval.metrics import fid
+
+    if not info.get("data_root") or not info.get("config"):
+        raise ProtocolError(f"--protocol {protocol.name} needs export_info.json's data root, "
+                            f"val split and image size: export with `python -m tti.export`")
+    check_image_size(protocol, info["config"]["image_size"])
+    split = info.get("val_split", "val2014")
+    if progress:
+        print(f"FID, {protocol.name} protocol ({protocol.resize} resize): {len(folders['ids'])} "
+              f"generated images against every {split} image ({protocol.description})")
+    mu, sigma, n_ref = reference_stats(protocol, info["data_root"], split, device, batch_size,
+                                       cache_dir, progress=progress)
+    mu_tti, sigma_tti = fid.folder_stats(folders["tti"][0], batch_size, device,
+                                         cache_dir=cache_dir, progress=progress,
+                                         resize=protocol.resize)
+    return {"fid": fid.frechet_distance(mu_tti, sigma_tti, mu, sigma),
+            "fid_reference": f"all {n_ref} images of {split}, {protocol.image_size} px "
+                             f"(integer centre crop, PIL Lanczos)"}
 
 
 def compute_clip(folders: dict, clip_model: str, device: str, batch_size: int,
@@ -178,12 +211,15 @@ def images_key(folders: dict) -> str:
 def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: str | None = None,
              data_root: str | None = None, batch_size: int = 50,
              fid_cache_dir: str | None = "default", progress: bool = True,
-             fid_resize: str = DEFAULT_RESIZE) -> dict:
+             fid_resize: str | None = None, protocol: str | None = None) -> dict:
     """Run the requested metrics on an export; write and return <eval_dir>/metrics.json.
 
     metrics: any of "fid", "clip", "judge". A metric that fails for a known reason (weights
     not installed, not a shapes dataset) gets `<name>_unavailable` instead of a value.
-    fid_resize: "clean" or "pytorch-fid" (see tti/eval/metrics/fid.py); recorded as "fid_resize".
+    protocol: "pairs" or "coco-fid30k" (tti/eval/protocols.py); None = the one the export was
+    made for (pairs for exports that name none). Recorded as "fid_protocol".
+    fid_resize: "clean" or "pytorch-fid" (see tti/eval/metrics/fid.py); None = the protocol's.
+    Recorded as "fid_resize".
     """
     from tti.eval.metrics import fid as fid_module
     from tti.eval.metrics.clip_score import CLIP_NAME
@@ -191,9 +227,14 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"evaluate: unknown metrics {sorted(unknown)}; choose from {METRICS}")
-    fid_module.check_resize(fid_resize)
     folders = export_folders(eval_dir)
     info = read_export_info(eval_dir)
+    chosen = PROTOCOLS[protocol or info.get("protocol", "pairs")]
+    fid_resize = fid_resize or chosen.resize
+    fid_module.check_resize(fid_resize)
+    if chosen.reference == "split" and fid_resize != chosen.resize:
+        raise ProtocolError(f"--protocol {chosen.name} uses the {chosen.resize} resize, not "
+                            f"{fid_resize}: leave out --fid-resize")
     if info and info.get("status") != "complete":
         print(f"evaluate: warning: {eval_dir}/export_info.json says the export did not finish")
     data_root = data_root or info.get("data_root")
@@ -207,7 +248,8 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
     result = {"eval_dir": os.path.abspath(eval_dir), "model": model_label(info, eval_dir),
               "n": len(folders["ids"]), "images_key": key, "seconds": {}}
     runners = {
-        "fid": lambda: compute_fid(folders, device, batch_size, cache_dir, progress, fid_resize),
+        "fid": lambda: compute_fid(folders, device, batch_size, cache_dir, progress, fid_resize,
+                                   chosen, info),
         "clip": lambda: compute_clip(folders, clip_model or CLIP_NAME, device, batch_size, progress),
         "judge": lambda: compute_judge(folders, data_root, progress),
     }
@@ -248,8 +290,10 @@ def markdown_table(result: dict) -> str:
     acc_gt = result.get("caption_accuracy_gt") or {}
     acc_tti = result.get("caption_accuracy_tti") or {}
     fid = result.get("fid")
+    protocol = result.get("fid_protocol", "pairs")
+    how = "" if protocol == "pairs" else f"{protocol} protocol, "
     cells = [result.get("model", "?"),
-             f"{fid:.3f} (n={result['fid_n']}, {result.get('fid_resize', 'unknown')} resize)"
+             f"{fid:.3f} (n={result['fid_n']}, {how}{result.get('fid_resize', 'unknown')} resize)"
              if fid is not None else "n/a",
              _number(result.get("clip_score_gt"), 4), _number(result.get("clip_score_tti"), 4),
              _number(acc_gt.get("all"), 3), _number(acc_tti.get("all"), 3),
@@ -262,7 +306,8 @@ def markdown_table(result: dict) -> str:
              f"n = {result.get('n')} image pairs; caption accuracy = share of images the judge "
              f"finds fully correct (colour, shape, size, relation, no extra object). FID resize: "
              f"clean = clean-fid's antialiased bicubic; pytorch-fid = `python -m pytorch_fid`'s "
-             f"bilinear (--fid-resize pytorch-fid), comparable to tables made with it."]
+             f"bilinear (--fid-resize pytorch-fid), comparable to tables made with it. "
+             f"FID reference: {result.get('fid_reference', 'the gt images')}."]
     for name, key in UNAVAILABLE_KEY.items():
         if key in result:
             lines.append(f"- {key}: {result[key]}")
@@ -279,9 +324,12 @@ def main(argv=None) -> dict:
                    help="CLIP folder or HF id in the local cache (default openai/clip-vit-base-patch32)")
     p.add_argument("--data-root", default=None, help="default: data_root in export_info.json")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--fid-resize", choices=RESIZE_MODES, default=DEFAULT_RESIZE,
+    p.add_argument("--fid-resize", choices=RESIZE_MODES, default=None,
                    help="how FID brings images to 299x299 (see tti/eval/metrics/fid.py; "
-                        "default %(default)s)")
+                        f"default: the protocol's, {DEFAULT_RESIZE} for pairs)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
+                   help="which FID: pairs (tti vs gt) or coco-fid30k (the published COCO 256 "
+                        "table's; tti/eval/protocols.py). Default: the export's own")
     p.add_argument("--fid-cache-dir", default="default",
                    help="where FID folder statistics are cached (default ~/.cache/tti/fid)")
     p.add_argument("--no-fid-cache", action="store_true")
@@ -296,7 +344,7 @@ def main(argv=None) -> dict:
     result = evaluate(args.eval_dir, metrics, device=args.device, clip_model=args.clip_model,
                       data_root=args.data_root, batch_size=args.batch_size,
                       fid_cache_dir=None if args.no_fid_cache else args.fid_cache_dir,
-                      fid_resize=args.fid_resize)
+                      fid_resize=args.fid_resize, protocol=args.protocol)
     print(markdown_table(result))
     print(f"\nwrote {os.path.join(args.eval_dir, 'metrics.json')}")
     return result

@@ -15,6 +15,10 @@ writes, with ids 000000, 000001, ... equal to the file stems:
     <out-dir>/export_info.json      checkpoint, config summary, sampler options, n, seed,
                                     data root, timings, hardware (read by `python -m tti.evaluate`)
 
+`--protocol coco-fid30k` makes the export the published COCO 256 table's (U-ViT, LDM): 30,000
+items and a 256 px model required; `python -m tti.evaluate` then scores it against the whole
+val split (tti/eval/protocols.py). The default, `pairs`, is today's.
+
 Ground truth comes from the packed val cache, so it is resized exactly as training saw it.
 The n val images are a seeded random subset (a larger n extends a smaller one), each with one
 of its captions drawn from the seed. Image <id> is sampled with its own generator seeded from
@@ -36,6 +40,7 @@ from tti.config.registry import model_label, samplers
 from tti.data.coco import load_split
 from tti.eval.export_folder import ExportError, check_settings, export_paths, export_shard, finalize
 from tti.eval.items import choose_items
+from tti.eval.protocols import PROTOCOLS, check_image_size
 from tti.infra import distributed
 from tti.infra.atomic_file import write_json
 from tti.infra.cli import run_cli
@@ -69,9 +74,12 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint file, run directory or release folder (python -m tti.release)")
     p.add_argument("--out-dir", default=None, help="default eval_data_run_<run_idx of the checkpoint>")
-    p.add_argument("--n", "--num-samples", dest="n", type=int, default=5000,
-                   help="images to export (COCO papers use 30000; capped at the val size). "
-                        "Under torchrun write --num-samples (torchrun takes --n for its own)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+                   help="images to export (default 5000, or the protocol's; capped at the val "
+                        "size). Under torchrun write --num-samples (torchrun takes --n for its own)")
+    p.add_argument("--protocol", choices=tuple(PROTOCOLS), default="pairs",
+                   help="coco-fid30k: the published COCO 256 protocol (30,000 val captions, a "
+                        "256 px model; see tti/eval/protocols.py). Default %(default)s")
     add_sampler_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="picks the val images, captions and noise")
     p.add_argument("--batch-size", type=int, default=64, help="per process")
@@ -85,6 +93,10 @@ def parse_args(argv=None):
                    help="autocast dtype for the network; anything but fp32 is faster on "
                         "bf16-capable hardware but only deterministic per id up to a few pixel levels")
     args = p.parse_args(argv)
+    protocol_n = PROTOCOLS[args.protocol].n
+    if args.n is not None and protocol_n is not None and args.n != protocol_n:
+        p.error(f"--protocol {args.protocol} exports {protocol_n} images; leave out --n")
+    args.n = args.n if args.n is not None else protocol_n or 5000
     check_inference_arguments(p, args, {"n": 1, "batch_size": 1})
     if args.data_root is not None and not os.path.isdir(args.data_root):
         p.error(f"--data-root {args.data_root}: no such folder")
@@ -102,6 +114,7 @@ def main(argv=None) -> str:
     del state  # its tensors now live in the model
     out_dir = args.out_dir or f"eval_data_run_{cfg.run.run_idx}"
     d = cfg.data
+    check_image_size(PROTOCOLS[args.protocol], d.image_size)
     root = args.data_root or d.root
     if not os.path.isdir(root):
         raise ExportError(f"data root {root!r} (data.root in the checkpoint's config) not "
@@ -152,6 +165,7 @@ def main(argv=None) -> str:
         seconds = max(s["seconds"] for s in shards)
         write_json(paths["info"], {
             "status": "complete", "settings": settings, "n": len(items), "seed": args.seed,
+            "protocol": args.protocol,
             "checkpoint": settings["checkpoint"], "checkpoint_step": step,
             "config": config_summary(cfg, model), "sampler_options": opts,
             "data_root": settings["data_root"], "val_split": d.val_split,

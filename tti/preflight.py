@@ -37,6 +37,7 @@ from tti.infra.checkpoints import checkpoint_file, latest_checkpoint, refuse_uns
 from tti.infra.cli import check_at_least, run_cli
 from tti.infra.gpus import GPUError
 from tti.infra.release_folder import is_release_folder
+from tti.models.autoencoder import check_autoencoder
 from tti.text.source import check_text_encoder
 from tti.training.memory_estimate import estimate
 
@@ -48,11 +49,14 @@ TRAIN_CPU = "run with --device cpu"
 def check_training(cfg: Config, world_size: int, device: str | None = "cpu") -> None:
     """ConfigError unless train.batch_size splits over `world_size` processes (and every
     other rule of validate holds); TextEncoderError unless text.name can be loaded here;
-    UnsafeCheckpointError if the checkpoint the run would resume from asks to run code; with
-    device "cuda" (or None where CUDA works: tti.train's default), GPUError unless this
-    process's GPU (LOCAL_RANK's) can run it. Fast: reads no data and no weights."""
+    AutoencoderError unless model.autoencoder (if set) can be; UnsafeCheckpointError if the
+    checkpoint the run would resume from asks to run code; with device "cuda" (or None where
+    CUDA works: tti.train's default), GPUError unless this process's GPU (LOCAL_RANK's) can
+    run it. Fast: reads no data and no weights."""
     validate(cfg, world_size=world_size)
     check_text_encoder(cfg.text.name)
+    if cfg.model.autoencoder:
+        check_autoencoder(cfg.model.autoencoder)
     resume_from = latest_checkpoint(cfg.run_dir())
     if resume_from is not None:
         refuse_unsafe(resume_from)

@@ -109,7 +109,7 @@ def _fields(cls) -> dict:
     if not MODEL_KINDS.entries:
         raise RuntimeError("no model plug-ins are registered: import tti.models before reading a "
                            "config (it registers the kinds, objectives and backbones)")
-    names = {"kind": str, **{part: str for part in PARTS}}
+    names = {"kind": str, **{part: str for part in PARTS}, "autoencoder": str}
     for registry in (MODEL_KINDS, *PARTS.values()):
         names.update({e.name: e.schema for e in registry.entries.values() if e.schema})
     return names

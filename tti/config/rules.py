@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tti.config.errors import ConfigError
-from tti.config.registry import samplers, used_entries
+from tti.config.registry import MODEL_KINDS, samplers, used_entries
+from tti.config.schema import LATENT_FACTOR
 from tti.infra.precision import PRECISIONS
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check(bool(cfg.text.name), "text.name", "must name an encoder (an HF id, a folder, "
           "packaged-minilm or vocab)")
     bounds(cfg.text, "text", {"caption_dropout": "in [0, 1)", "max_length": ">= 2", "lr": "> 0"})
+    _check_autoencoder(cfg)
     for entry in used_entries(cfg.model):  # the kind, then its objective and backbone
         if entry.validate is not None:
             entry.validate(cfg)
@@ -74,6 +76,20 @@ def _check_data(d: DataConfig) -> None:
     check(d.shapes_train >= 1 and d.shapes_val >= 1, "data.shapes_train",
           f"and data.shapes_val must be >= 1, got {d.shapes_train} and {d.shapes_val}",
           "data.shapes_val")
+
+
+def _check_autoencoder(cfg: Config) -> None:
+    """A latent space needs a kind built on a backbone: the backbone is built for the latent
+    grid (Config.grid), where a kind of its own (alignDRAW) models RGB pixels itself."""
+    if not cfg.model.autoencoder:
+        return
+    kind = MODEL_KINDS.get(cfg.model.kind)
+    check("backbone" in kind.parts, "model.autoencoder",
+          f"model.kind {cfg.model.kind} models pixels itself; a latent space needs a kind "
+          f"built on a backbone (model.autoencoder \"\" = pixel space)", "model.kind")
+    check(cfg.data.image_size % LATENT_FACTOR == 0, "data.image_size",
+          f"{cfg.data.image_size} is not divisible by the autoencoder's {LATENT_FACTOR}x",
+          "model.autoencoder")
 
 
 def _valid_batch_sizes(batch_size: int, multiple: int) -> str:

@@ -3,17 +3,30 @@
 `Config` has six sections (run, data, text, model, train, sample). `model` names a model
 kind, and for kinds that compose one an objective and a backbone; each of those plug-ins
 reads its own section, `model.<name>`, typed by the dataclass it registered
-(tti/config/registry.py). tti/config/load.py reads YAML files and `--set` items into it;
-tti/config/rules.py checks its values.
+(tti/config/registry.py). `model.autoencoder` names a frozen VAE whose latent space the
+model learns in (`Config.grid`). tti/config/load.py reads YAML files and `--set` items into
+it; tti/config/rules.py checks its values.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 from tti.config.registry import used_entries
+
+
+# The Stable Diffusion VAE family (sd-vae-ft-ema / -mse): 8x smaller, 4 latent channels.
+# tti/models/autoencoder.py refuses a VAE of another shape when it loads one.
+LATENT_FACTOR = 8
+LATENT_CHANNELS = 4
+
+
+class Grid(NamedTuple):
+    """What the image model learns: `channels` x `size` x `size` arrays."""
+    channels: int
+    size: int
 
 
 @dataclass
@@ -60,6 +73,9 @@ class ModelConfig:
     kind: str = "diffusion"          # tti/models/registry.py lists the kinds, objectives, backbones
     objective: str = "gaussian"      # diffusion: what it learns and how it samples
     backbone: str = "unet"           # diffusion: the network
+    # A frozen VAE (an HF id such as stabilityai/sd-vae-ft-ema, or a folder): the model learns
+    # its latents and sample() decodes them. "" = pixel space.
+    autoencoder: str = ""
     sections: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -76,6 +92,8 @@ class ModelConfig:
         """kind, the parts its kind composes, and the sections of the plug-ins in use."""
         entries = used_entries(self)
         out = {"kind": self.kind, **{part: getattr(self, part) for part in entries[0].parts}}
+        if self.autoencoder:  # pixel-space configs and checkpoints read as they always did
+            out["autoencoder"] = self.autoencoder
         for entry in entries:
             if entry.schema is not None:
                 out[entry.name] = dataclasses.asdict(self.sections[entry.name])
@@ -134,6 +152,13 @@ class Config:
     def run_dir(self) -> str:
         return os.path.join(self.run.results_dir, f"{self.run.dataset}_{self.model.kind}",
                             str(self.run.run_idx))
+
+    def grid(self) -> Grid:
+        """RGB pixels at data.image_size, or with model.autoencoder its latents: 4 channels at
+        data.image_size / 8 (a 256 px image is a 4 x 32 x 32 latent)."""
+        if self.model.autoencoder:
+            return Grid(LATENT_CHANNELS, self.data.image_size // LATENT_FACTOR)
+        return Grid(3, self.data.image_size)
 
     def micro_batch(self, world_size: int) -> int:
         """Images per process per forward pass as the config states them: train.micro_batch

@@ -19,8 +19,9 @@ from tti.text.batch import TextBatch
 
 
 def build(cfg, text_encoder) -> "Diffusion":
-    """model.backbone for RGB images and the encoder's token width, under model.objective."""
-    backbone = BACKBONES.get(cfg.model.backbone).build(cfg, 3, text_encoder.dim)
+    """model.backbone for the config's grid (RGB pixels or latents) and the encoder's token
+    width, under model.objective."""
+    backbone = BACKBONES.get(cfg.model.backbone).build(cfg, cfg.grid().channels, text_encoder.dim)
     return Diffusion(backbone, OBJECTIVES.get(cfg.model.objective).build(cfg))
 
 

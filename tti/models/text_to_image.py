@@ -1,11 +1,12 @@
 """The one model module that training, sampling, export and evaluation share.
 
 `TextToImage` = a text encoder + an image model of a registered kind that keeps the
-two-method interface (`loss(images, text)`, `sample(text, generator, ...)`). Everything
-outside this file talks to captions and uint8/[-1, 1] images only, so the diffusion model
-and alignDRAW are interchangeable. `build(cfg)` makes one from a config;
-`load_for_inference(path)` rebuilds one from a checkpoint or a release folder alone (EMA
-weights by default).
+two-method interface (`loss(images, text)`, `sample(text, generator, ...)`), and with
+model.autoencoder a frozen VAE whose latents the image model learns (tti/models/autoencoder.py).
+Everything outside this file talks to captions and uint8/[-1, 1] images only, so the
+diffusion model and alignDRAW, in pixels or in a latent space, are interchangeable.
+`build(cfg)` makes one from a config; `load_for_inference(path)` rebuilds one from a
+checkpoint or a release folder alone (EMA weights by default).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tti.config.schema import Config
 from tti.infra.checkpoints import CheckpointError, mismatched_keys
 from tti.infra.precision import amp_dtype
 from tti.infra.release_folder import load_inference_state
+from tti.models.autoencoder import FrozenAutoencoder, load_autoencoder
 from tti.text.batch import TextBatch
 from tti.text.encoder import TextEncoder
 from tti.text.store import TextStore, encoder_identity, is_built, store_folder
@@ -32,22 +34,34 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
+def model_input(batch: torch.Tensor) -> torch.Tensor:
+    """What the training loop hands the model: uint8 images [B, 3, H, W] -> float in [-1, 1];
+    a latent store's moments (float16 [B, 2C, h, w], tti/data/latent_store.py) -> float32."""
+    return to_model_range(batch) if batch.dtype == torch.uint8 else batch.float()
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float [B, 3, H, W] in [-1, 1] -> uint8 [B, 3, H, W] (values outside are clipped)."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 class TextToImage(nn.Module):
-    """Captions in, loss or images out. `forward` is the training loss (so DDP wraps it)."""
+    """Captions in, loss or images out. `forward` is the training loss (so DDP wraps it).
+    autoencoder: None (the image model learns pixels) or a FrozenAutoencoder."""
 
-    def __init__(self, text_encoder: nn.Module, image_model: nn.Module):
+    def __init__(self, text_encoder: nn.Module, image_model: nn.Module,
+                 autoencoder: FrozenAutoencoder | None = None):
         super().__init__()
         self.text = text_encoder
         self.image_model = image_model
+        self.autoencoder = autoencoder
         self.sample_dtype: torch.dtype | None = None  # autocast dtype for sampling; None = fp32
 
     def forward(self, images: torch.Tensor, captions: list) -> torch.Tensor:
-        """images: float [B, 3, H, W] in [-1, 1]; captions: B strings -> scalar loss."""
+        """images: float [B, 3, H, W] in [-1, 1] (with an autoencoder, or its moments from a
+        latent store: FrozenAutoencoder.training_latents); captions: B strings -> scalar loss."""
+        if self.autoencoder is not None:
+            images = self.autoencoder.training_latents(images)
         return self.image_model.loss(images, self.encode(captions))
 
     @torch.compiler.disable
@@ -60,14 +74,21 @@ class TextToImage(nn.Module):
     def sample(self, captions: list, generator: torch.Generator | None = None,
                return_trajectory: bool = False, **sampler_opts):
         """B captions -> float [B, 3, H, W] in [-1, 1] (and the trajectory if asked).
-        The network runs under autocast to `self.sample_dtype` when set; images are fp32."""
+        The network runs under autocast to `self.sample_dtype` when set; images are fp32.
+        With an autoencoder the latents (and each trajectory frame) are decoded to RGB."""
         text = self.text(captions)
         null = self.text.null(1)
         device_type = next(self.image_model.parameters()).device.type
         with torch.autocast(device_type, dtype=self.sample_dtype or torch.float32,
                             enabled=self.sample_dtype is not None):
-            return self.image_model.sample(text, generator, null_text=null,
-                                         return_trajectory=return_trajectory, **sampler_opts)
+            out = self.image_model.sample(text, generator, null_text=null,
+                                          return_trajectory=return_trajectory, **sampler_opts)
+            if self.autoencoder is None:
+                return out
+            if not return_trajectory:
+                return self.autoencoder.decode(out)
+            latents, frames = out
+            return self.autoencoder.decode(latents), [self.autoencoder.decode(f) for f in frames]
 
     def sampler_options(self, cfg: Config) -> dict:
         s = cfg.sample
@@ -102,9 +123,11 @@ def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn
 
 
 def build(cfg: Config, train_captions=None, vocab_state=None) -> TextToImage:
-    """The model `cfg` describes: its text encoder and an image model of kind model.kind."""
+    """The model `cfg` describes: its text encoder, an image model of kind model.kind and,
+    with model.autoencoder, the frozen VAE whose latents it learns."""
     text = build_text_encoder(cfg, train_captions, vocab_state)
-    return TextToImage(text, MODEL_KINDS.get(cfg.model.kind).build(cfg, text))
+    autoencoder = load_autoencoder(cfg.model.autoencoder) if cfg.model.autoencoder else None
+    return TextToImage(text, MODEL_KINDS.get(cfg.model.kind).build(cfg, text), autoencoder)
 
 
 # ---------------------------------------------------------------- checkpoint state
@@ -132,10 +155,11 @@ def _checkpoints_text(model: TextToImage) -> bool:
 
 
 def trainable_state(model: TextToImage) -> dict:
-    """The weights a checkpoint must carry: everything but a frozen pretrained encoder."""
+    """The weights a checkpoint must carry: everything but a frozen pretrained encoder and
+    the frozen autoencoder (both reloaded by name)."""
     keep_text = _checkpoints_text(model)
     return {k: v for k, v in model.state_dict().items()
-            if keep_text or not k.startswith("text.")}
+            if (keep_text or not k.startswith("text.")) and not k.startswith("autoencoder.")}
 
 
 def load_trainable_state(model: TextToImage, weights: dict) -> None:

@@ -14,7 +14,7 @@ from tti.infra import distributed
 from tti.infra.checkpoints import latest_checkpoint
 from tti.infra.cli import UserError
 from tti.infra.gpus import is_out_of_memory
-from tti.models.text_to_image import to_model_range
+from tti.models.text_to_image import model_input
 from tti.training.out_of_memory import out_of_memory
 from tti.training.run_log import RunLog
 from tti.training.state import TrainState, save_train_state
@@ -40,7 +40,7 @@ def train_step(state: TrainState, forward, micro_batches: list, cfg: Config,
     state.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=info.device)
     for i, (images, captions) in enumerate(micro_batches):
-        images = to_model_range(images.to(info.device, non_blocking=True))
+        images = model_input(images.to(info.device, non_blocking=True))
         keep = torch.rand(len(captions), generator=drop) >= cfg.text.caption_dropout
         captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
         inner = info.enabled and i < accum - 1  # no all-reduce until the last

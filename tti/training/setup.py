@@ -18,8 +18,9 @@ from tti.data.coco import collate, load_split
 from tti.data.order import ResumableSampler
 from tti.infra import distributed
 from tti.infra.threads import usable_cpus
-from tti.models.text_to_image import TextToImage, build, to_model_range
+from tti.models.text_to_image import TextToImage, build, model_input
 from tti.text.store import TextStore, build_store
+from tti.training.latents import latent_dataset, open_latent_store
 from tti.training.run_log import RunLog
 from tti.training.utilisation import model_flops_per_image
 
@@ -74,7 +75,7 @@ def open_datasets(cfg: Config, info: distributed.DistInfo, workers: int):
         for split in (d.train_split, d.val_split):
             open_split(split)
     distributed.barrier()  # the other ranks open the caches local rank 0 finished
-    train_set = open_split(d.train_split)
+    train_set = latent_dataset(cfg, open_split(d.train_split))  # latents, in a latent space
     if d.canonical_caption_fraction > 0:  # shapes only: a share of plain-word-order captions
         from tti.data.canonical import CanonicalCaptionMix
         train_set = CanonicalCaptionMix(train_set, d.canonical_caption_fraction, seed=cfg.train.seed)
@@ -119,6 +120,8 @@ def build_model(cfg: Config, info: distributed.DistInfo, train_set, val_set, res
         every = (captions + [c for i in range(len(val_set)) for c in val_set.captions(i)]
                  + cfg.sample.captions) if info.local_rank == 0 else []
         open_text_store(model.text, every, info, log)
+    if model.autoencoder is not None:
+        open_latent_store(model.autoencoder, train_set, cfg, info, log)
     n_params = sum(p.numel() for p in model.image_model.parameters())
     log.print(f"{model_label(cfg)}: {n_params / 1e6:.2f}M parameters")
     return model
@@ -151,7 +154,7 @@ def count_flops(model: TextToImage, train_set, cfg: Config, info: distributed.Di
     left untouched)."""
     micro = micro or cfg.micro_batch(info.world_size)
     images, captions = collate([train_set[i] for i in range(micro)])
-    flops = model_flops_per_image(model, to_model_range(images.to(info.device)), captions, amp)
+    flops = model_flops_per_image(model, model_input(images.to(info.device)), captions, amp)
     log.print(f"training FLOPs per image: {flops / 1e9:.3f} GFLOP (forward + backward, "
               f"torch.utils.flop_counter on {micro} images)")
     return flops

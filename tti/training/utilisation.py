@@ -36,13 +36,16 @@ def train_flops_per_image(loss_fn: Callable[[], torch.Tensor], n_images: int) ->
 def model_flops_per_image(model, images: torch.Tensor, captions: list[str],
                           amp: torch.dtype | None) -> float:
     """Training FLOPs per image of a TextToImage on one micro-batch: images float
-    [B, 3, S, S] in [-1, 1] on the model's device, B captions; autocast to `amp` (None:
+    [B, 3, S, S] in [-1, 1] (or a latent store's moments) on the model's device, B captions; autocast to `amp` (None:
     fp32). The random streams and the gradients are left as they were (none)."""
     device = images.device
     devices = [device] if device.type == "cuda" else []
     # TextToImage.forward's computation, not a call to it: what hooks forward (DDP, tests)
     # sees stays one call per training micro-batch.
-    loss = lambda: model.image_model.loss(images, model.encode(captions))
+    # A latent-space model learns latents (drawn from the moments a latent store gave).
+    latents = model.autoencoder.training_latents if model.autoencoder is not None else None
+    loss = lambda: model.image_model.loss(latents(images) if latents else images,
+                                          model.encode(captions))
     with torch.random.fork_rng(devices=devices):  # the loss draws timesteps and noise
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             flops = train_flops_per_image(loss, len(captions))

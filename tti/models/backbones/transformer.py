@@ -45,11 +45,11 @@ class TransformerConfig:
 
 
 def validate(cfg) -> None:
-    m, size = cfg.model.transformer, cfg.data.image_size
+    m, size = cfg.model.transformer, cfg.grid().size  # pixels, or a latent space's grid
     bounds(m, "model.transformer", {"patch_size": ">= 1", "width": ">= 1", "depth": ">= 1",
                                     "head_dim": ">= 1", "ff_mult": ">= 1", "text_layers": ">= 0"})
     check(size % m.patch_size == 0, "model.transformer.patch_size",
-          f"{m.patch_size} must divide data.image_size {size}", "data.image_size")
+          f"{m.patch_size} must divide the image side {size}", "data.image_size")
     check(m.width % m.head_dim == 0, "model.transformer.head_dim",
           f"{m.head_dim} must divide model.transformer.width {m.width}", "model.transformer.width")
     check(not m.text_layers or m.text_width % m.head_dim == 0, "model.transformer.text_width",
@@ -60,7 +60,7 @@ def validate(cfg) -> None:
 
 
 def build(cfg, image_channels: int, context_dim: int) -> "Transformer":
-    return Transformer(cfg.model.transformer, cfg.data.image_size, context_dim, image_channels)
+    return Transformer(cfg.model.transformer, cfg.grid().size, context_dim, image_channels)
 
 
 def label(cfg) -> str:

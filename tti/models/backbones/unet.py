@@ -42,7 +42,7 @@ class UNetConfig:
 
 
 def validate(cfg) -> None:
-    u, image_size = cfg.model.unet, cfg.data.image_size
+    u, image_size = cfg.model.unet, cfg.grid().size  # pixels, or a latent space's grid
     check(len(u.channels) >= 1 and min(u.channels) > 0, "model.unet.channels",
           f"must be a non-empty list of positive integers, got {u.channels}")
     factor = 2 ** (len(u.channels) - 1)
@@ -73,7 +73,7 @@ def validate(cfg) -> None:
 
 
 def build(cfg, image_channels: int, context_dim: int) -> "UNet":
-    return UNet(cfg.model.unet, cfg.data.image_size, context_dim, image_channels)
+    return UNet(cfg.model.unet, cfg.grid().size, context_dim, image_channels)
 
 
 def label(cfg) -> str:
