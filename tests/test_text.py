@@ -67,8 +67,10 @@ def load_error(name: str) -> tuple[str, float]:
 def test_unreachable_roberta_fails_at_once_in_one_line(monkeypatch, tmp_path):
     import huggingface_hub.constants
 
+    import tti.infra.hub
     import tti.text.source
-    from tti.text.source import HUB_TIMEOUT_S, TextEncoderError
+    from tti.infra.hub import HUB_TIMEOUT_S
+    from tti.text.source import TextEncoderError
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -89,7 +91,7 @@ def test_unreachable_roberta_fails_at_once_in_one_line(monkeypatch, tmp_path):
     assert seconds < HUB_TIMEOUT_S and "hub does not answer" in message
     assert "--set text.name=/path/to/roberta-base" in message
     # Where the hub answers, the name goes to from_pretrained as it is.
-    monkeypatch.setattr(tti.text.source, "hub_answers", lambda: True)
+    monkeypatch.setattr(tti.infra.hub, "hub_answers", lambda: True)
     assert tti.text.source.check_text_encoder("FacebookAI/roberta-base") == "FacebookAI/roberta-base"
 
 

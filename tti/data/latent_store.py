@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tti.infra.atomic_file import write_json
+from tti.infra.build_progress import clear_progress, resume_point, save_progress
 from tti.infra.cli import UserError
 from tti.infra.run_lock import RunLock
 
@@ -120,11 +121,11 @@ def _write_partial(autoencoder, dataset, key: dict, partial: str, chunk: int,
     shape = (len(dataset), 2 * key["latent_channels"], grid, grid)
     job = hashlib.blake2b(json.dumps([key, chunk], sort_keys=True).encode(),
                           digest_size=16).hexdigest()
-    done = _resume_point(partial, job, shape)
+    done = resume_point(partial, job, "moments.npy", shape)
     os.makedirs(partial, exist_ok=True)
     path = os.path.join(partial, "moments.npy")
     if done is None:
-        Path(partial, "progress.json").unlink(missing_ok=True)
+        clear_progress(partial)
         moments = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
         done = 0
     else:
@@ -132,7 +133,7 @@ def _write_partial(autoencoder, dataset, key: dict, partial: str, chunk: int,
     _encode_chunks(autoencoder, dataset, moments, done, chunk, progress, partial, job)
     del moments
     write_json(os.path.join(partial, "meta.json"), key)
-    Path(partial, "progress.json").unlink(missing_ok=True)
+    clear_progress(partial)
     return shape[0] - done
 
 
@@ -158,21 +159,9 @@ def _encode_chunks(autoencoder, dataset, moments, done: int, chunk: int, progres
             done = start + len(out)
             if (index + 1) % SAVE_EVERY_CHUNKS == 0 or done == n:
                 moments.flush()
-                write_json(os.path.join(partial, "progress.json"), {"job": job, "done": done})
+                save_progress(partial, job, done)
     finally:
         bar.close()
-
-
-def _resume_point(partial: str, job: str, shape: tuple) -> int | None:
-    """Rows already encoded by a killed build of this same job, or None (start afresh)."""
-    try:
-        state = json.loads(Path(partial, "progress.json").read_text(encoding="utf-8"))
-        moments = np.load(os.path.join(partial, "moments.npy"), mmap_mode="r")
-        ok = state["job"] == job and moments.shape == shape and moments.dtype == np.float16
-        del moments
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return int(state["done"]) if ok else None
 
 
 def _swap_in(partial: str, folder: str) -> None:

@@ -11,14 +11,13 @@ text encoder is.
 from __future__ import annotations
 
 import hashlib
-import os
 
 import torch
 import torch.nn as nn
 
 from tti.config.schema import LATENT_CHANNELS, LATENT_FACTOR
 from tti.infra.cli import UserError
-from tti.text.source import hub_answers, hub_offline
+from tti.infra.hub import locate_pretrained
 
 # Images per decoder call: the SD decoder's activations at 256 px are ~100 MB per image.
 DECODE_CHUNK = 16
@@ -30,31 +29,9 @@ class AutoencoderError(UserError, ValueError):
 
 def check_autoencoder(name: str) -> str:
     """What `from_pretrained` should load for model.autoencoder: a local folder, the hub id
-    when the hub answers, or its snapshot in the HF cache. Cheap (no weights are read);
-    raises AutoencoderError in one line naming the way out."""
-    folder = os.path.expanduser(name)
-    if os.path.isdir(folder):
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise AutoencoderError(f"model.autoencoder {name!r} is a folder without config.json "
-                                   f"(a folder AutoencoderKL.save_pretrained wrote)")
-        return folder
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not "org/name"
-        raise AutoencoderError(f"model.autoencoder {name!r}: no such folder")
-    if not hub_offline() and hub_answers():
-        return name
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        config = try_to_load_from_cache(name, "config.json")
-    except ValueError:  # not a valid hub id either
-        config = None
-    if isinstance(config, str):
-        return os.path.dirname(config)
-    why = "offline mode is on" if hub_offline() else "the Hugging Face hub does not answer"
-    raise AutoencoderError(
-        f"model.autoencoder {name!r} is neither a local folder nor in the Hugging Face cache, "
-        f"and {why}: download it once where the hub answers, or point it at a local copy with "
-        f"--set model.autoencoder=/path/to/{name.rsplit('/', 1)[-1]}")
+    when the hub answers, or its snapshot in the HF cache (tti/infra/hub.py). Cheap (no
+    weights are read); raises AutoencoderError in one line naming the way out."""
+    return locate_pretrained(name, "model.autoencoder", AutoencoderError)
 
 
 def load_autoencoder(name: str) -> "FrozenAutoencoder":

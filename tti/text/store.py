@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from tti.infra.atomic_file import write_json
+from tti.infra.build_progress import clear_progress, resume_point, save_progress
 from tti.infra.cli import UserError
 from tti.infra.run_lock import RunLock
 
@@ -198,11 +199,11 @@ def _write_partial(encoder, identity: dict, base: TextStore | None, new: list[st
     starts = base_tokens + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     shape = (base_tokens + int(counts.sum()), identity["dim"])
     job = _job_id(identity, base, new, chunk)
-    done = _resume_point(partial, job, shape)
+    done = resume_point(partial, job, "tokens.npy", shape)
     os.makedirs(partial, exist_ok=True)
     tokens_path = os.path.join(partial, "tokens.npy")
     if done is None:
-        Path(partial, "progress.json").unlink(missing_ok=True)
+        clear_progress(partial)
         tokens = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.float16, shape=shape)
         if base is not None:
             for s in range(0, base_tokens, 1 << 20):  # copied, not encoded again
@@ -239,7 +240,7 @@ def _encode_chunks(encoder, new, counts, starts, tokens, done, chunk, progress, 
             done = start + len(lengths)
             if (index + 1) % SAVE_EVERY_CHUNKS == 0 or done == len(new):
                 tokens.flush()
-                write_json(os.path.join(partial, "progress.json"), {"job": job, "done": done})
+                save_progress(partial, job, done)
     finally:
         bar.close()
 
@@ -254,18 +255,6 @@ def _job_id(identity: dict, base: TextStore | None, new: list[str], chunk: int) 
     for caption in new:
         digest.update(caption.encode("utf-8") + b"\0")
     return digest.hexdigest()
-
-
-def _resume_point(partial: str, job: str, shape: tuple) -> int | None:
-    """Captions already encoded by a killed build of this same job, or None (start afresh)."""
-    try:
-        state = json.loads(Path(partial, "progress.json").read_text(encoding="utf-8"))
-        tokens = np.load(os.path.join(partial, "tokens.npy"), mmap_mode="r")
-        ok = state["job"] == job and tokens.shape == shape and tokens.dtype == np.float16
-        del tokens
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return int(state["done"]) if ok else None
 
 
 def _write_index(partial: str, identity: dict, base: TextStore | None, new: list[str],
@@ -284,7 +273,7 @@ def _write_index(partial: str, identity: dict, base: TextStore | None, new: list
         np.save(os.path.join(partial, f"{name}.npy"), array)
     meta = dict(identity, captions=len(hashes), tokens=num_tokens)
     write_json(os.path.join(partial, "meta.json"), meta)
-    Path(partial, "progress.json").unlink(missing_ok=True)
+    clear_progress(partial)
 
 
 def _swap_in(partial: str, folder: str) -> None:
