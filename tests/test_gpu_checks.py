@@ -162,3 +162,27 @@ def test_what_counts_as_out_of_memory():
                                          "to allocate 68719476736 bytes"))
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_out_of_memory(ValueError("out of memory"))
+
+
+# ---------------------------------------------------------------- sample and export by hand
+
+CHECKPOINT = os.path.join(REPO, "tests", "fixtures", "legacy_diffusion.pt")
+
+
+@pytest.mark.parametrize("module", ["tti.sample", "tti.export"])
+def test_sampling_by_hand_without_a_driver(module, monkeypatch, capsys, tmp_path):
+    no_driver(monkeypatch)
+    out = ["--out", str(tmp_path / "grid.png")] if module == "tti.sample" else [
+        "--out-dir", str(tmp_path / "export"), "--n", "2"]
+    code, err = run_module(module, ["--checkpoint", CHECKPOINT, "--device", "cuda", *out],
+                           monkeypatch, capsys)
+    assert_one_line(code, err, module, "no usable CUDA GPU here (Found no NVIDIA driver on your "
+                    "system): run with --device cpu (or a launcher with $gpu_ids cpu)")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("module", ["tti.sample", "tti.export"])
+def test_a_device_torch_does_not_know(module, monkeypatch, capsys, tmp_path):
+    code, err = run_module(module, ["--checkpoint", CHECKPOINT, "--device", "gpu"],
+                           monkeypatch, capsys)
+    assert_one_line(code, err, module, "--device gpu: expected cpu, cuda or cuda:N")

@@ -204,3 +204,21 @@ def test_gpu_ids_without_a_driver_fail_first_in_one_line(place, tiny_roberta, tm
         result, tmp_path / "coco", repo / "results" / "coco64_ft_roberta_diffusion" / "3",
         "tti.preflight: error: no usable CUDA GPU here (Found no NVIDIA driver on your system): "
         "run on the CPU with $gpu_ids cpu (one process) or cpu:N (N processes)")
+
+
+@pytest.mark.skipif(os.path.exists("/proc/driver/nvidia"), reason="this machine has an NVIDIA driver")
+@pytest.mark.parametrize("launcher", ["run_tti_eval_coco.sh", "gen_images_for_metrics.sh"])
+def test_sampling_launchers_without_a_driver_fail_in_one_line(launcher, coco64_run, place):
+    """`$gpu_ids 0` on this driverless machine: one line naming the fix, nothing written."""
+    repo, user = place
+    last = ["A red bus."] if launcher == "run_tti_eval_coco.sh" else [
+        os.path.relpath(coco64_run, user), "--out-dir", "driverless_export"]
+    before = sorted(os.listdir(coco64_run))
+    result = bash(repo / launcher, "0", 0, *last, cwd=user, TTI_OUT=str(user / "driverless_grid"))
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert result.stderr.strip().splitlines() == [
+        f"tti.{'sample' if launcher == 'run_tti_eval_coco.sh' else 'export'}: error: no usable CUDA "
+        "GPU here (Found no NVIDIA driver on your system): run with --device cpu (or a launcher "
+        "with $gpu_ids cpu) [--debug shows the traceback]"], result.stderr
+    assert sorted(os.listdir(coco64_run)) == before
+    assert not (user / "driverless_export").exists() and not (user / "driverless_grid").exists()

@@ -19,6 +19,7 @@ import torch
 from tti.config.registry import all_samplers, samplers
 from tti.eval.grid import generate, make_grid, save_gif
 from tti.infra.cli import UserError, check_at_least, run_cli
+from tti.infra.gpus import check_device
 from tti.infra.precision import PRECISIONS
 from tti.infra.threads import use_free_cpus
 from tti.models.text_to_image import load_for_inference
@@ -90,6 +91,7 @@ def main(argv=None):
     if args.captions_file:
         with open(args.captions_file, encoding="utf-8") as f:
             captions += [line.strip() for line in f if line.strip()]
+    check_device(args.device)
     model, cfg = load_for_inference(args.checkpoint, args.device, use_ema=not args.no_ema,
                                     precision=args.precision)
     if not captions:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from tti.infra.cli import UserError
-from tti.infra.gpus import GPUError
+from tti.infra.gpus import GPUError, check_device
 
 
 @dataclass
@@ -48,6 +48,7 @@ def setup(device: str | None = None) -> DistInfo:
     """Initialise the process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
     if "RANK" not in os.environ:
         dev = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
         if dev.type == "cuda":

@@ -13,6 +13,7 @@ import torch
 from tti.infra.cli import UserError
 
 GIB = 2 ** 30
+DEVICE_CPU = "run with --device cpu (or a launcher with $gpu_ids cpu)"
 
 
 class GPUError(UserError, RuntimeError):
@@ -45,6 +46,17 @@ def check_cuda(instead: str) -> None:
     problem = cuda_problem()
     if problem is not None:
         raise GPUError(f"no usable CUDA GPU here ({problem}): {instead}")
+
+
+def check_device(device: str | torch.device) -> None:
+    """GPUError unless `device` ("cpu", "cuda", "cuda:1", ...) can be used here: checked before a
+    CLI loads anything, so a driverless machine gets one line, not torch's traceback."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device}: expected cpu, cuda or cuda:N") from None
+    if kind == "cuda":
+        check_cuda(DEVICE_CPU)
 
 
 def check_ids(ids: list[int], instead: str, what: str = "GPU id") -> int:
