@@ -30,6 +30,8 @@ CONFIG = "configs/shapes32.yaml"
 RECORDS = os.path.join(REPO, "bench", "results", "quality_per_compute.jsonl")
 TRANSFORMER = ["model.backbone=transformer", "model.transformer.width=96",
                "model.transformer.depth=6", "model.transformer.text_layers=2"]
+CANONICAL = ["data.canonical_caption_fraction=0.5", "model.unet.coord_channels=true",
+             "model.unet.position_init=sinusoidal"]
 # name -> the --set items that make the recipe from configs/shapes32.yaml. The run index is
 # 100 + 10 x the recipe's position + the seed, so every (recipe, seed) has its own folder.
 RECIPES = {
@@ -41,6 +43,12 @@ RECIPES = {
     "dit_skips": TRANSFORMER + ["model.transformer.skips=true"],
     "vp_minsnr_transformer": TRANSFORMER + ["model.gaussian.min_snr_gamma=5.0"],
     "flow_transformer": TRANSFORMER + ["model.objective=flow"],
+    # The shipped Gaussian recipe's shift 2 (log-SNR - 2 log 2) is SD3's time shift s = 2 here.
+    "flow_shift2_unet": ["model.objective=flow", "model.flow.shift=2.0"],
+    # configs/shapes32_long.yaml's relation curriculum (half the training captions in canonical
+    # word order) and pixel positions (coordinate channels, sinusoidal codes), at this budget.
+    "flow_shift2_canonical_unet": ["model.objective=flow", "model.flow.shift=2.0"] + CANONICAL,
+    "vp_canonical_unet": CANONICAL,
 }
 FACTS = ("all", "colour", "shape", "size", "relation")
 
@@ -139,13 +147,17 @@ def time_recipes(names: list[str], steps: int = 20, warmup: int = 3) -> str:
     return "\n".join(lines)
 
 
-def table(path: str = RECORDS) -> str:
-    """Markdown: one row per recipe, means over its seeds with the range (min-max)."""
+def table(view: str = "all", path: str = RECORDS) -> str:
+    """Markdown: one row per recipe, means over its seeds with the range (min-max). `view`:
+    all runs; "screen", seed 1 only; "seeds", the recipes run on three seeds or more."""
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     by_recipe: dict[str, list] = {}
     for r in records:
-        by_recipe.setdefault(r["recipe"], []).append(r)
+        if view != "screen" or r["seed"] == 1:
+            by_recipe.setdefault(r["recipe"], []).append(r)
+    if view == "seeds":
+        by_recipe = {name: rs for name, rs in by_recipe.items() if len(rs) >= 3}
     cols = ["all", "seen", "held_out", "colour", "shape", "size", "relation", "fid"]
     lines = ["| recipe | seeds | GFLOP/img | steps x 32 | " + " | ".join(cols) + " |",
              "|" + "---|" * (4 + len(cols))]
@@ -168,7 +180,9 @@ def main(argv=None) -> None:
     p.add_argument("--recipe", choices=RECIPES)
     p.add_argument("--seed", type=int, nargs="+", default=[1])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--table", action="store_true", help="print the table of every run so far")
+    p.add_argument("--table", nargs="?", const="all", choices=("all", "screen", "seeds"),
+                   help="print the table of the runs so far: all, seed 1 only, or the recipes "
+                        "with three seeds or more")
     p.add_argument("--time", nargs="+", choices=RECIPES, metavar="RECIPE",
                    help="time these recipes' fp32 training steps against each other")
     args = p.parse_args(argv)
@@ -178,7 +192,7 @@ def main(argv=None) -> None:
         for seed in args.seed:
             print(json.dumps(run(args.recipe, seed, args.set)))
     if args.table:
-        print(table())
+        print(table(args.table))
 
 
 if __name__ == "__main__":
