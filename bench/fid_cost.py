@@ -29,10 +29,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tti.config.load import load_config
-from tti.models.diffusion import Diffusion
+import tti.models  # noqa: F401  (registers the backbones and objectives)
+from tti.config.registry import BACKBONES, OBJECTIVES
 from tti.eval.metrics.fid import INCEPTION_SIZE, load_inception
-from tti.models.backbones.unet import UNet
-from tti.models.objectives.gaussian import GaussianDiffusion
+from tti.models.diffusion import Diffusion
 from tti.text.batch import TextBatch
 
 COCO_CONFIGS = ["configs/coco32_frozen_roberta.yaml", "configs/coco32_ft_roberta.yaml",
@@ -75,11 +75,10 @@ def encoder_flops(encoder: torch.nn.Module, tokens: int, backward: bool) -> floa
 
 
 def unet_flops(cfg, context_dim: int, tokens: int) -> tuple[float, float]:
-    """(one UNet forward, one training step's forward + backward) per image."""
+    """(one backbone forward, one training step's forward + backward) per image."""
     size = cfg.data.image_size
-    diffusion = Diffusion(UNet(cfg.model.unet, size, context_dim),
-                          GaussianDiffusion(timesteps=cfg.model.gaussian.timesteps,
-                                            prediction=cfg.model.gaussian.prediction))
+    backbone = BACKBONES.get(cfg.model.backbone).build(cfg, cfg.grid().channels, context_dim)
+    diffusion = Diffusion(backbone, OBJECTIVES.get(cfg.model.objective).build(cfg))
     images = torch.rand(2, 3, size, size) * 2 - 1
     text = TextBatch(torch.randn(2, tokens, context_dim), torch.ones(2, tokens, dtype=torch.bool))
     train = count(lambda: diffusion.loss(images, text).backward()) / 2

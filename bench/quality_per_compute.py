@@ -32,23 +32,31 @@ TRANSFORMER = ["model.backbone=transformer", "model.transformer.width=96",
                "model.transformer.depth=6", "model.transformer.text_layers=2"]
 CANONICAL = ["data.canonical_caption_fraction=0.5", "model.unet.coord_channels=true",
              "model.unet.position_init=sinusoidal"]
+# The objectives as the study ran them. configs/shapes32.yaml was the Gaussian one (cosine, 1,000
+# steps, v, shift 2) and is now FLOW2; each recipe names its objective in full, so that every
+# recipe stays the run it was whatever the shipped config becomes.
+GAUSSIAN = ["model.objective=gaussian", "model.gaussian.schedule=cosine",
+            "model.gaussian.timesteps=1000", "model.gaussian.prediction=v", "model.gaussian.shift=2.0"]
+FLOW = ["model.objective=flow", "model.flow.time_sampling=logit_normal", "model.flow.logit_mean=0.0",
+        "model.flow.logit_scale=1.0", "model.flow.shift=1.0"]
+# The Gaussian recipe's shift 2 (log-SNR - 2 log 2) is SD3's time shift s = 2 here.
+FLOW2 = FLOW + ["model.flow.shift=2.0"]
 # name -> the --set items that make the recipe from configs/shapes32.yaml. The run index is
 # 100 + 10 x the recipe's position + the seed, so every (recipe, seed) has its own folder.
 RECIPES = {
-    "vp_unet": [],
-    "vp_minsnr_unet": ["model.gaussian.min_snr_gamma=5.0"],
-    "flow_unet": ["model.objective=flow"],
-    "dit_cross": TRANSFORMER,
-    "dit_joint": TRANSFORMER + ["model.transformer.text=joint"],
-    "dit_skips": TRANSFORMER + ["model.transformer.skips=true"],
-    "vp_minsnr_transformer": TRANSFORMER + ["model.gaussian.min_snr_gamma=5.0"],
-    "flow_transformer": TRANSFORMER + ["model.objective=flow"],
-    # The shipped Gaussian recipe's shift 2 (log-SNR - 2 log 2) is SD3's time shift s = 2 here.
-    "flow_shift2_unet": ["model.objective=flow", "model.flow.shift=2.0"],
+    "vp_unet": GAUSSIAN,
+    "vp_minsnr_unet": GAUSSIAN + ["model.gaussian.min_snr_gamma=5.0"],
+    "flow_unet": FLOW,
+    "dit_cross": TRANSFORMER + GAUSSIAN,
+    "dit_joint": TRANSFORMER + GAUSSIAN + ["model.transformer.text=joint"],
+    "dit_skips": TRANSFORMER + GAUSSIAN + ["model.transformer.skips=true"],
+    "vp_minsnr_transformer": TRANSFORMER + GAUSSIAN + ["model.gaussian.min_snr_gamma=5.0"],
+    "flow_transformer": TRANSFORMER + FLOW,
+    "flow_shift2_unet": FLOW2,
     # configs/shapes32_long.yaml's relation curriculum (half the training captions in canonical
     # word order) and pixel positions (coordinate channels, sinusoidal codes), at this budget.
-    "flow_shift2_canonical_unet": ["model.objective=flow", "model.flow.shift=2.0"] + CANONICAL,
-    "vp_canonical_unet": CANONICAL,
+    "flow_shift2_canonical_unet": FLOW2 + CANONICAL,
+    "vp_canonical_unet": GAUSSIAN + CANONICAL,
 }
 FACTS = ("all", "colour", "shape", "size", "relation")
 

@@ -32,6 +32,7 @@ import collections
 import json
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -181,6 +182,9 @@ def main(argv=None) -> None:
         cells = [f"{counts[o] / total:.3f}" if total else "n/a" for o in RELATION_OUTCOMES]
         print(f"| {name} | {total} | " + " | ".join(cells) + " |")
 
+    if cfg.model.objective != "gaussian":
+        sys.exit(f"the x0 probe reads a Gaussian checkpoint's timesteps; {args.checkpoint} trains "
+                 f"{cfg.model.objective} (the layout table above is its result)")
     big_t = cfg.model.gaussian.timesteps
     steps = args.timesteps or [int(big_t * f) - 1 for f in (1.0, 0.9, 0.7)]
     print(f"\n## Stated-order separation of the mean x0 prediction from noise (pixels, + = stated "

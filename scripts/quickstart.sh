@@ -23,7 +23,7 @@ python -m tti.train --config configs/shapes32.yaml --device "$DEVICE" --set run.
   --set train.sample_at_end=false --set train.precision="$PRECISION" "$@"
 
 echo "== 2/4 sample grid + denoising GIF (rows 1-4 seen compositions, rows 5-8 held out)"
-# Grid and export take the config's sampler: DPM-Solver++(2M), 20 steps (docs/sampling.md).
+# Grid and export take the config's sampler: DPM-Solver++(2M) in its flow form, 20 steps.
 python -m tti.sample --checkpoint "$RUN" --n 8 --device "$DEVICE" --precision "$PRECISION" \
   --out "$RUN/quickstart_grid.png" --gif "$RUN/quickstart_denoise.gif"
 

@@ -35,3 +35,9 @@ def test_the_screen_view_keeps_seed_one_and_the_seeds_view_three_seeds(tmp_path)
     assert [line.split(" | ")[:2] for line in screen] == [["| vp_unet", "1"], ["| flow_unet", "1"]]
     seeds = qpc.table("seeds", str(path)).splitlines()[2:]
     assert len(seeds) == 1 and seeds[0].startswith("| vp_unet | 1,2,3 |")
+
+
+def test_the_shipped_quickstart_is_the_studys_winning_recipe():
+    shipped = load_config(qpc.CONFIG).to_dict()
+    assert shipped == load_config(qpc.CONFIG, qpc.RECIPES["flow_shift2_unet"]).to_dict()
+    assert shipped != load_config(qpc.CONFIG, qpc.RECIPES["vp_unet"]).to_dict()

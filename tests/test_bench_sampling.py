@@ -86,9 +86,10 @@ def test_order_separation_is_positive_on_the_data_and_zero_on_a_symmetric_image(
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """A Gaussian tiny run: the study compares its samplers (DDIM, DPM++(2M), eta)."""
     from tiny_run import train_tiny_run
 
-    return train_tiny_run(tmp_path_factory)
+    return train_tiny_run(tmp_path_factory, ["model.objective=gaussian"])
 
 
 def test_cli_writes_verdicts_and_compares_a_later_study_against_them(tiny_run, tmp_path_factory, capsys):

@@ -103,7 +103,8 @@ def test_end_to_end_metrics_json(tiny_export, fake_inception, tmp_path):
             assert key in acc
         assert acc["seen"]["count"] + acc["held_out"]["count"] == N
     assert result["caption_accuracy_gt"]["all"] >= 0.9  # the dataset's own renders
-    assert result["model"].startswith("shapes32: 32x32 Gaussian v-prediction, UNet 16/32 "
+    assert result["model"].startswith("shapes32: 32x32 rectified flow, logit-normal(0, 1) t, "
+                                      "shift 2, UNet 16/32 "
                                       "(packaged-minilm frozen), DPM++(2M) 4, g=2")
 
 

@@ -227,9 +227,11 @@ def test_mistakes_found_after_loading_are_one_line(first_export, tiny_run, tmp_p
                                                    capsys):
     from test_cli import assert_one_line, run_module
 
-    code, err = run_module("tti.sample", ["--checkpoint", tiny_run, "--steps", "101", "--device", "cpu"],
-                           monkeypatch, capsys)  # the tiny run has T = 100
-    assert_one_line(code, err, "tti.sample", "--steps 101", "100 diffusion steps")
+    legacy = os.path.join(os.path.dirname(__file__), "fixtures", "legacy_diffusion.pt")
+    code, err = run_module("tti.sample", ["--checkpoint", legacy, "--steps", "1001", "--device", "cpu",
+                                          "--out", str(tmp_path / "grid.png")],
+                           monkeypatch, capsys)  # a Gaussian checkpoint with T = 1,000
+    assert_one_line(code, err, "tti.sample", "--steps 1001", "1000 diffusion steps")
     out = str(tmp_path / "other")
     shutil.copytree(first_export, out)
     code, err = run_module("tti.export", ["--checkpoint", tiny_run, "--out-dir", out, "--n", str(N),

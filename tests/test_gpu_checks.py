@@ -183,6 +183,9 @@ def test_sampling_by_hand_without_a_driver(module, monkeypatch, capsys, tmp_path
 
 @pytest.mark.parametrize("module", ["tti.sample", "tti.export"])
 def test_a_device_torch_does_not_know(module, monkeypatch, capsys, tmp_path):
-    code, err = run_module(module, ["--checkpoint", CHECKPOINT, "--device", "gpu"],
+    out = ["--out", str(tmp_path / "grid.png")] if module == "tti.sample" else [
+        "--out-dir", str(tmp_path / "export")]
+    code, err = run_module(module, ["--checkpoint", CHECKPOINT, "--device", "gpu", *out],
                            monkeypatch, capsys)
     assert_one_line(code, err, module, "--device gpu: expected cpu, cuda or cuda:N")
+    assert os.listdir(tmp_path) == []

@@ -47,8 +47,10 @@ def test_a_plugins_section_is_checked_by_its_entry():
 
 def test_the_sampler_must_be_one_of_the_objectives():
     with pytest.raises(ConfigError, match="sample.sampler: must be one of ddim, dpmpp2m, ddpm, got 'euler'"):
-        load_config(SHAPES, ["sample.sampler=euler"])
-    cfg = load_config(SHAPES, ["model.objective=flow", "sample.sampler=heun"])
+        load_config(SHAPES, ["model.objective=gaussian", "sample.sampler=euler"])
+    with pytest.raises(ConfigError, match="sample.sampler: must be one of euler, heun, dpmpp2m, got 'ddim'"):
+        load_config(SHAPES, ["sample.sampler=ddim"])  # the shipped objective is flow
+    cfg = load_config(SHAPES, ["sample.sampler=heun"])
     assert cfg.sample.sampler == "heun"
     # alignDRAW samples its prior: it has no samplers, and sample.sampler is not checked
     cfg = load_config("configs/aligndraw_shapes32.yaml", ["sample.sampler=anything"])
@@ -56,16 +58,21 @@ def test_the_sampler_must_be_one_of_the_objectives():
 
 
 def test_the_old_name_of_the_gaussian_section_still_reads():
-    cfg = load_config(SHAPES, ["model.diffusion.shift=3.0", "model.diffusion.timesteps=500"])
+    cfg = load_config(SHAPES, ["model.objective=gaussian", "model.diffusion.shift=3.0",
+                               "model.diffusion.timesteps=500"])
     assert (cfg.model.gaussian.shift, cfg.model.gaussian.timesteps) == (3.0, 500)
     assert "diffusion" not in cfg.model.to_dict()
 
 
 def test_labels_for_tables():
-    assert model_label(load_config(SHAPES)) == "Gaussian v-prediction, UNet 16/32/96"
+    assert model_label(load_config(SHAPES)) == ("rectified flow, logit-normal(0, 1) t, shift 2, "
+                                                "UNet 16/32/96")
+    gaussian = load_config(SHAPES, ["model.objective=gaussian"])
+    assert model_label(gaussian) == "Gaussian v-prediction, UNet 16/32/96"
     flow_dit = load_config(SHAPES, ["model.objective=flow", "model.backbone=transformer",
                                     "model.transformer.text=joint"])
-    assert model_label(flow_dit) == "rectified flow, logit-normal(0, 1) t, MMDiT 128x6, patch 2"
+    assert model_label(flow_dit) == ("rectified flow, logit-normal(0, 1) t, shift 2, MMDiT 128x6, "
+                                     "patch 2")
     assert model_label(load_config("configs/aligndraw_shapes32.yaml")).startswith("alignDRAW")
 
 

@@ -100,8 +100,8 @@ def test_changed_settings_take_effect_and_are_recorded(shapes_root, finished, tm
      ["model.unet.channels [16, 32] -> [16, 48]", "text.max_length 32 -> 16"], ["train.lr"]),
     (["train.batch_size=8", "train.seed=1", "data.image_size=16"],
      ["train.batch_size 16 -> 8", "train.seed 0 -> 1", "data.image_size 32 -> 16"], []),
-    (["model.gaussian.prediction=eps", "text.name=vocab"],
-     ["model.gaussian.prediction 'v' -> 'eps'", "text.name 'packaged-minilm' -> 'vocab'"], []),
+    (["model.flow.shift=3.0", "text.name=vocab"],
+     ["model.flow.shift 2.0 -> 3.0", "text.name 'packaged-minilm' -> 'vocab'"], []),
     (["train.steps=2"], ["train.steps: 2 is below step 3"], []),
 ])
 def test_fixed_settings_are_refused_and_nothing_is_written(shapes_root, finished, tmp_path,

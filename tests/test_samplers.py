@@ -217,15 +217,18 @@ def test_sample_and_export_clis_take_dpmpp2m(tmp_path_factory):
     assert info["sampler_options"]["sampler"] == "dpmpp2m" and info["sampler_options"]["steps"] == 3
 
 
-def test_a_sampler_of_another_objective_is_one_line(tmp_path_factory, monkeypatch, capsys):
-    """`--sampler euler` (rectified flow's) on a Gaussian checkpoint: the registry's samplers
-    for its objective are named, in one line, before anything is drawn."""
+@pytest.mark.parametrize("objective, wrong, known", [
+    ("gaussian", "euler", "ddim, dpmpp2m, ddpm"), ("flow", "ddim", "euler, heun, dpmpp2m")])
+def test_a_sampler_of_another_objective_is_one_line(objective, wrong, known, tmp_path_factory,
+                                                    monkeypatch, capsys):
+    """A sampler of the other objective: the registry's samplers for the checkpoint's own
+    objective are named, in one line, before anything is drawn."""
     from test_cli import assert_one_line, run_module
     from tiny_run import train_tiny_run
 
-    run = train_tiny_run(tmp_path_factory)
+    run = train_tiny_run(tmp_path_factory, [f"model.objective={objective}"])
     out = tmp_path_factory.mktemp("wrong_sampler") / "grid.png"
     code, err = run_module("tti.sample", ["--checkpoint", run, "--device", "cpu", "--sampler",
-                                          "euler", "--out", str(out)], monkeypatch, capsys)
-    assert_one_line(code, err, "tti.sample", "--sampler euler", "ddim, dpmpp2m, ddpm")
+                                          wrong, "--out", str(out)], monkeypatch, capsys)
+    assert_one_line(code, err, "tti.sample", f"--sampler {wrong}", known)
     assert not out.exists()

@@ -14,13 +14,14 @@ TINY = [
 ]
 
 
-def train_tiny_run(tmp_path_factory) -> str:
-    """Write a 96/16-image shapes set, train 2 steps of a 16/32-channel UNet; the run dir."""
+def train_tiny_run(tmp_path_factory, extra: tuple = ()) -> str:
+    """Write a 96/16-image shapes set, train 2 steps of a 16/32-channel UNet (configs/shapes32.yaml's
+    objective, or `extra` --set items after TINY's); the run dir."""
     root = tmp_path_factory.mktemp("shapes")
     write_coco(str(root), n_train=96, n_val=16, image_size=32, seed=0)
     args = ["--config", os.path.join(REPO, "configs", "shapes32.yaml"), "--device", "cpu",
             "--set", f"data.root={root}",
             "--set", f"run.results_dir={tmp_path_factory.mktemp('results')}"]
-    for item in TINY:
+    for item in [*TINY, *extra]:
         args += ["--set", item]
     return train.main(args)
