@@ -12,7 +12,7 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 CUDA_VISIBLE_DE
 TINY=(--set data.shapes_train=96 --set data.shapes_val=16 --set data.num_workers=0
       --set "model.unet.channels=[16, 32]" --set "model.unet.attn_resolutions=[16]"
       --set "model.unet.self_attn_resolutions=[16]" --set model.unet.head_dim=16
-      --set model.gaussian.timesteps=100 --set sample.steps=4 --set train.batch_size=16
+      --set sample.steps=4 --set train.batch_size=16
       --set train.warmup_steps=2 --set train.log_every=1 --set train.sample_every=1000
       --set train.eval_samples=0 --set train.lr_decay=constant)
 RUN=$W/results/shapes32_diffusion/0

@@ -83,3 +83,19 @@ def test_a_name_is_registered_once():
         registry.add(Entry("a", build=lambda cfg: None))
     with pytest.raises(TypeError, match="dataclass"):
         registry.add(Entry("b", build=lambda cfg: None, schema=dict))
+
+
+def test_a_set_item_for_a_section_the_model_does_not_read_is_one_line():
+    # configs/shapes32.yaml trains flow: min-SNR (a Gaussian option) would be dropped unseen
+    with pytest.raises(ConfigError) as err:
+        load_config(SHAPES, ["model.gaussian.min_snr_gamma=5"])
+    assert str(err.value) == ("--set model.gaussian.min_snr_gamma=5: this model does not read "
+                              "model.gaussian (it reads model.flow, model.unet); set "
+                              "model.objective=gaussian first to use it")
+    with pytest.raises(ConfigError, match="^--set model.transformer.depth=4: .* set "
+                                          "model.backbone=transformer first"):
+        load_config(SHAPES, ["model.transformer.depth=4"])
+    cfg = load_config(SHAPES, ["model.objective=gaussian", "model.gaussian.min_snr_gamma=5"])
+    assert cfg.model.gaussian.min_snr_gamma == 5
+    # a YAML file's unused section is dropped quietly: one --set switches the objective
+    assert load_config("configs/shapes32_long.yaml", ["model.objective=flow"]).model.flow.shift == 1

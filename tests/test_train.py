@@ -14,7 +14,7 @@ from tti.data.shapes import write_coco
 TINY = [
     "data.shapes_train=96", "data.shapes_val=16", "data.num_workers=0",
     "model.unet.channels=[16, 32]", "model.unet.attn_resolutions=[16]", "model.unet.self_attn_resolutions=[16]", "model.unet.head_dim=16",
-    "model.gaussian.timesteps=100", "sample.steps=4",
+    "sample.steps=4",
     "train.batch_size=16", "train.warmup_steps=2", "train.log_every=1",
     "train.sample_every=1000", "train.eval_samples=0", "train.deterministic=true",
     "sample.captions=['a large red circle', 'a small blue square']",

@@ -8,7 +8,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "data.shapes_train=96", "data.shapes_val=16", "data.num_workers=0",
     "model.unet.channels=[16, 32]", "model.unet.attn_resolutions=[16]", "model.unet.self_attn_resolutions=[16]", "model.unet.head_dim=16",
-    "model.gaussian.timesteps=100", "sample.steps=4", "sample.guidance=2.0",
+    "sample.steps=4", "sample.guidance=2.0",
     "train.batch_size=16", "train.warmup_steps=2", "train.log_every=1", "train.steps=2",
     "train.ckpt_every=2", "train.sample_every=1000", "train.eval_samples=0",
 ]

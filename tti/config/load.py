@@ -239,10 +239,31 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         data = _merge(data, extra)
         sources += [(key, f"--set {item}") for key in flatten(extra)]
     try:
-        return from_dict(data)
+        cfg = from_dict(data)
     except ConfigError as e:
         label = _source_of(e.keys, sources) or path
         raise (ConfigError(f"{label}: {e}", e.keys) if label else e) from None
+    _check_sets_are_read(cfg, sources)
+    return cfg
+
+
+def _check_sets_are_read(cfg: Config, sources: list) -> None:
+    """A --set item for a plug-in section this model does not use (model.gaussian.* when the
+    objective is flow) would be dropped without a word: a ConfigError naming what the model
+    reads instead. The YAML file's unused sections are dropped quietly, so that switching the
+    objective or backbone with one --set item keeps working."""
+    for key, label in sources:
+        parts = key.split(".")
+        if not label.startswith("--set ") or parts[0] != "model" or len(parts) < 2:
+            continue
+        name = parts[1]
+        if section_entry(name) is None or name in cfg.model.sections:
+            continue
+        choose = next((f"model.{part}={name}" for part, registry in PARTS.items()
+                       if name in registry), f"model.kind={name}")
+        reads = ", ".join(f"model.{n}" for n in cfg.model.sections)
+        raise ConfigError(f"{label}: this model does not read model.{name} (it reads {reads}); "
+                          f"set {choose} first to use it", (key,))
 
 
 def save_config(cfg: Config, path: str, source: Optional[str] = None,
