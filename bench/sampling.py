@@ -305,11 +305,14 @@ def load_study(args):
 def sample_all(model, items, rows: list[dict], args, timesteps: int) -> list[tuple[dict, torch.Tensor]]:
     """(result row with timing, uint8 images) per row, in the rows' order, after printing the
     expected duration."""
-    # A short probe (2 DDIM steps, guided) turns UNet evaluations into an expected duration.
+    # A short probe (2 guided steps of the first sampler that takes a step count; DDPM rows
+    # mean a Gaussian model, so DDIM for them) turns UNet evaluations into an expected duration.
     probe = items[:min(len(items), args.batch_size)]
+    sampler = next((r["sampler"] for r in rows if r["sampler"] != "ddpm"), "ddim")
     start = time.perf_counter()
-    generate_items(model, probe, args.seed, sampler="ddim", steps=2, guidance=2.0)
-    per_eval = (time.perf_counter() - start) / (len(probe) * 4)
+    generate_items(model, probe, args.seed, sampler=sampler, steps=2, guidance=2.0)
+    probe_row = dict(sampler=sampler, steps=2, guidance=2.0, n=len(probe))
+    per_eval = (time.perf_counter() - start) / unet_evaluations(probe_row, timesteps)
     total = sum(unet_evaluations(r, timesteps) for r in rows)
     print(f"{len(rows)} settings, {total} UNet evaluations, about {total * per_eval / 60:.1f} min "
           f"of sampling on {args.device}" + ("" if args.fid else "; FID off (--fid to add it)"))
@@ -388,7 +391,7 @@ def main(argv=None) -> list[dict]:
     device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                    else f"CPU, {torch.get_num_threads()} threads ({cpu})")
     paired = shapes and (args.settings or args.guidance_sweep)
-    text = (f"Sampler study: {args.checkpoint} ({cfg.run.dataset}, T={timesteps}, "
+    text = (f"Sampler study: {args.checkpoint} ({cfg.run.dataset}, {f"T={timesteps}" if timesteps else "continuous t"}, "
             f"{sum(p.numel() for p in model.image_model.parameters()) / 1e6:.1f}M parameters), "
             f"{device_name}, batch {args.batch_size}, seed {args.seed}. "
             f"Steps = UNet evaluations per image (guidance batched). All correct = the judge "

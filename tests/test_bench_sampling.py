@@ -151,3 +151,17 @@ def test_guidance_sweep_draws_fid_and_accuracy_against_guidance(tiny_run, tmp_pa
         main(["--checkpoint", tiny_run, "--n", "2", "--guidance-sweep", "--sweep-sampler", "plms:2"])
     with pytest.raises(SystemExit, match=r"objective \(gaussian\) samples with ddim, dpmpp2m, ddpm, not euler"):
         main(["--checkpoint", tiny_run, "--n", "2", "--guidance-sweep", "--sweep-sampler", "euler:2"])
+
+
+def test_a_flow_checkpoint_is_studied_with_its_own_samplers(tmp_path_factory):
+    """The quickstart's objective (rectified flow): Euler and Heun rows, the speed probe
+    included, run on a flow checkpoint; Heun's evaluations count two a step but the last."""
+    from bench.sampling import main, unet_evaluations
+    from tiny_run import train_tiny_run
+
+    run = train_tiny_run(tmp_path_factory)  # configs/shapes32.yaml: rectified flow
+    results = main(["--checkpoint", run, "--n", "4", "--batch-size", "4", "--device", "cpu",
+                    "--settings", "euler:2:2", "heun:2:2"])
+    assert [r["sampler"] for r in results[1:]] == ["euler", "heun"]
+    assert all(len(r["correct"]) == 4 for r in results[1:])
+    assert unet_evaluations(dict(sampler="heun", steps=2, guidance=2.0, n=4), None) == 4 * 3 * 2
