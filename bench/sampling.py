@@ -391,7 +391,8 @@ def main(argv=None) -> list[dict]:
     device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                    else f"CPU, {torch.get_num_threads()} threads ({cpu})")
     paired = shapes and (args.settings or args.guidance_sweep)
-    text = (f"Sampler study: {args.checkpoint} ({cfg.run.dataset}, {f"T={timesteps}" if timesteps else "continuous t"}, "
+    time_axis = f"T={timesteps}" if timesteps else "continuous t"
+    text = (f"Sampler study: {args.checkpoint} ({cfg.run.dataset}, {time_axis}, "
             f"{sum(p.numel() for p in model.image_model.parameters()) / 1e6:.1f}M parameters), "
             f"{device_name}, batch {args.batch_size}, seed {args.seed}. "
             f"Steps = UNet evaluations per image (guidance batched). All correct = the judge "
