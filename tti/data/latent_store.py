@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tti.infra.atomic_file import write_json
-from tti.infra.build_progress import clear_progress, resume_point, save_progress
+from tti.infra.build_progress import clear_progress, resume_point, save_progress, swap_in
 from tti.infra.cli import UserError
 from tti.infra.run_lock import RunLock
 
@@ -97,7 +97,7 @@ def build_latent_store(autoencoder, dataset, folder: str, chunk: int = 32,
                 return 0
         partial = f"{folder}.partial"
         encoded = _write_partial(autoencoder, dataset, key, partial, chunk, progress)
-        _swap_in(partial, folder)
+        swap_in(partial, folder)
     return encoded
 
 
@@ -162,16 +162,6 @@ def _encode_chunks(autoencoder, dataset, moments, done: int, chunk: int, progres
                 save_progress(partial, job, done)
     finally:
         bar.close()
-
-
-def _swap_in(partial: str, folder: str) -> None:
-    """Put the finished `partial` where `folder` is: a rename, with an old store moved away
-    first (ranks that still map its file keep reading it until they reopen)."""
-    old = f"{folder}.old-{os.getpid()}"
-    if os.path.isdir(folder):
-        os.rename(folder, old)
-    os.rename(partial, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- reading

@@ -1,10 +1,12 @@
 """Progress of a long array build that a kill must not lose (the text and latent stores): an
 fp16 memory-mapped array in a `.partial` folder, and progress.json, {job, done}, saved as
-work is flushed. A relaunch of the same job resumes at `done`; any other job starts afresh."""
+work is flushed. A relaunch of the same job resumes at `done`; any other job starts afresh.
+The finished folder then takes the store's place (`swap_in`)."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,3 +36,13 @@ def save_progress(partial: str, job: str, done: int) -> None:
 
 def clear_progress(partial: str) -> None:
     Path(partial, PROGRESS_FILE).unlink(missing_ok=True)
+
+
+def swap_in(partial: str, folder: str) -> None:
+    """Put the finished `partial` where `folder` is: a rename, with an old store moved away
+    first (ranks that still map its files keep reading them until they reopen)."""
+    old = f"{folder}.old-{os.getpid()}"
+    if os.path.isdir(folder):
+        os.rename(folder, old)
+    os.rename(partial, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from tti.infra.atomic_file import write_json
-from tti.infra.build_progress import clear_progress, resume_point, save_progress
+from tti.infra.build_progress import clear_progress, resume_point, save_progress, swap_in
 from tti.infra.cli import UserError
 from tti.infra.run_lock import RunLock
 
@@ -177,7 +177,7 @@ def build_store(encoder, captions, folder: str, chunk: int = 256, progress: bool
         partial = f"{folder}.partial"
         _write_partial(encoder, identity, base, new, partial, chunk, progress)
         del base  # its maps are closed before its folder is replaced
-        _swap_in(partial, folder)
+        swap_in(partial, folder)
     return len(new)
 
 
@@ -275,12 +275,3 @@ def _write_index(partial: str, identity: dict, base: TextStore | None, new: list
     write_json(os.path.join(partial, "meta.json"), meta)
     clear_progress(partial)
 
-
-def _swap_in(partial: str, folder: str) -> None:
-    """Put the finished `partial` where `folder` is: a rename, with the old store moved away
-    first (ranks that still map its files keep reading them until they reopen)."""
-    old = f"{folder}.old-{os.getpid()}"
-    if os.path.isdir(folder):
-        os.rename(folder, old)
-    os.rename(partial, folder)
-    shutil.rmtree(old, ignore_errors=True)
