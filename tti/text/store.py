@@ -274,4 +274,3 @@ def _write_index(partial: str, identity: dict, base: TextStore | None, new: list
     meta = dict(identity, captions=len(hashes), tokens=num_tokens)
     write_json(os.path.join(partial, "meta.json"), meta)
     clear_progress(partial)
-
