@@ -64,7 +64,8 @@ def test_the_folder_holds_data_only(released, run_dir):
 
 
 def test_a_release_samples_the_same_images_as_its_checkpoint(released, run_dir):
-    for opts in ({}, dict(sampler="heun", steps=3, guidance=1.5)):
+    for opts in ({}, dict(sampler="heun", steps=3, guidance=1.5),
+                 dict(sampler="dpmpp2m", steps=3, eta=1.0)):  # stochastic: the same noise too
         assert torch.equal(images_of(released, **opts), images_of(run_dir, **opts))
 
 
