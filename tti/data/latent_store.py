@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tti.infra.atomic_file import write_json
-from tti.infra.build_progress import clear_progress, resume_point, save_progress, swap_in
+from tti.infra.build_progress import clear_progress, open_array, save_progress, swap_in
 from tti.infra.cli import UserError
 from tti.infra.run_lock import RunLock
 
@@ -121,15 +121,8 @@ def _write_partial(autoencoder, dataset, key: dict, partial: str, chunk: int,
     shape = (len(dataset), 2 * key["latent_channels"], grid, grid)
     job = hashlib.blake2b(json.dumps([key, chunk], sort_keys=True).encode(),
                           digest_size=16).hexdigest()
-    done = resume_point(partial, job, "moments.npy", shape)
-    os.makedirs(partial, exist_ok=True)
-    path = os.path.join(partial, "moments.npy")
-    if done is None:
-        clear_progress(partial)
-        moments = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
-        done = 0
-    else:
-        moments = np.lib.format.open_memmap(path, mode="r+")
+    moments, done = open_array(partial, job, "moments.npy", shape)
+    done = done or 0
     _encode_chunks(autoencoder, dataset, moments, done, chunk, progress, partial, job)
     del moments
     write_json(os.path.join(partial, "meta.json"), key)

@@ -29,6 +29,20 @@ def resume_point(partial: str, job: str, array_file: str, shape: tuple) -> int |
     return int(state["done"]) if ok else None
 
 
+def open_array(partial: str, job: str, array_file: str,
+               shape: tuple) -> tuple[np.ndarray, int | None]:
+    """The build's fp16 array `partial`/`array_file`, memory-mapped for writing, and the rows a
+    killed build of this same `job` finished; None for those rows when it starts afresh
+    (a new, empty array; any older progress cleared)."""
+    done = resume_point(partial, job, array_file, shape)
+    os.makedirs(partial, exist_ok=True)
+    path = os.path.join(partial, array_file)
+    if done is None:
+        clear_progress(partial)
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape), None
+    return np.lib.format.open_memmap(path, mode="r+"), done
+
+
 def save_progress(partial: str, job: str, done: int) -> None:
     """Record that `done` rows of `job` are flushed to disk."""
     write_json(os.path.join(partial, PROGRESS_FILE), {"job": job, "done": done})

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from tti.infra.atomic_file import write_json
-from tti.infra.build_progress import clear_progress, resume_point, save_progress, swap_in
+from tti.infra.build_progress import clear_progress, open_array, save_progress, swap_in
 from tti.infra.cli import UserError
 from tti.infra.run_lock import RunLock
 
@@ -199,19 +199,13 @@ def _write_partial(encoder, identity: dict, base: TextStore | None, new: list[st
     starts = base_tokens + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     shape = (base_tokens + int(counts.sum()), identity["dim"])
     job = _job_id(identity, base, new, chunk)
-    done = resume_point(partial, job, "tokens.npy", shape)
-    os.makedirs(partial, exist_ok=True)
-    tokens_path = os.path.join(partial, "tokens.npy")
+    tokens, done = open_array(partial, job, "tokens.npy", shape)
     if done is None:
-        clear_progress(partial)
-        tokens = np.lib.format.open_memmap(tokens_path, mode="w+", dtype=np.float16, shape=shape)
         if base is not None:
             for s in range(0, base_tokens, 1 << 20):  # copied, not encoded again
                 end = min(s + (1 << 20), base_tokens)
                 tokens[s:end] = base._tokens[s:end]
         done = 0
-    else:
-        tokens = np.lib.format.open_memmap(tokens_path, mode="r+")
     _encode_chunks(encoder, new, counts, starts, tokens, done, chunk, progress, partial, job)
     del tokens
     _write_index(partial, identity, base, new, counts, starts, shape[0])
