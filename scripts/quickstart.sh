@@ -2,7 +2,7 @@
 # The embedded default, end to end, offline: install, generate the shapes dataset, train
 # the default config (GPU if there is one, else CPU), draw a sample grid + denoising GIF
 # (held-out compositions included), and print the judge's caption accuracy on seen and
-# held-out val captions. On 2 CPU cores without bf16 (fp32): ~29 min (README).
+# held-out val captions. On 2 CPU cores in fp32: 15 min (Xeon) to ~29 (AMD EPYC, AVX2) (README).
 #   bash scripts/quickstart.sh [--set key=value ...]     (extra args go to tti.train)
 #   PRECISION=fp32 bash scripts/quickstart.sh      (train, sample and export in fp32: what a CPU
 #                                                   without bf16 runs; default auto)
