@@ -4,20 +4,18 @@
     python -m tti.evaluate eval_data_run_0 [--metrics fid,clip,judge] [--device cuda]
         [--fid-resize clean|pytorch-fid] [--protocol pairs|coco-fid30k]
 
-Reads <dir>/{gt,tti}/images/*.png with {gt,tti}/*_captions.json (as `tti.export` writes them;
-ids = file stems, one to one) and export_info.json (the Model column and the data root).
-Writes <dir>/metrics.json with
-    fid, fid_n, fid_resize         gt vs tti images (Inception-2015-12-05); fid_resize says how
-                                   images reached 299x299: "clean" (clean-fid's, the default) or
-                                   "pytorch-fid" (as `python -m pytorch_fid` does, so comparable
-                                   to tables made with it); see tti/eval/metrics/fid.py
-    fid_protocol, fid_reference    which protocol (tti/eval/protocols.py; default the one the
-                                   export was made for): "pairs" compares tti with gt; with
-                                   "coco-fid30k" the reference is every val image as U-ViT
-                                   prepares them (fid_reference says which and how many)
+Reads what `tti.export` writes: <dir>/{gt,tti}/images/*.png with {gt,tti}/*_captions.json
+(ids = file stems) and export_info.json (the Model column, the data root). Writes
+<dir>/metrics.json with
+    fid, fid_n, fid_resize         gt vs tti images (Inception-2015-12-05), brought to 299x299
+                                   as clean-fid does ("clean", the default) or as `python -m
+                                   pytorch_fid` does ("pytorch-fid"; tti/eval/metrics/fid.py)
+    fid_protocol, fid_reference    tti/eval/protocols.py, default the export's own: "pairs"
+                                   compares tti with gt; "coco-fid30k" with every val image
+                                   as U-ViT prepares them
     clip_score_gt, clip_score_tti  clipscore's CLIP-S (ViT-B/32) of each folder vs its captions
     caption_accuracy_gt, caption_accuracy_tti
-                                   the exact judge (embedded shapes dataset only): per fact
+                                   the exact judge (shapes dataset only): per fact
                                    (colour/shape/size/relation), all-correct, seen/held-out
     n, model, and `<metric>_unavailable`: why a metric is missing (weights not installed,
     not a shapes dataset, not requested)
@@ -54,12 +52,9 @@ UNAVAILABLE_KEY = {"fid": "fid_unavailable", "clip": "clip_score_unavailable",
 
 
 def export_folders(eval_dir: str) -> dict:
-    """Image folders, captions JSONs and matched ids of an export; ExportError (a ValueError)
-    if it is not a finished export or its parts disagree.
-
-    Returns {"gt": (image_dir, captions_json), "tti": (...), "ids": sorted ids, "captions":
-    {id: caption} of tti, "paths": {"gt": [...], "tti": [...]} in id order}.
-    """
+    """{"gt": (image_dir, captions_json), "tti": (...), "ids": sorted ids, "gt_captions" and
+    "tti_captions": {id: caption}, "paths": {"gt": [...], "tti": [...]} in id order} of an
+    export; ExportError (a ValueError) if it is not a finished export or its parts disagree."""
     from tti.eval.metrics.clip_score import match_images_to_captions
 
     out = {"paths": {}}
@@ -81,8 +76,8 @@ def export_folders(eval_dir: str) -> dict:
     return out
 
 
-def read_export_info(eval_dir: str) -> dict:
-    path = os.path.join(eval_dir, "export_info.json")
+def read_json(path: str) -> dict:
+    """The JSON object in `path`; {} if there is no such file."""
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
@@ -120,11 +115,7 @@ class _LazyImages:
     def __iter__(self):
         for path in tqdm(self.paths, desc=self.desc, unit="img", disable=not self.progress):
             with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB"))
-            yield array
-
-
-# ---------------------------------------------------------------- the metrics
+                yield np.asarray(image.convert("RGB"))
 
 
 def compute_fid(folders: dict, device: str, batch_size: int, cache_dir, progress: bool,
@@ -200,27 +191,14 @@ def compute_judge(folders: dict, data_root: str | None, progress: bool) -> dict:
     return out
 
 
-def images_key(folders: dict) -> str:
-    """Changes when any exported image or caption changes (names, sizes, mtimes)."""
-    from tti.eval.metrics.fid import image_set_key
-
-    key = image_set_key(folders["paths"]["gt"] + folders["paths"]["tti"])
-    return f"{key[:24]}-{len(folders['ids'])}"
-
-
 def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: str | None = None,
              data_root: str | None = None, batch_size: int = 50,
              fid_cache_dir: str | None = "default", progress: bool = True,
              fid_resize: str | None = None, protocol: str | None = None) -> dict:
-    """Run the requested metrics on an export; write and return <eval_dir>/metrics.json.
-
-    metrics: any of "fid", "clip", "judge". A metric that fails for a known reason (weights
-    not installed, not a shapes dataset) gets `<name>_unavailable` instead of a value.
-    protocol: "pairs" or "coco-fid30k" (tti/eval/protocols.py); None = the one the export was
-    made for (pairs for exports that name none). Recorded as "fid_protocol".
-    fid_resize: "clean" or "pytorch-fid" (see tti/eval/metrics/fid.py); None = the protocol's.
-    Recorded as "fid_resize".
-    """
+    """Run the requested metrics (any of METRICS) on an export; write and return
+    <eval_dir>/metrics.json. A metric that fails for a known reason (weights not installed, not
+    a shapes dataset) gets `<name>_unavailable` instead. protocol: a key of PROTOCOLS, None =
+    the export's own (pairs if it names none); fid_resize: None = the protocol's."""
     from tti.eval.metrics import fid as fid_module
     from tti.eval.metrics.clip_score import CLIP_NAME
 
@@ -228,7 +206,7 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
     if unknown:
         raise ValueError(f"evaluate: unknown metrics {sorted(unknown)}; choose from {METRICS}")
     folders = export_folders(eval_dir)
-    info = read_export_info(eval_dir)
+    info = read_json(os.path.join(eval_dir, "export_info.json"))
     chosen = PROTOCOLS[protocol or info.get("protocol", "pairs")]
     fid_resize = fid_resize or chosen.resize
     fid_module.check_resize(fid_resize)
@@ -239,12 +217,11 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
         print(f"evaluate: warning: {eval_dir}/export_info.json says the export did not finish")
     data_root = data_root or info.get("data_root")
     cache_dir = fid_module.DEFAULT_CACHE_DIR if fid_cache_dir == "default" else fid_cache_dir
-    key = images_key(folders)
+    # Changes when any exported image or caption changes (names, sizes, mtimes).
+    paths = folders["paths"]
+    key = f"{fid_module.image_set_key(paths['gt'] + paths['tti'])[:24]}-{len(folders['ids'])}"
     out_path = os.path.join(eval_dir, "metrics.json")
-    previous = {}
-    if os.path.isfile(out_path):
-        with open(out_path, encoding="utf-8") as f:
-            previous = json.load(f)
+    previous = read_json(out_path)
     result = {"eval_dir": os.path.abspath(eval_dir), "model": model_label(info, eval_dir),
               "n": len(folders["ids"]), "images_key": key, "seconds": {}}
     runners = {
@@ -276,17 +253,13 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
     return result
 
 
-# ---------------------------------------------------------------- the table
-
-
 def _number(value, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def markdown_table(result: dict) -> str:
     """The original README's results table (Model | FID | GT CLIP | TTI CLIP) plus the
-    judge's all-correct accuracy on gt and tti images and tti's seen / held-out split;
-    n/a cells are explained under the table."""
+    judge's all-correct accuracy (gt, tti, tti seen / held-out); n/a cells explained below."""
     acc_gt = result.get("caption_accuracy_gt") or {}
     acc_tti = result.get("caption_accuracy_tti") or {}
     fid = result.get("fid")

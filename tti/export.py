@@ -19,13 +19,12 @@ writes, with ids 000000, 000001, ... equal to the file stems:
 items and a 256 px model required; `python -m tti.evaluate` then scores it against the whole
 val split (tti/eval/protocols.py). The default, `pairs`, is today's.
 
-Ground truth comes from the packed val cache, so it is resized exactly as training saw it.
-The n val images are a seeded random subset (a larger n extends a smaller one), each with one
-of its captions drawn from the seed. Image <id> is sampled with its own generator seeded from
-(seed, id): its pixels do not depend on the batch size or the number of processes (exact on
-CPU; on GPU, kernels picked per batch size can differ in the last bits). Under torchrun rank
-r does ids r::world. A rerun with the same settings resumes: complete PNGs are kept, missing
-or unreadable ones are redone, and each PNG is written under a temporary name and renamed.
+Ground truth comes from the packed val cache, resized exactly as training saw it. The val
+images are a seeded random subset (a larger n extends a smaller one), each with one caption
+drawn from the seed. Image <id> is sampled with a generator seeded from (seed, id): its pixels
+depend on neither the batch size nor the number of processes (exactly on CPU; on GPU up to
+the last bits). Under torchrun rank r does ids r::world. A rerun with the same settings
+resumes, redoing only missing or unreadable PNGs (written under a temporary name, renamed).
 """
 from __future__ import annotations
 

@@ -2,10 +2,9 @@
 config is valid for the processes that share its batch, the text encoder's weights can be
 found, the checkpoint it would resume from (or sample) asks to run no code, and on CUDA the
 GPUs can run it (a driver, the ids named, enough free memory on each for the config's
-estimate, a GPU per process). `tti.train` runs `check_training` before it joins the process
-group; the bash launchers run this module once before torchrun, so a mistake prints one line
-instead of one per rank inside torchrun's
-failure report:
+estimate, tti/training/memory_estimate.py; a GPU per process). `tti.train` runs
+`check_training` before it joins the process group; the bash launchers run this module once
+before torchrun, so a mistake prints one line instead of one per rank:
 
     python -m tti.preflight --world-size 4 --config configs/coco64_ft_roberta.yaml --set ...
     python -m tti.preflight --device cuda --gpus 0,1,2,3 --world-size 8 --nnodes 2 \
@@ -14,11 +13,9 @@ failure report:
         --set run.run_idx=0
     python -m tti.preflight --checkpoint results/coco64_ft_roberta_diffusion/0
 
-The ones with --config print the run directory, results/<run.dataset>_<model.kind>/<run.run_idx>,
-on success; --checkpoint prints the checkpoint file (or release folder) it checked. --gpus
-names GPUs as CUDA_VISIBLE_DEVICES does (the launchers' $gpu_ids): run it with the machine's
-GPUs all visible, as the launchers do. The memory estimate and its limits:
-tti/training/memory_estimate.py.
+With --config it prints the run directory, results/<run.dataset>_<model.kind>/<run.run_idx>;
+with --checkpoint, the checkpoint file (or release folder) it checked. --gpus names GPUs as
+CUDA_VISIBLE_DEVICES does (the launchers' $gpu_ids): run it with every GPU visible.
 """
 from __future__ import annotations
 
@@ -47,12 +44,11 @@ TRAIN_CPU = "run with --device cpu"
 
 
 def check_training(cfg: Config, world_size: int, device: str | None = "cpu") -> None:
-    """ConfigError unless train.batch_size splits over `world_size` processes (and every
-    other rule of validate holds); TextEncoderError unless text.name can be loaded here;
-    AutoencoderError unless model.autoencoder (if set) can be; UnsafeCheckpointError if the
-    checkpoint the run would resume from asks to run code; with device "cuda" (or None where
-    CUDA works: tti.train's default), GPUError unless this process's GPU (LOCAL_RANK's) can
-    run it. Fast: reads no data and no weights."""
+    """ConfigError unless `cfg` is valid for `world_size` processes; TextEncoderError or
+    AutoencoderError unless text.name and model.autoencoder (if set) can be loaded here;
+    UnsafeCheckpointError if the checkpoint it would resume from asks to run code; with
+    device "cuda" (or None where CUDA works: tti.train's default), GPUError unless this
+    process's GPU (LOCAL_RANK's) can run it. Fast: reads no data and no weights."""
     validate(cfg, world_size=world_size)
     check_text_encoder(cfg.text.name)
     if cfg.model.autoencoder:

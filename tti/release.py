@@ -6,9 +6,8 @@ JSON and a model card. Nothing in it can run code on the machine that opens it.
         --eval-dir eval_data_run_0        # the card shows that export's tti.evaluate table
 
 writes
-    <out>/model.safetensors  the EMA weights (the model's own if the run kept none), the text
-                             encoder's too when it was fine-tuned; a frozen pretrained encoder
-                             is not copied (the config's text.name names it)
+    <out>/model.safetensors  the EMA weights (the model's own if the run kept none), and the
+                             text encoder's if fine-tuned (a frozen one is not: text.name names it)
     <out>/config.json        {"format": "tti.release/1", "step", "images_seen", "weights",
                              "text_vocab" (alignDRAW's words), "config"}
     <out>/README.md          the model card: what it is, steps and images seen, the metrics of
@@ -22,7 +21,6 @@ the Hugging Face Hub.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -31,7 +29,7 @@ import yaml
 
 from tti.config.registry import MODEL_KINDS, model_label, samplers
 from tti.config.schema import Config
-from tti.evaluate import markdown_table
+from tti.evaluate import markdown_table, read_json
 from tti.infra.checkpoints import load_checkpoint
 from tti.infra.cli import UserError, run_cli
 from tti.infra.release_folder import RELEASE_FORMAT, write_release_files
@@ -62,13 +60,8 @@ def parse_args(argv):
 def scored_export(eval_dir: str, step: int) -> str:
     """The tti.evaluate table of export `eval_dir`; ReleaseError unless it was made from the
     EMA weights of this checkpoint's step."""
-    with open(os.path.join(eval_dir, "metrics.json"), encoding="utf-8") as f:
-        metrics = json.load(f)
-    info_path = os.path.join(eval_dir, "export_info.json")
-    info = {}
-    if os.path.isfile(info_path):
-        with open(info_path, encoding="utf-8") as f:
-            info = json.load(f)
+    metrics = read_json(os.path.join(eval_dir, "metrics.json"))
+    info = read_json(os.path.join(eval_dir, "export_info.json"))
     made_from = info.get("checkpoint_step")
     if made_from != step:
         raise ReleaseError(f"--eval-dir {eval_dir}: exported from step {made_from} (export_info."

@@ -24,13 +24,12 @@ from tti.infra.precision import PRECISIONS
 from tti.infra.threads import use_free_cpus
 from tti.models.text_to_image import load_for_inference
 
-# ---------------------------------------------------------------- arguments shared with tti.export
-
 SAMPLER_ARGUMENTS = ("sampler", "steps", "eta", "guidance")
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """--sampler, --steps, --eta, --guidance: each overrides the checkpoint config's sample.*."""
+    """--sampler, --steps, --eta, --guidance (shared with tti.export): each overrides the
+    checkpoint config's sample.*."""
     p.add_argument("--sampler", choices=tuple(all_samplers()), default=None,
                    help="one of the model's objective's samplers (default: the config's)")
     p.add_argument("--steps", type=int, default=None)
@@ -47,9 +46,8 @@ def check_inference_arguments(p: argparse.ArgumentParser, args, bounds: dict) ->
 
 
 def sampler_options(model, cfg, args) -> dict:
-    """The checkpoint config's sampler options with the command line's overrides, checked as
-    the config's own are (a sampler the model's objective lacks, more steps than its T):
-    a UserError naming the option."""
+    """The checkpoint config's sampler options with the command line's overrides; a UserError
+    names any the model rejects (a sampler its objective lacks, more steps than its T)."""
     opts = model.sampler_options(cfg)
     given = {k: getattr(args, k) for k in SAMPLER_ARGUMENTS if getattr(args, k) is not None}
     known = samplers(cfg)

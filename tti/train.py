@@ -1,6 +1,6 @@
 """Train a text-to-image model: one script for CPU, one GPU, N GPUs and N nodes.
 
-CPU, or one GPU (the embedded default):
+CPU, or one GPU:
     python -m tti.train --config configs/shapes32.yaml
 One node, 8 GPUs (one process per GPU; each picks its GPU by LOCAL_RANK):
     torchrun --standalone --nproc_per_node=8 -m tti.train --config configs/coco64_ft_roberta.yaml
@@ -10,25 +10,19 @@ every restart a new store, see tti/infra/distributed.py):
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2 --nproc_per_node=8 \
         --rdzv-backend=c10d --rdzv-endpoint=MASTER:29500 --rdzv-id=tti-coco64 --max-restarts=3 \
         -m tti.train --config configs/coco64_ft_roberta.yaml
-Survive worker failures: torchrun restarts the whole group (up to 3 times here) and every
-rank resumes from the last checkpoint:
-    torchrun --standalone --max-restarts=3 --nproc_per_node=8 -m tti.train --config ...
+With --max-restarts=N, torchrun restarts the whole group after a worker failure and every
+rank resumes from the last checkpoint.
 
 Any config field can be overridden: `--set train.steps=200 --set run.run_idx=3`.
-A run lives in results/<dataset>_<model>/<run_idx>/ and resumes automatically from its
-checkpoints/latest.pt: model, EMA, optimizer, LR schedule, step, data order and every
-rank's RNGs (bitwise on CPU with train.deterministic=true). A relaunch may change the
-settings tti/config/resume.py marks APPLIED (steps, lr, logging, ...): they are logged and
-recorded in the run's history.jsonl; the others (model, data, text encoder, ...) are refused.
-train.batch_size is the global batch; train.micro_batch (auto in the COCO configs) sets how
-much of it each process runs per forward pass, the rest by gradient accumulation: auto finds
-the largest that fits each GPU at start (tti/training/batch_plan.py). A step that runs out of
-GPU memory stops the run in one line naming the setting that fixes it, the checkpoints
-untouched. Only rank 0 writes logs, samples and checkpoints. A NaN/inf loss skips the step on all
-ranks, and stops the run (NonFiniteLossError) once more than train.max_bad_steps steps were
-bad; a step the fp16 loss scaler skips (inf/nan gradients) leaves the EMA alone. With
-train.fid_every > 0, every rank samples its share of a fixed val subset for FID
-(tti/training/fid_monitor.py) and checkpoints/best.pt keeps the step with the lowest.
+A run lives in results/<dataset>_<model>/<run_idx>/ and resumes from its checkpoints/latest.pt
+(model, EMA, optimizer, LR schedule, data order, every rank's RNGs: bitwise on CPU with
+train.deterministic=true); a relaunch may change only the settings tti/config/resume.py marks
+APPLIED (recorded in history.jsonl). train.batch_size is the global batch; train.micro_batch
+(auto: the largest that fits each GPU) sets how much of it a process runs per forward pass,
+the rest by gradient accumulation. Only rank 0 writes logs, samples and checkpoints. A NaN/inf
+loss skips the step on all ranks; running out of GPU memory, or more than train.max_bad_steps
+bad steps, stops the run in one line naming the fix. With train.fid_every > 0,
+checkpoints/best.pt keeps the step of lowest FID (tti/training/fid_monitor.py).
 """
 from __future__ import annotations
 

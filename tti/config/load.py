@@ -1,10 +1,8 @@
 """Reading a `Config` (tti/config/schema.py) from YAML files and `--set a.b=value` overrides.
 
-Every run is described by one `Config`. YAML files under configs/ set a subset of the
-fields; `--set train.lr=1e-3` overrides any field from the command line. Unknown keys,
-wrong types and impossible values fail here, before any work, in one line that names the
-key and what set it (the YAML file or the `--set` item). `validate` (tti/config/rules.py)
-holds every rule on config values; the modules that read a config trust it.
+Unknown keys, wrong types and impossible values (tti/config/rules.py) fail here, before any
+work, in one line naming the key and what set it (the YAML file or the `--set` item); the
+modules that read a config trust it.
 """
 from __future__ import annotations
 
@@ -23,20 +21,15 @@ from tti.config.rules import validate
 from tti.config.schema import Config, ModelConfig
 from tti.infra.atomic_file import atomic_file
 
-
-# ---------------------------------------------------------------- building from dicts
-
-# Removed options, with the value that meant "off": the config.yaml and checkpoints of older
-# runs (which list every field) still load when the option was off.
+# Removed options, with the value that meant "off": older runs' config.yaml and checkpoints
+# (which list every field) still load when the option was off.
 RETIRED = {"model.unet.text_skip": False, "model.unet.add_full_res_skips": False}
-# Sections of model: renamed, old -> new: an old run's config.yaml or checkpoint and an old
-# --set item still load, under the new name.
+# Renamed sections of model, old -> new: an old config.yaml, checkpoint or --set item loads.
 RENAMED_SECTIONS = {"diffusion": "gaussian"}
 
 
 def _renamed(data: Any) -> Any:
-    """A nested config dict with every RENAMED_SECTIONS key of `model` moved to its new name
-    (a value under the new name wins over the old one's)."""
+    """`data` with model's RENAMED_SECTIONS under their new names (whose values win)."""
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict) or not set(model) & set(RENAMED_SECTIONS):
         return data
@@ -102,8 +95,8 @@ def _all_keys(cls=None, prefix: str = "") -> list[str]:
 
 
 def _fields(cls) -> dict:
-    """{field name: type} of a config dataclass; a ModelConfig's are its three names and
-    the section of every registered plug-in."""
+    """{field name: type} of a config dataclass; a ModelConfig's are its kind, parts and
+    autoencoder, and the section of every registered plug-in."""
     if cls is not ModelConfig:
         return typing.get_type_hints(cls)
     if not MODEL_KINDS.entries:
@@ -133,8 +126,7 @@ def _unknown_key(key: str, value: Any, cls) -> None:
 def _build(cls, data: Any, prefix: str = ""):
     """A `cls` instance from a partial nested dict; the fields it leaves out keep their defaults."""
     if not isinstance(data, dict):
-        key = prefix.rstrip(".") or "config"
-        raise _type_error(key, "a mapping", data)
+        raise _type_error(prefix.rstrip(".") or "config", "a mapping", data)
     hints = _fields(cls)
     kwargs = {}
     for name, value in data.items():
@@ -146,8 +138,7 @@ def _build(cls, data: Any, prefix: str = ""):
         else:
             kwargs[name] = _coerce(value, hints[name], key)
     if cls is ModelConfig:  # plug-in sections go to `sections`; the kind's fills the rest
-        sections = {name: kwargs.pop(name) for name in list(kwargs) if section_entry(name)}
-        return cls(**kwargs, sections=sections)
+        kwargs["sections"] = {n: kwargs.pop(n) for n in list(kwargs) if section_entry(n)}
     return cls(**kwargs)
 
 
@@ -189,8 +180,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 def parse_override(text: str) -> dict:
     """'train.lr=1e-3' -> {'train': {'lr': '1e-3'}}. The value is read as YAML (numbers,
-    true/false, null, [lists], {mappings}); the field's type converts it when the Config is
-    built."""
+    true/false, null, [lists], {mappings}); the field's type converts it."""
     key, sep, raw = text.partition("=")
     parts = [p.strip() for p in key.split(".")]
     if not sep or not all(parts):
@@ -248,10 +238,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
 
 
 def _check_sets_are_read(cfg: Config, sources: list) -> None:
-    """A --set item for a plug-in section this model does not use (model.gaussian.* when the
-    objective is flow) would be dropped without a word: a ConfigError naming what the model
-    reads instead. The YAML file's unused sections are dropped quietly, so that switching the
-    objective or backbone with one --set item keeps working."""
+    """ConfigError for a --set item on a plug-in section this model does not read (model.gaussian.*
+    with objective flow), which would be dropped without a word. The YAML file's unused
+    sections are dropped quietly, so one --set item can switch the objective or backbone."""
     for key, label in sources:
         parts = key.split(".")
         if not label.startswith("--set ") or parts[0] != "model" or len(parts) < 2:
@@ -268,10 +257,9 @@ def _check_sets_are_read(cfg: Config, sources: list) -> None:
 
 def save_config(cfg: Config, path: str, source: Optional[str] = None,
                 overrides: Optional[list] = None) -> None:
-    """Write `cfg` as YAML, atomically (a kill leaves the old file or the new one). With
-    `source` (the YAML file) a comment header names it and every `--set` item applied: a
-    run's folder is named by run.dataset, which an override of, say, text.name leaves as the
-    file said."""
+    """Write `cfg` as YAML, atomically. With `source` (the YAML file) a comment header names it
+    and every `--set` item applied: the run folder is named by run.dataset, which an override
+    of, say, text.name leaves as the file said."""
     with atomic_file(path) as f:
         if source is not None and overrides:
             f.write(f"# From {source}, then these --set overrides (the run folder's name comes "

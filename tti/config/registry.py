@@ -1,10 +1,7 @@
 """Where a model kind, an objective or a backbone is looked up by name: three registries.
 
-An `Entry` is one plug-in: its name (also the config section it reads, `model.<name>`),
-the dataclass of that section, its validation, how it is built, the samplers it offers and
-its label for tables. tti/models/registry.py adds every entry, one line each, when
-`tti.models` is imported; everything else (the config rules, train, sample, export,
-evaluate, the in-loop checks) asks these registries and never compares names.
+tti/models/registry.py adds every `Entry` when `tti.models` is imported; everything else
+(config rules, train, sample, export, evaluate) asks these registries and never compares names.
 """
 from __future__ import annotations
 
@@ -19,8 +16,7 @@ from tti.config.errors import ConfigError
 class Entry:
     """One plug-in.
 
-    name: its name in the config (model.kind / model.objective / model.backbone) and the key
-          of its section, model.<name>.
+    name: its name in model.kind / model.objective / model.backbone, and its section model.<name>.
     build: kinds: (cfg, text_encoder) -> module with loss/sample; objectives: (cfg) ->
           Objective; backbones: (cfg, image_channels, context_dim) -> module (x, t, text).
     schema: the dataclass model.<name> is read into (its defaults); None = no section.
@@ -91,8 +87,8 @@ def section_entry(name: str) -> Entry | None:
 
 
 def samplers(cfg) -> dict:
-    """{sampler id: display name} of the model `cfg` describes: its objective's where its kind
-    composes one, else the kind's own ({} for a kind that takes no sampler options)."""
+    """{sampler id: display name} of `cfg`'s model: its objective's where its kind composes
+    one, else the kind's own ({} for a kind that takes no sampler options)."""
     kind = MODEL_KINDS.get(cfg.model.kind)
     if "objective" in kind.parts:
         return OBJECTIVES.get(cfg.model.objective).samplers

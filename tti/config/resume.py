@@ -1,18 +1,11 @@
 """Which settings a resumed run may change, and the record a resume with changes leaves.
 
-A run resumes from checkpoints/latest.pt, whose `config` is what its weights were trained
-under. The new config is compared with it key by key:
-
-- FIXED keys (the network, the objective, the training data, the text encoder, the seed,
-  the global batch) cannot change mid-run: any difference is refused in one message that
-  lists old -> new per key and says what to do (revert the setting, or start a new run).
-- APPLIED keys take effect from the resumed step on: the log prints them as a diff and
-  <run_dir>/history.jsonl records them (one line per launch, with its step and time).
-
-A train.steps below the resumed step is refused too. `POLICY` holds the decision for every
-config key (the key's own entry, else the closest section's), with its reason;
-tests/test_resume.py fails on a key left undecided. How the applied ones reach the
-optimizer, schedule, EMA and scaler: tti/training/state.py; the decisions: docs/robustness.md.
+The new config is compared key by key with the `config` in checkpoints/latest.pt. A FIXED key
+(network, objective, training data, text encoder, seed, global batch) that differs is refused
+in one message listing old -> new; APPLIED keys take effect from the resumed step on, printed
+in the log and recorded in <run_dir>/history.jsonl. `POLICY` decides every key, with its
+reason (tests/test_resume.py fails on one left undecided; docs/robustness.md explains them).
+How applied keys reach the optimizer, schedule, EMA and scaler: tti/training/state.py.
 """
 from __future__ import annotations
 
@@ -100,12 +93,9 @@ def describe(changes: dict) -> str:
 
 
 def resume_changes(saved: dict, cfg: Config, step: int, checkpoint: str) -> dict:
-    """The settings a resume from `checkpoint` (at `step`, trained under the config dict
-    `saved`) changes: {key: (old, new)}, all APPLIED keys.
-
-    Raises ConfigError naming every FIXED key that differs (old -> new), or a train.steps
-    the run has already passed.
-    """
+    """{key: (old, new)} of the APPLIED settings a resume from `checkpoint` (at `step`, trained
+    under the config dict `saved`) changes. ConfigError naming every FIXED key that differs,
+    or for a train.steps the run has already passed."""
     try:
         old = from_dict(saved)
     except ConfigError as e:

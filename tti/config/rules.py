@@ -1,8 +1,6 @@
-"""Every rule on config values: `validate(cfg)` fails on an impossible value, before any
-work, in one line naming the key (tti/config/load.py names the file or --set item that set
-it). The model's sections are checked by the plug-ins that read them, through the registry
-(each entry's `validate`, written with `check`, `one_of` and `bounds` below). Rules that
-need the data or the model's weights are checked where those are opened.
+"""Every rule on config values: `validate(cfg)` fails on an impossible value, before any work,
+in one line naming the key. Plug-ins check their own sections through their registry entry's
+`validate`, written with `check`, `one_of` and `bounds` below.
 """
 from __future__ import annotations
 
@@ -50,9 +48,8 @@ def bounds(section, prefix: str, rules: dict) -> None:
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Every rule on config values: an impossible value fails here, before any work, naming
-    the key. `world_size`: the processes that share train.batch_size. Rules that need the
-    data or the model (training-set size, text.hidden_layer's range, the fields of
+    """`world_size`: the processes that share train.batch_size. Rules that need the data or
+    the model (training-set size, text.hidden_layer's range, the fields of
     model.aligndraw.overrides) are checked where those are opened."""
     _check_data(cfg.data)
     check(bool(cfg.text.name), "text.name", "must name an encoder (an HF id, a folder, "

@@ -1,11 +1,8 @@
 """The run's config as typed dataclasses, with every default in one place.
 
-`Config` has six sections (run, data, text, model, train, sample). `model` names a model
-kind, and for kinds that compose one an objective and a backbone; each of those plug-ins
-reads its own section, `model.<name>`, typed by the dataclass it registered
-(tti/config/registry.py). `model.autoencoder` names a frozen VAE whose latent space the
-model learns in (`Config.grid`). tti/config/load.py reads YAML files and `--set` items into
-it; tti/config/rules.py checks its values.
+`model` names a model kind and, for kinds that compose one, an objective and a backbone; each
+of these plug-ins reads its own section `model.<name>`, typed by the dataclass it registered
+(tti/config/registry.py). Read by tti/config/load.py, checked by tti/config/rules.py.
 """
 from __future__ import annotations
 
@@ -66,10 +63,9 @@ class TextConfig:
 
 @dataclass
 class ModelConfig:
-    """model.kind, model.objective, model.backbone, and the sections of the plug-ins they
-    name (cfg.model.unet, cfg.model.gaussian, ...), kept in `sections` and read as
-    attributes. A section left out of the YAML takes its dataclass's defaults; the section of
-    a plug-in the model does not use is type-checked when read, then dropped."""
+    """The kind, its parts, and the sections of the plug-ins they name, kept in `sections` and
+    read as attributes (cfg.model.unet). A section left out takes its dataclass's defaults; that
+    of a plug-in the model does not use is type-checked when read, then dropped."""
     kind: str = "diffusion"          # tti/models/registry.py lists the kinds, objectives, backbones
     objective: str = "gaussian"      # diffusion: what it learns and how it samples
     backbone: str = "unet"           # diffusion: the network
@@ -105,9 +101,8 @@ class TrainConfig:
     batch_size: int = 64             # global batch (all ranks, one optimizer step)
     grad_accum: int = 1              # micro-batches per optimizer step (with micro_batch null)
     # Images per process per forward pass: auto (the largest that fits the GPU, measured at
-    # start; on a CPU the split batch_size / processes / grad_accum), a number (grad_accum
-    # follows from it), or null (batch_size / processes / grad_accum). The global batch, and
-    # so the run, stays the same whichever it is (tti/training/batch_plan.py).
+    # start; on a CPU as null), a number (grad_accum follows from it), or null (batch_size /
+    # processes / grad_accum). Any of them trains the same run (tti/training/batch_plan.py).
     micro_batch: Optional[Union[int, str]] = None
     steps: int = 1500
     lr: float = 1e-3
@@ -169,7 +164,6 @@ class Config:
         return self.train.batch_size // (world_size * self.train.grad_accum)
 
     def to_dict(self) -> dict:
-        out = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)
-               if f.name != "model"}
-        out["model"] = self.model.to_dict()
-        return {name: out[name] for name in ("run", "data", "text", "model", "train", "sample")}
+        return {f.name: (self.model.to_dict() if f.name == "model"
+                         else dataclasses.asdict(getattr(self, f.name)))
+                for f in dataclasses.fields(self)}

@@ -1,18 +1,12 @@
 """Mix the embedded shapes dataset's canonical phrasing into its training captions.
 
 A shapes caption names two objects in either order and phrases their relation seven ways
-("A to the right of B", "below B there is A", "B with A above it", ...), so which object
-goes left/top depends on the words *and* the word order together. The canonical phrasing
-("a A to the left of a B" / "a A above a B", A the left/top object) makes it plain word
-order. Trained on the real captions alone, the UNet did not learn which object goes where;
-with every caption canonical it learnt "the first-named object goes left/top" but then
-misread the other phrasings. This wrapper replaces a share of the training captions with
-their canonical phrasing, so that word order predicts the layout in most captions while the
-model still sees every phrasing: it then learns the order rule first and the relation words
-on top of it (docs/design_notes.md has the runs).
-
-It uses what the shapes generator knows (each caption's scene) and so does not apply to
-COCO; validation captions are never rewritten.
+("below B there is A", "B with A above it", ...), so which object goes left/top depends on
+the words and the word order together. In the canonical phrasing ("a A to the left of a B" /
+"a A above a B", A the left/top object) plain word order gives it. Replacing a share of the
+training captions with it lets the model learn the order rule first and the relation words
+on top, while it still sees every phrasing (docs/design_notes.md has the runs). Shapes only
+(it parses each caption's scene); validation captions are never rewritten.
 
     train_set = CanonicalCaptionMix(load_split(root, "train2014", 32), fraction=0.5)
 """
@@ -26,13 +20,12 @@ from tti.data.shapes import canonical_caption
 
 class CanonicalCaptionMix(Dataset):
     """A CaptionDataset of shapes captions whose item i, in each epoch, carries its canonical
-    caption with probability `fraction` (drawn from (seed, epoch, i) alone, so a resumed run
-    sees the same captions) and its own drawn caption otherwise.
+    caption with probability `fraction` in [0, 1] (drawn from (seed, epoch, i) alone, so a
+    resumed run sees the same captions) and its own drawn caption otherwise.
 
     dataset: a CaptionDataset (anything with set_epoch, captions(i) and __getitem__ ->
         (image, caption)); every caption must be one the shapes templates write, checked here.
-    fraction: in [0, 1]. Items are (image uint8 [3, S, S], caption str) as in the dataset.
-    Attributes the wrapper lacks (split, skipped, image_size, ...) are the dataset's.
+    Items are as in the dataset; so are the attributes the wrapper lacks.
     """
 
     def __init__(self, dataset, fraction: float, seed: int = 0):
@@ -42,8 +35,7 @@ class CanonicalCaptionMix(Dataset):
         self.fraction = float(fraction)
         self.seed = int(seed)
         self.epoch = 0
-        # Every caption is rewritten now, so a caption no template wrote fails here, naming it
-        # and its image, not in the middle of training.
+        # Rewritten now, so a caption no template wrote fails here, not mid-training.
         self._canonical: list[str] = []
         for i in range(len(dataset)):
             caption = dataset.captions(i)[0]

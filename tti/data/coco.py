@@ -5,10 +5,8 @@
     image, caption = ds[i]                            # uint8 [3, 64, 64], one of its captions
     loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=2, collate_fn=collate)
 
-The cache itself (decoding, resizing, bad data, resume) is built by `tti.data.prepare`;
-build it ahead of training with
-
-    python -m tti.data.coco /data/coco --split train2014 --image-size 64
+The cache (decoding, resizing, bad data, resume) is built by `tti.data.prepare`; build it
+ahead of training with `python -m tti.data.coco /data/coco --split train2014 --image-size 64`.
 """
 from __future__ import annotations
 
@@ -24,13 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tti.data.prepare import (  # noqa: F401  (re-exported: this module is the entry point)
-    AnnotationError,
-    BadDataError,
-    cache_paths,
-    decode_image,
-    load_annotations,
-    prepare,
-)
+    AnnotationError, BadDataError, cache_paths, decode_image, load_annotations, prepare)
 
 
 class CaptionDataset(Dataset):
@@ -40,10 +32,9 @@ class CaptionDataset(Dataset):
     root together with `split` and `image_size` (and `cache_dir` if not `<root>/cache`).
     `ds[i]` -> (image uint8 [3, S, S] in 0..255, caption str); the caption is one of
     `captions(i)`, chosen from (seed, epoch, i) alone, so a resumed run sees the same data.
-    The memory map is opened lazily in each process and never pickled, so DataLoader
-    workers each open their own. With `persistent_workers=True` the workers keep the epoch
-    they started with: call `set_epoch` before creating the loader's iterator and leave
-    persistent_workers off, or the caption draw will not change between epochs.
+    The memory map is opened lazily in each process and never pickled. Call `set_epoch`
+    before creating the loader's iterator, without persistent_workers (persistent workers
+    keep the epoch they started with, so the caption draw would never change).
     """
 
     def __init__(self, source, split: str | None = None, image_size: int | None = None,
@@ -79,7 +70,6 @@ class CaptionDataset(Dataset):
         return len(self._image_ids)
 
     def __getitem__(self, i):
-        """(image uint8 [3, S, S] in 0..255, caption str) for row i in this epoch."""
         i = self._row(i)
         if self._images is None:
             self._images = np.load(self.images_path, mmap_mode="r")
@@ -110,13 +100,12 @@ class CaptionDataset(Dataset):
         return self._image_ids[self._row(i)].item()
 
     def file_name(self, i: int) -> str:
-        """The image's file name as written in the annotation file."""
+        """The image's file name, as in the annotation file."""
         return str(self._file_names[self._row(i)])
 
     def fingerprint(self) -> str:
-        """sha256 hex of what this split holds: image size, image ids, file names and captions
-        (not the pixels). The same data under another root or cache folder gives the same
-        value; an edited annotation file gives another."""
+        """sha256 hex of the split's image size, image ids, file names and captions (not the
+        pixels): the same under another root or cache folder, changed by edited annotations."""
         digest = hashlib.sha256(repr((self.image_size, self._image_ids.tolist(),
                                       self._file_names.tolist())).encode())
         digest.update(self._caption_bytes.tobytes())

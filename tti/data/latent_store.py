@@ -1,22 +1,15 @@
 """A frozen autoencoder's latents of every packed training image, computed once into a
-memory-mapped store, so training reads latents and never runs the encoder.
-
-One pass over a split's packed images (tti/data/prepare.py) writes each image's posterior
-mean and standard deviation in fp16, row for row with the packed cache; every rank then maps
-the same file read-only, so a node holds one copy in its page cache whatever its number of
-ranks. A folder per (split, image size, autoencoder identity), under the data cache folder:
+memory-mapped store that every rank maps read-only, so training never runs the encoder.
+A folder per (split, image size, autoencoder identity), under the data cache folder:
 
     latents_<split>_<S>px_<autoencoder>_<weights>/     (see `store_folder`)
         moments.npy   fp16 [N, 2C, S/f, S/f]  row i = packed row i: mean (C), then std (C)
-        meta.json     the autoencoder's identity, split, image size, rows, and the packed
-                      split's fingerprint (CaptionDataset.fingerprint)
+        meta.json     `store_key`: the autoencoder's identity and the packed split's fingerprint
 
-Storing the distribution, not one sample, lets each step draw a fresh z = mean + std * eps
-(tti/models/autoencoder.py), as encoding live would. No flipped copies are stored: a
-horizontal flip turns every "left of" in a caption wrong, and tti never flips captioned
-images. Built like the text store (tti/text/store.py): under a lock file beside the folder,
-into `<folder>.partial/` with progress saved every few chunks, so a killed build of the same
-job resumes; the folder appears by one rename when complete.
+Storing the distribution, not one sample, lets each step draw a fresh z = mean + std * eps,
+as encoding live would. Built like the text store (tti/text/store.py): under a lock, into
+`<folder>.partial/` that a killed build resumes, renamed into place when complete.
+docs/latent_store.md has the design.
 """
 from __future__ import annotations
 
@@ -39,8 +32,7 @@ from tti.infra.run_lock import RunLock
 
 FORMAT = 1
 FILES = ("moments.npy", "meta.json")
-# Progress is saved after this many chunks: a killed build loses at most that much work.
-SAVE_EVERY_CHUNKS = 16
+SAVE_EVERY_CHUNKS = 16  # a killed build loses at most this many chunks of work
 
 
 class LatentStoreError(UserError, ValueError):
@@ -61,9 +53,8 @@ def is_built(folder: str) -> bool:
 
 def store_key(identity: dict, dataset) -> dict:
     """What a store's moments depend on: the autoencoder and the packed images."""
-    return {"format": FORMAT, **identity, "split": dataset.split,
-            "image_size": dataset.image_size, "rows": len(dataset),
-            "data": dataset.fingerprint()}
+    return {"format": FORMAT, **identity, "split": dataset.split, "image_size": dataset.image_size,
+            "rows": len(dataset), "data": dataset.fingerprint()}
 
 
 def _read_meta(folder: str) -> dict:
@@ -72,17 +63,14 @@ def _read_meta(folder: str) -> dict:
 
 # ---------------------------------------------------------------- writing
 
-
 def build_latent_store(autoencoder, dataset, folder: str, chunk: int = 32,
                        progress: bool = False) -> int:
-    """Make `folder` hold the moments of every image of `dataset`.
+    """Make `folder` hold the moments of every image of `dataset` (a CaptionDataset, read in
+    chunks of `chunk` images); a store made from other packed images is rebuilt.
 
     autoencoder: has `identity()` and `moments(images float [B, 3, S, S] in [-1, 1])` ->
-    float [B, 2C, s, s] (tti.models.autoencoder.FrozenAutoencoder). dataset: a CaptionDataset
-    (its packed images are read in chunks of `chunk`). Returns how many images were encoded
-    now: 0 when the store already held them, fewer than all when a killed build resumed.
-    A store of the same folder name made from other packed images (the annotations changed
-    and the cache was rebuilt) is rebuilt.
+    float [B, 2C, s, s] (tti.models.autoencoder.FrozenAutoencoder). Returns how many images
+    were encoded now: 0 if the store held them, fewer than all if a killed build resumed.
     """
     key = store_key(autoencoder.identity(), dataset)
     parent, name = os.path.split(os.path.abspath(folder))
@@ -115,7 +103,7 @@ def _check_autoencoder(folder: str, key: dict) -> None:
 
 def _write_partial(autoencoder, dataset, key: dict, partial: str, chunk: int,
                    progress: bool) -> int:
-    """moments.npy of every packed row, resuming a killed build of the same job; then meta.
+    """moments.npy of every packed row (resuming a killed build of the same job), then meta.
     Returns how many rows were encoded now."""
     grid = dataset.image_size // key["factor"]
     shape = (len(dataset), 2 * key["latent_channels"], grid, grid)
@@ -159,15 +147,12 @@ def _encode_chunks(autoencoder, dataset, moments, done: int, chunk: int, progres
 
 # ---------------------------------------------------------------- reading
 
-
 class LatentCaptions(Dataset):
-    """A CaptionDataset whose items carry latent moments instead of pixels.
+    """A CaptionDataset (`source`) whose items carry latent moments instead of pixels.
 
-    `ds[i]` -> (moments fp16 [2C, s, s] from the attached store, the caption the dataset
-    draws for row i this epoch). The store is attached with `use_store(folder)` once built
-    (the loader may be made before that; no item is read until training starts). The map is
-    opened lazily in each process and never pickled, as the dataset's own. Attributes the
-    wrapper lacks (split, image_size, fingerprint, ...) are the dataset's; `source` is it.
+    `ds[i]` -> (moments fp16 [2C, s, s], the caption the dataset draws for row i this epoch).
+    The store is attached by `use_store` once built (the loader may be made before). The map
+    is opened lazily in each process and never pickled. Other attributes are the dataset's.
     """
 
     def __init__(self, dataset):
@@ -198,7 +183,6 @@ class LatentCaptions(Dataset):
         self.source.set_epoch(epoch)
 
     def __getitem__(self, i):
-        """(moments float16 [2C, s, s], caption str) for row i in this epoch."""
         caption = self.source.captions(i)[self.source.caption_choice(i)]
         if self.folder is None:
             raise RuntimeError("LatentCaptions: no latent store attached (use_store)")

@@ -8,9 +8,8 @@ from torch.utils.data import DistributedSampler
 class ResumableSampler(DistributedSampler):
     """Per-epoch reshuffled shard of the dataset for one rank, skippable to a position.
 
-    Epoch e's permutation depends only on (seed, e), as in torch's DistributedSampler;
-    rank r takes positions r, r + W, r + 2W, ... of it (W = num_replicas), so the first
-    k items of all ranks together are the permutation's first k * W items.
+    As in torch's DistributedSampler, epoch e's permutation depends only on (seed, e) and
+    rank r takes its positions r, r + W, r + 2W, ... (W = num_replicas).
     `set_epoch(epoch, start=k)` makes the next iteration begin at this rank's k-th index
     of that epoch. Works without an initialised process group.
     """
@@ -28,8 +27,7 @@ class ResumableSampler(DistributedSampler):
         self.start = start
 
     def __iter__(self):
-        indices = list(super().__iter__())
-        return iter(indices[self.start:])
+        return iter(list(super().__iter__())[self.start:])
 
     def __len__(self) -> int:
         return self.num_samples - self.start
@@ -45,9 +43,8 @@ def resumable_batches(loader, accum: int, start_step: int = 0):
     """Yield, for each optimizer step from `start_step` on, the list of its `accum`
     micro-batches: step s always gets the same items whether or not the run restarted.
 
-    loader: a DataLoader (drop_last=True) over a dataset with `set_epoch` (which picks the
-    epoch's caption draw), drawing from a ResumableSampler. Each epoch gives exactly
-    `steps_per_epoch(loader, accum)` steps.
+    loader: a DataLoader (drop_last=True) drawing from a ResumableSampler, over a dataset
+    with `set_epoch` (the epoch's caption draw); each epoch gives `steps_per_epoch` steps.
     """
     sampler, per_epoch = loader.sampler, steps_per_epoch(loader, accum)
     epoch, offset = divmod(start_step, per_epoch)

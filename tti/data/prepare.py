@@ -1,15 +1,14 @@
 """Pack a COCO-format caption split into a uint8 image cache, decoding every image once.
 
-Input: a COCO 2014 layout, `<root>/annotations/captions_<split>.json` and the images in
-`<root>/<split>/`. Output, in `<cache_dir>` (default `<root>/cache`):
+Input: `<root>/annotations/captions_<split>.json` and the images in `<root>/<split>/`.
+Output, in `<cache_dir>` (default `<root>/cache`):
 
-    <split>_<S>px.npy    uint8 [N, 3, S, S], RGB, short side resized to S (Lanczos) then
+    <split>_<S>px.npy    uint8 [N, 3, S, S] RGB, short side resized to S (Lanczos) and
                          centre-cropped: the aspect ratio is never distorted
     <split>_<S>px.json   per row: image_id, file_name and ALL its captions, plus skip counts
 
-Progress is saved while it runs (`*.partial.npy` + `*.progress.json`), a killed run resumes
-where it stopped, and the `.npy` appears only at the end, by one atomic rename: if it exists
-the cache is complete. From the command line: `python -m tti.data.coco --help`.
+A killed run resumes from `*.partial.npy` + `*.progress.json`; the `.npy` appears only at
+the end, by one atomic rename, so if it exists the cache is complete.
 """
 from __future__ import annotations
 
@@ -38,8 +37,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the pixels a cache holds would change (decoding, resize, crop); old caches restart.
 CACHE_FORMAT = 1
-# How many bad items the log and error messages list by name.
-NUM_EXAMPLES = 5
+NUM_EXAMPLES = 5  # bad items the log and error messages name
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
@@ -80,13 +78,12 @@ def cache_paths(root, split: str, image_size: int, cache_dir=None) -> CachePaths
 def load_annotations(path) -> COCO:
     """Read a COCO caption file into a `pycocotools.coco.COCO` object.
 
-    The JSON is parsed here first so that a malformed or truncated file names the file and
-    the line, column and character offset of the problem, and missing keys name the file.
+    Parsed here first so that a malformed, truncated or incomplete file raises
+    AnnotationError naming the file (and the line, column and offset of a JSON error).
     """
     path = Path(path)
     try:
-        # utf-8-sig: tolerate a byte-order mark written by some editors.
-        text = path.read_bytes().decode("utf-8-sig")
+        text = path.read_bytes().decode("utf-8-sig")  # tolerate a byte-order mark
     except FileNotFoundError:
         raise AnnotationError(f"annotation file not found: {path}") from None
     except UnicodeDecodeError as e:
@@ -135,12 +132,10 @@ def collect_captioned_images(coco: COCO) -> tuple[list[dict], dict]:
     any script). Skipped and counted: annotations for an image id not in "images", empty /
     whitespace-only / non-text captions, images left with no caption.
     """
-    stats = {"orphan_annotations": 0, "empty_captions": 0, "images_without_captions": 0}
-    examples = {key: [] for key in stats}
+    skipped = {"orphan_annotations": [], "empty_captions": [], "images_without_captions": []}
     for ann in coco.dataset["annotations"]:
         if ann["image_id"] not in coco.imgs:
-            stats["orphan_annotations"] += 1
-            examples["orphan_annotations"].append(f"annotation {ann['id']} -> image {ann['image_id']}")
+            skipped["orphan_annotations"].append(f"annotation {ann['id']} -> image {ann['image_id']}")
     records = []
     for image_id in coco.getImgIds():
         captions = []
@@ -149,19 +144,17 @@ def collect_captioned_images(coco: COCO) -> tuple[list[dict], dict]:
             if isinstance(text, str) and text.strip():
                 captions.append(text.strip())
             else:
-                stats["empty_captions"] += 1
-                examples["empty_captions"].append(f"annotation {ann['id']}: {text!r}")
+                skipped["empty_captions"].append(f"annotation {ann['id']}: {text!r}")
         file_name = coco.imgs[image_id]["file_name"]
         if captions:
             records.append({"image_id": image_id, "file_name": file_name, "captions": captions})
         else:
-            stats["images_without_captions"] += 1
-            examples["images_without_captions"].append(f"image {image_id} ({file_name})")
-    for key, count in stats.items():
-        if count:
-            log.warning("skipped %d %s, e.g. %s", count, key.replace("_", " "),
-                        "; ".join(examples[key][:NUM_EXAMPLES]))
-    return records, stats
+            skipped["images_without_captions"].append(f"image {image_id} ({file_name})")
+    for key, items in skipped.items():
+        if items:
+            log.warning("skipped %d %s, e.g. %s", len(items), key.replace("_", " "),
+                        "; ".join(items[:NUM_EXAMPLES]))
+    return records, {key: len(items) for key, items in skipped.items()}
 
 
 # ----------------------------------------------------------------------------- images
@@ -181,14 +174,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(path, image_size: int) -> np.ndarray:
-    """One image file -> uint8 [3, S, S] RGB in 0..255 (EXIF orientation applied, centre
-    square resampled to S x S; see `load_upright_rgb` and `centre_square`)."""
+    """One image file -> uint8 [3, S, S] RGB in 0..255 (upright, centre square, S x S)."""
     return centre_square(load_upright_rgb(path), image_size)
 
 
 def load_upright_rgb(path) -> Image.Image:
-    """An image file, decoded by its content (not its extension), EXIF orientation applied,
-    in mode RGB."""
+    """An image file decoded by content (not extension), EXIF orientation applied, as RGB."""
     with Image.open(path) as img:
         img.load()  # decode now: a truncated or corrupt file fails here
         try:
@@ -199,9 +190,10 @@ def load_upright_rgb(path) -> Image.Image:
 
 
 def centre_square(img: Image.Image, image_size: int) -> np.ndarray:
-    """RGB image -> uint8 [3, S, S]: the centred square of side min(W, H) resampled to S x S
-    with Lanczos (antialiased): the same as resizing the short side to S and centre
-    cropping, with one resampling and no rounding of an intermediate size."""
+    """RGB image -> uint8 [3, S, S]: the centred min(W, H) square, Lanczos-resampled to S x S.
+
+    The same as resizing the short side to S and centre cropping, but with one resampling
+    and no rounding of an intermediate size."""
     width, height = img.size
     side = min(width, height)
     left, top = (width - side) / 2, (height - side) / 2
@@ -240,14 +232,12 @@ def prepare(root, split: str, image_size: int, cache_dir=None, num_workers: int 
             max_bad_fraction: float = 0.01, checkpoint_every: int = 1024) -> Path:
     """Build (or resume, or just find) the packed cache of one split; returns the `.npy` path.
 
-    A complete cache is returned at once unless its annotation file is newer (then rebuilt).
-
     root: COCO 2014 layout folder; split: e.g. "train2014"; image_size: S, the output side.
-    The `.npy` holds uint8 [N, 3, S, S]; the `.json` next to it the rows' ids and captions.
-    Unreadable images are skipped, counted and logged; raises BadDataError when more than
+    A complete cache is returned at once unless its annotation file is newer (then rebuilt).
+    Unreadable images are skipped and logged; raises BadDataError when more than
     `max_bad_fraction` of the captioned images cannot be read. Progress is saved every
-    `checkpoint_every` rows. Workers are forked on Linux; elsewhere they are spawned, so
-    call it from under `if __name__ == "__main__":` there.
+    `checkpoint_every` rows. Workers are forked on Linux and spawned elsewhere, so call it
+    from under `if __name__ == "__main__":` there.
     """
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
@@ -297,8 +287,8 @@ def _fingerprint(split: str, image_size: int, records: list[dict]) -> str:
 
 def _pack_rows(records, image_dir: Path, image_size: int, paths: CachePaths, fingerprint: str,
                num_workers: int, max_bad_fraction: float, checkpoint_every: int) -> tuple:
-    """Decode rows into the partial file, resuming from saved progress; returns the bad rows
-    and (how many sources were smaller than `image_size`, the first as [row, width, height])."""
+    """Decode rows into the partial file, resuming from saved progress. Returns the bad rows
+    and (count of sources smaller than `image_size`, the first as [row, width, height])."""
     n, shape = len(records), (len(records), 3, image_size, image_size)
     state = _load_progress(paths, fingerprint, shape)
     if state is None:

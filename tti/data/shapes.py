@@ -1,18 +1,14 @@
 """Embedded "shapes" dataset: seeded renders of 1-2 coloured shapes with true captions.
 
-Each image shows one or two objects (6 colours x 3 shapes x 2 sizes) on a black
-background; two objects stand in one of four relations (left of, right of, above, below),
-never overlap, have distinct colours, and are placed so the relation is unambiguous
-(centres separated along the stated axis by both half-sizes plus a gap, and the offset on
-the other axis at most half of that). A fixed set of (colour, shape) pairs never appears in
-train; about 30% of val images contain one, to measure compositional generalisation.
+Each image shows one or two objects (6 colours x 3 shapes x 2 sizes) on black; two objects
+stand in one of four relations (left of, right of, above, below), never overlap, have
+distinct colours and are placed so the relation is unambiguous (see `sample_centres`).
+A fixed set of (colour, shape) pairs never appears in train; about 30% of val images
+contain one, to measure compositional generalisation.
 
 `write_coco` writes the MS-COCO 2014 caption layout, so the COCO loader reads it unchanged:
 
     python -m tti.data.shapes --out data/shapes --train 20000 --val 1000 --size 32 --seed 0
-
-It never writes over data it did not make: only into a missing or empty folder, or one whose
-meta.json it wrote. A dataset made with other settings is replaced only with --replace.
 """
 from __future__ import annotations
 
@@ -35,17 +31,12 @@ from tti.infra.run_lock import RunLock
 
 # Saturated colours far apart in RGB, so slightly-off generated colours stay classifiable.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 30, 30),
-    "green": (40, 200, 40),
-    "blue": (30, 50, 240),
-    "yellow": (240, 220, 30),
-    "purple": (170, 40, 210),
-    "cyan": (30, 210, 220),
+    "red": (230, 30, 30), "green": (40, 200, 40), "blue": (30, 50, 240),
+    "yellow": (240, 220, 30), "purple": (170, 40, 210), "cyan": (30, 210, 220),
 }
 BACKGROUND: tuple[int, int, int] = (0, 0, 0)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-# Side of the object's bounding box as a fraction of the image side.
-SIZES: dict[str, float] = {"small": 0.28, "large": 0.43}
+SIZES: dict[str, float] = {"small": 0.28, "large": 0.43}  # bounding box side / image side
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
@@ -139,7 +130,7 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile("".join(groups.get(p, re.escape(p)) for p in parts))
 
 
-_PARSERS: list[re.Pattern] | None = None
+_PARSERS = [_template_regex(t) for t in TWO_OBJECT_TEMPLATES + ONE_OBJECT_TEMPLATES]
 _PHRASE_TO_RELATION = {p: r for r, p in RELATION_PHRASES.items()}
 
 
@@ -149,13 +140,8 @@ def _object_from(phrase: str) -> ShapeObject:
 
 
 def parse_caption(text: str) -> Scene:
-    """Parse a caption written by any template (case, extra spaces and a final '.' ignored).
-
-    Returns the canonical Scene; raises ValueError naming the caption if no template matches.
-    """
-    global _PARSERS
-    if _PARSERS is None:
-        _PARSERS = [_template_regex(t) for t in TWO_OBJECT_TEMPLATES + ONE_OBJECT_TEMPLATES]
+    """The canonical Scene of a caption written by any template (case, extra spaces and a
+    final '.' ignored); raises ValueError naming the caption if no template matches."""
     if not isinstance(text, str):
         raise ValueError(f"parse_caption: expected a str caption, got {type(text).__name__}")
     norm = " ".join(text.lower().strip().rstrip(".").split())
@@ -189,8 +175,7 @@ def is_held_out(caption: str) -> bool:
 # ---------------------------------------------------------------- sampling scenes
 
 def _allowed_pairs(held_out: bool) -> list[tuple[str, str]]:
-    pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    return [p for p in pairs if (p in HELD_OUT_PAIRS) == held_out]
+    return [(c, s) for c in COLOURS for s in SHAPES if ((c, s) in HELD_OUT_PAIRS) == held_out]
 
 
 def _sample_object(rng: np.random.Generator, pairs: list[tuple[str, str]],
@@ -201,8 +186,10 @@ def _sample_object(rng: np.random.Generator, pairs: list[tuple[str, str]],
 
 
 def sample_centres(rng: np.random.Generator, scene: Scene) -> tuple[tuple[float, float], ...]:
-    """Centres in [0, 1] (fractions of the side) that keep every object inside the margin
-    and, for two objects, make scene.relation hold with a clear gap."""
+    """Centres in [0, 1] (fractions of the side) that keep every object inside the margin.
+
+    For two objects, the centres are separated along the relation's axis by both half-sizes
+    plus GAP, and offset across it by at most MAX_CROSS_OFFSET of that separation."""
     halves = [SIZES[o.size] / 2 for o in scene.objects]
     if len(scene.objects) == 1:
         lo, hi = MARGIN + halves[0], 1 - MARGIN - halves[0]
@@ -243,9 +230,7 @@ def _sample_example(rng: np.random.Generator, held_out: bool, captions_per_image
 
 def generate_examples(n: int, split: str = "train", seed: int = 0, captions_per_image: int = 3) -> list[Example]:
     """`n` examples of `split` ("train": seen pairs only; "val": ~30% with a held-out pair).
-
-    Each split has its own random stream, so val does not depend on the train size.
-    """
+    Each split has its own random stream, so val does not depend on the train size."""
     if split not in ("train", "val"):
         raise ValueError(f"generate_examples: split must be 'train' or 'val', got {split!r}")
     if n < 0 or captions_per_image < 1:
@@ -272,10 +257,8 @@ def _coverage(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, 
 
 
 def render(objects: Sequence[ShapeObject], centres: Sequence[tuple[float, float]], image_size: int = 32) -> np.ndarray:
-    """Draw objects at centres (fractions of the side) with SUPERSAMPLE^2 samples per pixel.
-
-    Returns uint8 [image_size, image_size, 3].
-    """
+    """uint8 [image_size, image_size, 3]: objects drawn at centres (fractions of the side),
+    antialiased with SUPERSAMPLE^2 samples per pixel."""
     if image_size < 8:
         raise ValueError(f"render: image_size must be >= 8, got {image_size}")
     img = np.empty((image_size, image_size, 3), np.float32)
@@ -317,8 +300,7 @@ def _meta(n_train: int, n_val: int, image_size: int, seed: int, captions_per_ima
 
 
 def _split_ids(split: str, n: int) -> range:
-    # Disjoint id ranges for train and val, as in real COCO; val ids do not depend on n_train.
-    # Image and annotation ids each use these ranges.
+    # Disjoint image (and annotation) id ranges, as in real COCO; val ids do not depend on n_train.
     base = 0 if split == "train" else 1_000_000_000
     return range(base + 1, base + n + 1)
 
@@ -338,16 +320,13 @@ def _complete(out_dir: str, meta: dict) -> bool:
 
 def write_coco(out_dir: str, n_train: int = 20000, n_val: int = 1000, image_size: int = 32, seed: int = 0,
                captions_per_image: int = 3, replace: bool = False) -> None:
-    """Write the dataset in MS-COCO 2014 caption layout under out_dir.
+    """Write the dataset in MS-COCO 2014 caption layout under out_dir (nothing to do if it is
+    complete with these settings): annotations/captions_{train,val}2014.json,
+    {train,val}2014/COCO_{split}2014_%012d.png (uint8 RGB), held_out_pairs.json, meta.json.
 
-    annotations/captions_{train,val}2014.json, {train,val}2014/COCO_{split}2014_%012d.png
-    (uint8 RGB, image_size x image_size), held_out_pairs.json, and meta.json (the settings).
-    Writes only into a missing or empty folder or one it wrote itself: anything else raises
-    ShapesFolderError before any write, as does a dataset made with other settings unless
-    `replace` (which then also deletes the old images the new settings do not write). Does no
-    work if the dataset is complete with these settings. meta.json is written first, marked
-    incomplete, so a killed run is redone by the next call; every file is written under a
-    temporary name and renamed. One process at a time writes a folder; others wait for it.
+    Raises ShapesFolderError before any write unless `check_may_write` allows out_dir.
+    meta.json is written first, marked incomplete, so a killed run is redone by the next call;
+    files are renamed into place. One process at a time writes a folder; others wait for it.
     """
     if image_size not in (32, 64, 128):
         raise ValueError(f"write_coco: image_size must be 32, 64 or 128, got {image_size}")
@@ -359,7 +338,7 @@ def write_coco(out_dir: str, n_train: int = 20000, n_val: int = 1000, image_size
         old = check_may_write(out_dir, meta, replace)  # another process may have written it meanwhile
         if _complete(out_dir, meta):
             return
-        if old is not None:  # replacing: first drop the old images the new settings will not write
+        if old is not None:  # replacing: drop the old images the new settings will not write
             for name in set(_output_files(old)) - set(_output_files(meta)):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out_dir, name))

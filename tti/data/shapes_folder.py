@@ -1,8 +1,7 @@
 """Which folders the shapes generator may write into: it never writes over a user's data.
 
 A folder is the generator's if its meta.json (the settings, written before the first image)
-says tti.data.shapes. The generator writes only into a missing or empty folder or one of its
-own; a folder of its own made with other settings is replaced only when asked (`--replace`).
+says tti.data.shapes; see `check_may_write` for the rule.
 """
 from __future__ import annotations
 

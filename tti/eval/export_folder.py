@@ -58,10 +58,8 @@ def export_paths(out_dir: str) -> dict:
 def export_shard(model, val_set, items: list[ExportItem], out_dir: str, seed: int,
                  sampler_opts: dict, batch_size: int = 64, rank: int = 0, world_size: int = 1,
                  progress: bool = True) -> dict:
-    """Write the gt and tti PNGs of items[rank::world_size] that are missing or incomplete.
-
-    Returns {"assigned", "generated", "reused", "seconds"} for this shard (seconds of sampling).
-    """
+    """Write the gt and tti PNGs of items[rank::world_size] that are missing or incomplete;
+    returns {"assigned", "generated", "reused", "seconds"} for this shard (seconds of sampling)."""
     paths = export_paths(out_dir)
     size = val_set.image_size
     mine = items[rank::world_size]

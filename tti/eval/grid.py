@@ -22,10 +22,8 @@ def _font(size: int = 11):
 
 def make_grid(images: torch.Tensor, nrow: int, captions: list | None = None,
               scale: int | None = None, pad: int = 2) -> Image.Image:
-    """images: uint8 [B, 3, H, W], laid out `nrow` per row; captions label each row.
-
-    Tiles are upscaled (nearest) to at least 64 px so 32 px samples are easy to look at.
-    """
+    """images: uint8 [B, 3, H, W], laid out `nrow` per row; captions label each row. Tiles are
+    upscaled (nearest) to at least 64 px so 32 px samples are easy to look at."""
     b, _, h, w = images.shape
     scale = scale or max(1, 64 // h)
     th, tw = h * scale, w * scale

@@ -28,12 +28,9 @@ def item_id(index: int) -> str:
 
 
 def choose_items(val_set, n: int, seed: int) -> list[ExportItem]:
-    """The first n of a seeded permutation of the val rows, each with a seeded caption.
-
-    val_set: a CaptionDataset (its own seed drives the caption draw, via caption_choice at
-    epoch 0). n is capped at len(val_set). The result for n is a prefix of the result for
-    any larger n with the same seed.
-    """
+    """The first n (at most len(val_set)) of a seeded permutation of the val rows, each with a
+    caption drawn by the CaptionDataset's own seed (caption_choice at epoch 0). The result for
+    n is a prefix of the result for any larger n with the same seed."""
     n = min(int(n), len(val_set))
     rows = np.random.default_rng(seed).permutation(len(val_set))[:n]
     items = []

@@ -4,14 +4,12 @@ protocol has a name that `tti.export` and `tti.evaluate` take (`--protocol`) and
 records (docs/training_on_coco.md, "Which FID is which").
 
     pairs         the export's n generated images against the same n val images as training
-                  saw them (the packed cache); clean-fid's resize. tti's default, and what the
-                  in-training FID (n = 2,000) computes.
+                  saw them (the packed cache), clean-fid's resize: tti's default, and what the
+                  in-training FID computes.
     coco-fid30k   the U-ViT / LDM COCO 256 table's: 30,000 generated images, one per val2014
-                  image drawn at random with one of its captions (seeded), against reference
-                  statistics of every val2014 image (40,504), each cut to its centred square
-                  at integer offsets and resized to 256 with PIL Lanczos, as U-ViT's
-                  datasets.center_crop does; pytorch-fid's resize to 299 (bilinear, no
-                  antialiasing) into the 2015 Inception, as U-ViT's tools/fid_score.py.
+                  image drawn at random with one of its captions (seeded), against every
+                  val2014 image (40,504) prepared as U-ViT's datasets.center_crop does
+                  (reference_image); pytorch-fid's resize, as U-ViT's tools/fid_score.py.
 """
 from __future__ import annotations
 
@@ -62,14 +60,11 @@ def check_image_size(protocol: Protocol, image_size: int) -> None:
 
 
 # ---------------------------------------------------------------- the reference statistics
-
-
 def reference_image(path, size: int) -> np.ndarray:
     """uint8 [size, size, 3] of one image file as U-ViT prepares COCO: PIL's RGB conversion
-    (no EXIF rotation), the centred square of side min(H, W) at integer offsets
-    ((H - side) // 2, (W - side) // 2), resized to size x size with PIL Lanczos. tti's own
-    packed cache (tti/data/prepare.py) differs by up to half a pixel in the crop and applies
-    EXIF orientation, so the reference is made here, from the JPEGs."""
+    (no EXIF rotation), the centred square of side min(H, W) at integer offsets, resized with
+    PIL Lanczos. tti's packed cache (tti/data/prepare.py) differs by up to half a pixel in the
+    crop and applies EXIF orientation, so the reference is made here, from the JPEGs."""
     with Image.open(path) as image:
         array = np.asarray(image.convert("RGB"))
     h, w = array.shape[:2]
@@ -121,8 +116,7 @@ def reference_stats(protocol: Protocol, data_root: str, split: str, device: str 
         return (*fid.load_stats(cache, resize), len(paths))
     loader = torch.utils.data.DataLoader(_ReferenceImages(paths, size), batch_size=batch_size,
                                          num_workers=num_workers)
-    features = fid.inception_features(loader, batch_size, device, progress, resize)
-    mu, sigma = fid.stats(features)
+    mu, sigma = fid.stats(fid.inception_features(loader, batch_size, device, progress, resize))
     if cache:
         fid.save_stats(cache, mu, sigma, resize)
     return mu, sigma, len(paths)

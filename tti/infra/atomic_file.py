@@ -1,8 +1,6 @@
-"""Files written by rename: a kill leaves the old file or the new one, never half of one.
-
-The one way tti writes a file that something else may read (configs, JSON records, PNGs of
-an export, checkpoints, caches): a hidden temp file beside the target, renamed over it.
-"""
+"""Files written by rename, the one way tti writes a file that something else may read
+(configs, records, exported PNGs, checkpoints, caches): a kill leaves the old file or the new
+one, never half of one."""
 from __future__ import annotations
 
 import contextlib
@@ -33,9 +31,9 @@ def fsync_dir(folder: str) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path, mode: str = "w", durable: bool = False):
-    """A temp file beside `path`, open for writing; it replaces `path` when the block ends
-    without an error (an error removes it and leaves `path` as it was). durable: fsync the
-    file and its folder too, so a power loss cannot lose the rename (checkpoints)."""
+    """A temp file beside `path`, open for writing, that replaces `path` when the block ends
+    without an error (an error removes it). durable: fsync the file and its folder too, so a
+    power loss cannot lose the rename (checkpoints)."""
     tmp = temp_path(path)
     try:
         with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:

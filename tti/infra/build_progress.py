@@ -31,9 +31,8 @@ def resume_point(partial: str, job: str, array_file: str, shape: tuple) -> int |
 
 def open_array(partial: str, job: str, array_file: str,
                shape: tuple) -> tuple[np.ndarray, int | None]:
-    """The build's fp16 array `partial`/`array_file`, memory-mapped for writing, and the rows a
-    killed build of this same `job` finished; None for those rows when it starts afresh
-    (a new, empty array; any older progress cleared)."""
+    """The build's fp16 array, memory-mapped for writing, and the rows a killed build of this
+    same `job` finished (see resume_point); None starts afresh: a new array, progress cleared."""
     done = resume_point(partial, job, array_file, shape)
     os.makedirs(partial, exist_ok=True)
     path = os.path.join(partial, array_file)

@@ -1,15 +1,14 @@
 """Checkpoints that cannot be lost: atomic writes, `latest`, keep-last-K, clear load errors.
 
-A checkpoint is one dict: model, ema, optimizer, scaler, step, rng states, config (and the
-text encoder's weights or vocabulary when they are trained). It rebuilds the model with no
-other file and resumes training exactly. It holds tensors, numbers, strings, lists, tuples and
-dicts only, and every load is `torch.load(weights_only=True)`: a checkpoint is data, and one
-that asks its unpickler for anything else (a function to call, a class to build) is refused
-before any of it runs.
+A checkpoint is one dict (model, ema, optimizer, scaler, step, rng states, config, and the text
+encoder's weights or vocabulary when trained) that rebuilds the model alone and resumes
+training exactly. It is plain data, loaded with `torch.load(weights_only=True)`: one whose
+pickle asks for anything else (a function to call, a class to build) is refused before any of
+it runs.
 
-Layout: <run_dir>/checkpoints/0001500.pt plus latest.pt, a hard link to the newest step
-file (one write per checkpoint; deleting old step files never breaks `latest`). Where the
-filesystem has no hard links, latest.pt is a copy.
+Layout: <run_dir>/checkpoints/0001500.pt plus latest.pt, a hard link to the newest step file
+(one write per checkpoint; deleting old step files never breaks it), or a copy where the
+filesystem has no hard links.
 """
 from __future__ import annotations
 
@@ -35,11 +34,10 @@ from tti.infra.cli import UserError
 
 STEP_FILES = "[0-9]" * 7 + ".pt"  # 0001500.pt
 
-# All that a weights-only load allows beyond tensors and plain Python data, and why: every
-# version before issue 28 (commit 9019312 and earlier, e.g. tests/fixtures/legacy_*.pt) saved
-# np.random.get_state() in rng[rank]["numpy"], whose MT19937 key is a uint32 numpy array.
-# These names rebuild exactly that array (dtype and array types only, no code); today's
-# checkpoints save the key as a list and need none of them.
+# All that a weights-only load allows beyond plain data: checkpoints before issue 28 (commit
+# 9019312 and earlier, e.g. tests/fixtures/legacy_*.pt) saved np.random.get_state(), whose
+# MT19937 key is a uint32 numpy array. These names rebuild exactly that array (no code); today's
+# checkpoints save the key as a list.
 LEGACY_SAFE_GLOBALS = [
     (_reconstruct, "numpy._core.multiarray._reconstruct"),  # pickled under numpy 2
     (_reconstruct, "numpy.core.multiarray._reconstruct"),   # pickled under numpy 1
@@ -56,9 +54,9 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def unsafe_globals(path: str) -> list:
-    """The globals the pickle of checkpoint file `path` names beyond torch's weights-only set and
-    LEGACY_SAFE_GLOBALS, e.g. ["posix.system"], sorted. Reads the pickle's opcodes only: no tensor
-    data, nothing run. [] for a file that is no torch.save zip (the load then says what is wrong)."""
+    """The globals the pickle of checkpoint `path` names beyond torch's weights-only set and
+    LEGACY_SAFE_GLOBALS, sorted (e.g. ["posix.system"]), from its opcodes alone: nothing is run.
+    [] for a file that is no torch.save zip (the load then says what is wrong)."""
     try:
         with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
             found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
@@ -68,8 +66,8 @@ def unsafe_globals(path: str) -> list:
 
 
 def refuse_unsafe(path: str) -> None:
-    """UnsafeCheckpointError (one line, naming the globals) when checkpoint file `path` asks for
-    anything beyond plain data. A cheap look before a launch starts processes that would load it."""
+    """UnsafeCheckpointError naming the globals when checkpoint `path` asks for more than plain
+    data: a cheap look before a launch starts processes that would load it."""
     names = unsafe_globals(path)
     if names:
         raise UnsafeCheckpointError(f"refused to load {path}: its pickle asks for {', '.join(names)}, "
@@ -89,9 +87,8 @@ def _refusal(error: Exception) -> str:
 
 
 def safe_load(path: str, map_location="cpu", mmap: bool = False):
-    """torch.load(path, weights_only=True), plus LEGACY_SAFE_GLOBALS: tensors and plain Python
-    data come back and nothing in the file runs. UnsafeCheckpointError (one line, naming the
-    global asked for) for a pickle that wants more; other errors are torch's."""
+    """torch.load(path, weights_only=True), plus LEGACY_SAFE_GLOBALS: nothing in the file runs.
+    UnsafeCheckpointError naming the global a pickle wants beyond that; other errors are torch's."""
     try:
         with torch.serialization.safe_globals(LEGACY_SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
@@ -117,8 +114,7 @@ def _disk_full(error: BaseException) -> bool:
 
 
 def atomic_save(obj, path: str) -> None:
-    """torch.save through atomic_file (durable): a kill at any moment leaves either the old
-    file or the new one, never half of one. A full disk raises CheckpointError and leaves
+    """torch.save through atomic_file (durable). A full disk raises CheckpointError and leaves
     the old file untouched."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -146,11 +142,9 @@ def step_checkpoints(run_dir: str) -> list:
 
 
 def save_checkpoint(state: dict, run_dir: str, step: int, keep_last: int = 3) -> str:
-    """Write <step>.pt atomically, point latest.pt at it atomically, keep the last `keep_last`.
-
-    Temp files left by a save that was killed (SIGKILL, power loss) are removed first; only
-    one process (rank 0) may save into a run directory.
-    """
+    """Write <step>.pt and point latest.pt at it, both atomically; keep the last `keep_last`.
+    Removes the temp files of a killed save first; only one process (rank 0) may save into a
+    run directory."""
     folder = checkpoint_dir(run_dir)
     remove_stale_temp_files(run_dir)
     path = os.path.join(folder, f"{step:07d}.pt")
@@ -213,11 +207,8 @@ def checkpoint_file(path: str) -> str:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """Load a checkpoint anywhere (a GPU checkpoint loads on CPU); say which file and why on failure.
-
-    `path` may be a checkpoint file or a run directory (its latest.pt is used). Weights only:
-    UnsafeCheckpointError for a file that asks to run code (see safe_load).
-    """
+    """Load checkpoint_file(path) onto `map_location`; CheckpointError naming the file and why
+    on failure, UnsafeCheckpointError for a file that asks to run code (see safe_load)."""
     path = checkpoint_file(path)
     try:
         state = safe_load(path, map_location=map_location)

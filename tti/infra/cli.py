@@ -1,17 +1,10 @@
 """How every `python -m tti.…` command fails: a user's mistake in one line, a bug with its traceback.
 
-Each command-line module ends with
-
-    if __name__ == "__main__":
-        run_cli(main)              # from tti.infra.cli import run_cli
-
-A `UserError` (any subclass: a wrong config key, unreadable data, a damaged checkpoint, an
-impossible argument) then prints `<command>: error: <message>` on stderr and exits with status 1.
-A UserError whose class sets `quiet = True` exits with status 1 and prints nothing: another
-process (a torchrun rank) already printed the line. Every other exception is a bug and keeps
-its traceback. `--debug` anywhere on the command line
-(taken out before `main` parses it) or TTI_DEBUG=1 shows the traceback of a UserError too.
-Argument errors found by argparse keep argparse's usage line and exit status 2.
+Each command-line module ends with `run_cli(main)`. A `UserError` (a wrong config key, a damaged
+checkpoint, ...) then prints `<command>: error: <message>` on stderr and exits with status 1;
+one whose class sets `quiet = True` prints nothing (another torchrun rank already did). Any
+other exception is a bug and keeps its traceback, as a UserError does with `--debug` anywhere
+on the command line or TTI_DEBUG=1. argparse's errors keep its usage line and exit status 2.
 """
 from __future__ import annotations
 
@@ -25,11 +18,9 @@ USER_ERROR_EXIT = 1
 
 
 class UserError(Exception):
-    """Marker base of the errors a user causes and can fix; its message says what and where.
-
-    Subclass it beside the builtin type callers catch, e.g. `class ConfigError(UserError,
-    ValueError)`, so library callers keep catching ValueError and CLIs print the message alone.
-    """
+    """Base of the errors a user causes and can fix; its message says what and where. Subclass
+    it beside the builtin type callers catch, e.g. `class ConfigError(UserError, ValueError)`,
+    so library callers keep catching ValueError and CLIs print the message alone."""
 
 
 def command_name() -> str:
@@ -38,18 +29,11 @@ def command_name() -> str:
     return spec.name if spec is not None else os.path.basename(sys.argv[0] or "tti")
 
 
-def _debug_requested(argv: Sequence[str]) -> bool:
-    return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
 def run_cli(main: Callable[[list], object], argv: Sequence[str] | None = None) -> None:
-    """Call main(argv without --debug); a UserError becomes one line on stderr and exit status 1.
-
-    argv: the arguments after the program name (default sys.argv[1:]). Under torchrun each
-    rank that fails prints its own line, tagged with its rank.
-    """
+    """Call main(argv without --debug), argv defaulting to sys.argv[1:]; a UserError becomes one
+    line on stderr (under torchrun, each failing rank's, tagged with its rank) and exit status 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = _debug_requested(argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         main([a for a in argv if a != DEBUG_FLAG])
     except UserError as error:
@@ -65,10 +49,8 @@ def run_cli(main: Callable[[list], object], argv: Sequence[str] | None = None) -
 
 
 def check_at_least(parser, args, bounds: dict) -> None:
-    """parser.error unless each given argument is >= its bound (NaN fails too).
-
-    bounds: {dest name: lowest allowed value}; arguments left at None are not checked.
-    """
+    """parser.error unless each argument in `bounds` ({dest name: lowest allowed value}) is
+    None or >= its bound (NaN fails)."""
     for name, low in bounds.items():
         value = getattr(args, name)
         if value is not None and not value >= low:

@@ -1,9 +1,6 @@
-"""Process-group setup for `python -m tti.train` (one process) and `torchrun` (N processes).
-
-torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them we run as a single process.
-The device is chosen by LOCAL_RANK (the rank within this node), never the global rank,
-so multi-node runs put each process on its own local GPU.
-"""
+"""Process-group setup for `python -m tti.train` (one process) and `torchrun` (N processes,
+RANK, LOCAL_RANK and WORLD_SIZE set). Each process takes the GPU of its LOCAL_RANK (its rank
+within the node), never of its global rank, so multi-node runs use each node's GPUs."""
 from __future__ import annotations
 
 import contextlib
@@ -75,15 +72,13 @@ class SharedStoreRestartError(UserError, RuntimeError):
 
 
 def _join_group(backend: str, rank: int, world_size: int) -> None:
-    """init_process_group from torchrun's environment, in a key space no earlier attempt used.
-
-    By default torchrun's workers share the agent's key-value store, which outlives elastic
-    restarts: a restarted rank could read the address a dead peer published and wait for it
-    forever. One agent (one node): its restart count names the attempt. Several agents
-    count their restarts apart (an agent restarted because a peer node failed does not
-    count it), so they need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the launcher sets it):
-    then rank 0 serves a new store for every attempt, on a new port.
-    """
+    """init_process_group from torchrun's environment, in a key space no earlier attempt used:
+    torchrun's workers share the agent's key-value store by default, which outlives elastic
+    restarts, so a restarted rank could read a dead peer's address and wait for it forever.
+    With one agent (one node) its restart count names the attempt. Several agents count
+    restarts apart (one restarted for a peer node's failure does not count it), so they need
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the launchers set it): rank 0 then serves a new store,
+    on a new port, for every attempt."""
     timeout = timedelta(minutes=30)
     shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     agents = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
@@ -115,10 +110,9 @@ class PeerStoppedError(UserError, RuntimeError):
 
 
 def tell_peers_stopping(note: str) -> None:
-    """Leave `note` (why this rank stops) in the group's store. The ranks waiting for this one
-    in a collective see it fail (gloo: "Connection closed by peer") and, finding the note,
-    exit quietly (peer_stopped) instead of each printing that traceback; NCCL's collectives
-    wait instead, until torchrun stops them."""
+    """Leave `note` (why this rank stops) in the group's store. Ranks waiting for this one in a
+    gloo collective see it fail ("Connection closed by peer") and, finding the note, exit
+    quietly (peer_stopped) rather than each print that traceback; NCCL's wait for torchrun."""
     if _STORE is not None:
         with contextlib.suppress(Exception):  # a store that is gone: nobody to tell
             _STORE.set(_STOP_KEY, note)
@@ -157,8 +151,8 @@ def all_gather_object(obj) -> list:
 
 
 def all_ranks_true(flag, device: torch.device) -> bool:
-    """True only if `flag` (bool or bool tensor) is True on every rank, so all ranks take
-    the same branch. One small all-reduce; a tensor flag stays on its device until then."""
+    """Whether `flag` (bool or bool tensor) is True on every rank, so all ranks take the same
+    branch. One small all-reduce; a tensor flag stays on its device until then."""
     t = torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(1)
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MIN)

@@ -1,10 +1,9 @@
 """What a CUDA launch needs from the machine, asked before any work: a working driver, the
-GPU ids it names, and each one's free memory. Every problem is a `GPUError`: one line
-saying what was found and what to run instead (CLIs print it without a traceback), instead
-of torch's own traceback from inside `torch._C._cuda_init()` at the first CUDA call.
+GPU ids it names, and each one's free memory. Every problem is a one-line `GPUError` saying
+what was found and what to run instead, not torch's traceback from its first CUDA call.
 
-Ids here are what CUDA_VISIBLE_DEVICES and the launchers' `$gpu_ids` name: positions among
-the GPUs this process sees (all of the machine's when CUDA_VISIBLE_DEVICES is unset).
+Ids, as the launchers' `$gpu_ids` name them, are positions among the GPUs this process sees
+(all of the machine's when CUDA_VISIBLE_DEVICES is unset).
 """
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ DEVICE_CPU = "run with --device cpu (or a launcher with $gpu_ids cpu)"
 
 
 class GPUError(UserError, RuntimeError):
-    """The GPUs a launch names cannot run it here (no driver, an id that is not there, too
-    little free memory); the message says what was found and what to run instead."""
+    """The GPUs a launch names cannot run it here (no driver, a missing id, too little memory)."""
 
 
 def _first_line(error: BaseException) -> str:
@@ -28,8 +26,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def cuda_problem() -> str | None:
-    """Why CUDA cannot be used in this process, in a few words (no driver, a torch built
-    without CUDA, no GPU visible), or None when it can."""
+    """Why CUDA cannot be used in this process, in a few words, or None when it can."""
     if torch.cuda.is_available():
         return None
     if torch.version.cuda is None:
@@ -49,8 +46,7 @@ def check_cuda(instead: str) -> None:
 
 
 def check_device(device: str | torch.device) -> None:
-    """GPUError unless `device` ("cpu", "cuda", "cuda:1", ...) can be used here: checked before a
-    CLI loads anything, so a driverless machine gets one line, not torch's traceback."""
+    """GPUError unless `device` ("cpu", "cuda", "cuda:1", ...) can be used here."""
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -71,9 +67,8 @@ def check_ids(ids: list[int], instead: str, what: str = "GPU id") -> int:
 
 
 def free_memory(index: int) -> tuple[int, int]:
-    """(free, total) bytes of GPU `index`, as the driver reports them (other processes'
-    use included). GPUError when the GPU cannot be opened (e.g. another job holds it in
-    exclusive-process mode)."""
+    """(free, total) bytes of GPU `index`, other processes' use included. GPUError when it
+    cannot be opened (e.g. another job holds it in exclusive-process mode)."""
     try:
         return torch.cuda.mem_get_info(index)
     except RuntimeError as e:

@@ -1,16 +1,11 @@
-"""Where a pretrained model's files come from, checked before any work: `locate_pretrained`.
-
-A setting such as text.name or model.autoencoder names a local folder that `save_pretrained`
-wrote, or a Hugging Face hub id. A hub id is used as is when the hub answers, else from the
-local HF cache; with neither, it fails at once in one line naming the setting and the way out
-(from_pretrained alone would retry the hub for about a minute, then print a traceback).
-"""
+"""Where a pretrained model's files come from, checked before any work: `locate_pretrained`
+fails at once in one line where from_pretrained alone would retry the hub for about a
+minute, then print a traceback."""
 from __future__ import annotations
 
 import os
 
-# Seconds to wait for the hub's answer: long enough for a slow link, short next to a minute.
-HUB_TIMEOUT_S = 5.0
+HUB_TIMEOUT_S = 5.0  # long enough for a slow link, short next to from_pretrained's minute
 _TRUE = ("1", "ON", "YES", "TRUE")
 
 
@@ -45,10 +40,11 @@ def cached_snapshot(name: str) -> str | None:
 
 
 def locate_pretrained(name: str, key: str, error: type, advice: str = "") -> str:
-    """What `from_pretrained` should load for the setting `key` = `name`: a local folder, the
-    hub id when the hub answers, or its snapshot in the HF cache. Cheap (no weights are read).
-    Raises `error` (a UserError class) in one line naming `key` and the way out; `advice`
-    ends that line where the caller knows another way (", or try ...")."""
+    """What `from_pretrained` should load for the setting `key` = `name` (text.name,
+    model.autoencoder): a local folder that save_pretrained wrote, the hub id when the hub
+    answers, or its snapshot in the HF cache; no weights are read. Raises `error` (a UserError
+    class) in one line naming `key` and the way out; `advice` ends it where the caller knows
+    another way (", or try ...")."""
     folder = os.path.expanduser(name)
     if os.path.isdir(folder):
         if not os.path.isfile(os.path.join(folder, "config.json")):

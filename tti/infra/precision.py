@@ -6,12 +6,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def amp_dtype(precision: str, device) -> "torch.dtype | None":
-    """The autocast dtype for `precision` on `device` (None = plain fp32).
-
-    "auto" is bf16 on CUDA and on CPUs with native bf16 instructions (AVX512-BF16 or AMX),
-    where it trains faster than fp32 (bench/train_throughput.py); fp32 elsewhere, since
-    emulated bf16 is slower than fp32.
-    """
+    """The autocast dtype for `precision` on `device` (None = plain fp32). "auto" is bf16 on
+    CUDA and on CPUs with native bf16 (AVX512-BF16 or AMX), where it trains faster than fp32
+    (bench/train_throughput.py); fp32 elsewhere, since emulated bf16 is slower."""
     import torch
 
     if precision not in PRECISIONS:
@@ -26,8 +23,7 @@ def amp_dtype(precision: str, device) -> "torch.dtype | None":
 
 
 def precision_name(amp: "torch.dtype | None") -> str:
-    """What amp_dtype returned, for logs and tables: "fp32" (None), "bf16 autocast" or
-    "fp16 autocast"."""
+    """What amp_dtype returned, for logs and tables: "fp32", "bf16 autocast" or "fp16 autocast"."""
     import torch
 
     return {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp]

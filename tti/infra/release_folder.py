@@ -1,14 +1,10 @@
-"""A release: the folder a user shares instead of a training checkpoint, and how it is read.
+"""A release: the folder a user shares instead of a training checkpoint; nothing in it is unpickled.
 
     <folder>/model.safetensors   the weights sampling uses (tensors only: safetensors cannot
                                  carry code), under the names a checkpoint's "model" has
     <folder>/config.json         {"format": "tti.release/1", "step", "images_seen", "weights":
                                  "ema" | "model", "text_vocab", "config"}
     <folder>/README.md           the model card (tti/release.py writes all three)
-
-`load_inference_state(path)` reads a release or a checkpoint (file or run directory) into the
-same dict: "model" (name -> tensor), "config", "step", "text_vocab"; a release's also has
-"release" (its config.json). Nothing in a release is unpickled.
 """
 from __future__ import annotations
 
@@ -29,13 +25,12 @@ RELEASE_FORMAT = "tti.release/1"
 
 
 def is_release_folder(path: str) -> bool:
-    """Whether `path` is a folder holding model.safetensors and config.json."""
     return all(os.path.isfile(os.path.join(path, name)) for name in (WEIGHTS_FILE, CONFIG_FILE))
 
 
 def write_release_files(folder: str, weights: dict, meta: dict, card: str) -> None:
     """Write model.safetensors (`weights`: name -> tensor), config.json (`meta`) and README.md
-    (`card`) into `folder`, each atomically (a kill leaves the old file or the new one)."""
+    (`card`) into `folder`, each atomically."""
     other = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
     if other:  # safetensors stores tensors alone; anything else belongs in config.json
         raise ValueError(f"release weights must be tensors; not: {', '.join(other[:5])}")
@@ -83,8 +78,9 @@ def read_release(folder: str) -> dict:
 
 
 def load_inference_state(path: str) -> dict:
-    """What sampling needs from `path`: a release folder (read_release) or a checkpoint file or
-    run directory (load_checkpoint, weights only)."""
+    """What sampling needs from `path` (a release folder, or a checkpoint file or run directory)
+    as one dict: "model" (name -> tensor), "config", "step", "text_vocab" (and a release's
+    "release", its config.json)."""
     if os.path.isdir(path) and is_release_folder(path):
         return read_release(path)
     return load_checkpoint(path, map_location="cpu")

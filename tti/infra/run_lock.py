@@ -1,30 +1,22 @@
 """One writer per folder: an OS lock a run holds from before its first write until it exits.
 
-`python -m tti.train` takes it on rank 0 before writing anything into the run directory,
-`python -m tti.export` on rank 0 before writing into --out-dir. A second launch on a held
-folder fails at once with a message naming the host, PID, start time and command of the
-holder, which writes them into the lock file (<folder>/run.lock) right after taking the lock.
-The shapes generator, the image-cache packer and the text store take one too, and wait.
+On a held folder, rank 0 of `python -m tti.train` (run directory) and `python -m tti.export`
+(--out-dir) fail at once, naming the holder's host, PID, start time and command, which it
+writes into <folder>/run.lock; the shapes generator, image-cache packer and text store wait.
 
-What it relies on:
-- POSIX record locks (fcntl.lockf). The kernel drops them when the holding process ends,
-  SIGKILL included, so a killed run never leaves a stale lock: a relaunch, or torchrun's
-  restarted group (whose rank 0 is a new process; the old one is dead), takes it back.
-  They belong to the process and are not inherited across fork(), so a killed rank 0's
-  DataLoader workers cannot keep its lock alive the way they would keep a flock().
-  Closing any descriptor of the lock file drops the lock in the holding process, so only
-  this module opens it.
-- Nodes sharing storage: NFSv4 implements these locks in the protocol, NFSv3 with lockd
-  (NLM), so they hold across nodes. Mounted with `nolock` or `local_lock=posix|all` they are
-  local to each node: two launches on one node still collide, on two nodes they do not.
-  When a node crashes, the server frees its locks when its lease ends (NFSv4: 90 s by
-  default), so a restarted torchrun group waits up to RESTART_WAIT_S for the lock.
-- A filesystem that refuses locks (ENOLCK, ENOSYS, EOPNOTSUPP: e.g. Lustre mounted without
-  flock, some FUSE filesystems) gets a warning on stderr and the run goes on unprotected;
-  so does a platform without fcntl (Windows).
+- fcntl.lockf locks die with their process, SIGKILL included, so a relaunch or torchrun's
+  restarted group takes a killed run's lock back. Unlike flock() they are not inherited across
+  fork(), so a killed rank 0's DataLoader workers cannot keep its lock alive. Closing any
+  descriptor of the lock file drops the holder's lock, so only this module opens it.
+- NFSv4 (in the protocol) and NFSv3 (lockd) hold them across nodes, unless mounted `nolock` or
+  `local_lock=posix|all`. A crashed node's locks are freed when its lease ends (NFSv4: 90 s
+  by default), so a restarted torchrun group waits up to RESTART_WAIT_S.
+- Where a filesystem refuses locks (ENOLCK, ENOSYS, EOPNOTSUPP: Lustre without flock, some
+  FUSE) the run goes on unprotected after a warning on stderr; on Windows (no fcntl), silently.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -51,8 +43,8 @@ class RunLockedError(UserError, RuntimeError):
 
 
 class RunLock:
-    """An exclusive lock on <folder>/<file_name>, held from acquire() until release() or
-    until the process ends. `advice` ends the RunLockedError message (what to do instead)."""
+    """An exclusive lock on <folder>/<file_name>, held from acquire() until release() or the
+    process ends. `advice` ends the RunLockedError message (what to do instead)."""
 
     def __init__(self, folder: str, file_name: str = LOCK_FILE, advice: str = ""):
         self.folder, self.advice = folder, advice
@@ -60,11 +52,8 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self, wait_s: float = 0.0) -> "RunLock":
-        """Take the lock, waiting up to wait_s seconds for it (math.inf: until it is free).
-
-        Creates the folder if needed. Raises RunLockedError naming the holder if the lock is
-        still held after wait_s. Returns self.
-        """
+        """Take the lock, waiting up to wait_s seconds (math.inf: until it is free); creates the
+        folder if needed. RunLockedError naming the holder if it is still held after wait_s."""
         if fcntl is None:
             return self
         os.makedirs(self.folder, exist_ok=True)
@@ -104,10 +93,8 @@ class RunLock:
         key = os.path.realpath(self.path)
         if _HELD.get(key) is self:
             del _HELD[key]
-        try:
+        with contextlib.suppress(OSError):
             os.ftruncate(self._fd, 0)  # a finished run leaves no holder behind in the file
-        except OSError:
-            pass
         os.close(self._fd)
         self._fd = None
 
@@ -150,11 +137,9 @@ def _short(text: str, limit: int = 120) -> str:
 
 
 def _read_holder(path: str, wait_s: float = 1.0) -> dict | None:
-    """The {host, pid, started, command} record in lock file `path`, or None if it has none.
-
-    Waits up to wait_s for a holder that has taken the lock but not yet written its record.
-    Never call it in the process that holds the lock (closing the file would drop the lock).
-    """
+    """The {host, pid, started, command} record in lock file `path`, or None, waiting up to
+    wait_s for a holder that has locked but not yet written it. Never call it in the holding
+    process: closing the file would drop the lock."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -179,11 +164,9 @@ def _describe_holder(path: str) -> str:
 
 
 def lock_run_dir(run_dir: str) -> RunLock:
-    """The training lock on run_dir, for rank 0 to take before it writes anything there.
-
-    Fails at once if held; a restarted torchrun group (TORCHELASTIC_RESTART_COUNT > 0) waits
-    up to RESTART_WAIT_S, for a crashed node's lock to expire on shared storage.
-    """
+    """The training lock on run_dir, for rank 0 to take before it writes anything there. Fails
+    at once if held; a restarted torchrun group (TORCHELASTIC_RESTART_COUNT > 0) waits up to
+    RESTART_WAIT_S, for a crashed node's lock to expire on shared storage."""
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
     lock = RunLock(run_dir, advice="To train alongside it, give this launch another run.run_idx.")
     return lock.acquire(RESTART_WAIT_S if restarted else 0.0)

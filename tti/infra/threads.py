@@ -1,14 +1,9 @@
 """How many CPU threads a command uses: the CPUs that are free when it starts, not all of them.
 
-torch's default is one OpenMP thread per CPU. Beside a busy single-threaded job, the thread
-that shares the busy core runs a fraction of the time and every parallel region (each conv,
-each matmul) waits for it, so two threads run many times slower than one
-(bench/results/busy_core_2026-12-01.md). Each command-line entry point therefore calls
-`use_free_cpus()` once before any work: OMP_NUM_THREADS, when the user set it, wins;
-otherwise torch gets one thread per CPU of this process's affinity mask that other
-processes left idle over a few short samples of /proc/stat. The least busy sample counts: a
-busy loop is busy in all of them, while a blip (a process starting or exiting) fills one
-sample at most.
+Beside a busy single-threaded job, torch's default of one OpenMP thread per CPU runs many times
+slower than one thread: every parallel region (each conv, each matmul) waits for the thread
+sharing the busy core (bench/results/busy_core_2026-12-01.md). So each command-line entry
+point calls `use_free_cpus()` once, before any work.
 """
 from __future__ import annotations
 
@@ -58,11 +53,9 @@ def usable_cpus() -> set[int]:
 
 
 def free_cpus(sample_s: float = SAMPLE_S) -> int:
-    """The CPUs this process may run on that are idle now: at least 1.
-
-    Other processes take the CPUs they kept busy, rounded, in the least busy of SAMPLES
-    back-to-back samples.
-    """
+    """The CPUs this process may run on (its affinity mask) that are idle now, at least 1. Other
+    processes take the CPUs they kept busy, rounded, in the least busy of SAMPLES samples: a
+    busy loop is busy in all of them, a blip (a process starting or exiting) fills one at most."""
     cpus = usable_cpus()
     taken = len(cpus)
     for _ in range(SAMPLES):  # stop at a sample with nothing taken: the least can't go lower
@@ -73,8 +66,8 @@ def free_cpus(sample_s: float = SAMPLE_S) -> int:
 
 
 def use_free_cpus(sample_s: float = SAMPLE_S) -> int:
-    """Set torch's intra-op threads to free_cpus() unless OMP_NUM_THREADS is set; returns the
-    thread count torch now uses. Call once per process, before the first torch op; says so
+    """Set torch's intra-op threads to free_cpus() unless the user set OMP_NUM_THREADS; returns
+    the thread count torch now uses. Call once per process, before the first torch op; says so
     on stderr when other processes' load made it use fewer threads than CPUs."""
     import torch
 

@@ -1,12 +1,10 @@
 """A frozen autoencoder whose latent space a model learns in (latent diffusion).
 
-`model.autoencoder` names a diffusers `AutoencoderKL`: the Stable Diffusion VAE
-(`stabilityai/sd-vae-ft-ema` or `-mse`, 8x smaller, 4 channels) by hub id, or a folder that
-`save_pretrained` wrote. `TextToImage` (tti/models/text_to_image.py) keeps its interface:
-training gets RGB images (encoded here) or a latent store's moments (tti/data/latent_store.py,
-so training never runs the encoder), and sampling returns decoded RGB images in [-1, 1].
-The VAE is never trained and never saved in checkpoints: it is reloaded by name, as a frozen
-text encoder is.
+`model.autoencoder` names a diffusers `AutoencoderKL` by hub id (the Stable Diffusion VAE,
+`stabilityai/sd-vae-ft-ema` or `-mse`) or a folder that `save_pretrained` wrote. Training gets
+RGB images (encoded here) or a latent store's moments (tti/data/latent_store.py: the encoder
+never runs); sampling decodes to RGB in [-1, 1]. The VAE is never trained nor saved in
+checkpoints: it is reloaded by name, as a frozen text encoder is.
 """
 from __future__ import annotations
 
@@ -52,8 +50,8 @@ class FrozenAutoencoder(nn.Module):
     """A VAE of the SD family, frozen, in eval mode whatever its parent's mode.
 
     channels, factor: its latent channels (4) and how much smaller its latents are (8);
-    scale: its scaling factor (0.18215 for the SD VAEs), which brings latents near unit
-    variance: the model learns scale * z, as latent diffusion does.
+    scale: its scaling factor (0.18215 for the SD VAEs), bringing latents near unit variance:
+    the model learns scale * z, as latent diffusion does.
     """
 
     def __init__(self, name: str, vae: nn.Module):

@@ -1,10 +1,9 @@
 """The diffusion model kind: a backbone, trained and sampled by an objective.
 
-As k-diffusion keeps its Denoiser apart from the network, `Diffusion` holds the two apart:
-the backbone is any module (x, t, text) -> output with t a float in [0, 1000], the objective
-(tti/models/objectives/) owns noise, time, targets, loss weighting and sampling. It keeps
-the interface every model in tti shares: `loss(images, text) -> scalar` and
-`sample(text, generator, ...) -> images in [-1, 1]`.
+As k-diffusion keeps its Denoiser apart from the network, the backbone is any module
+(x, t, text) -> output with t a float in [0, 1000], and the objective (objectives/) owns
+noise, time, targets, loss weighting and sampling. `Diffusion` has the interface every model
+in tti shares: `loss(images, text) -> scalar`, `sample(text, generator, ...)`.
 """
 from __future__ import annotations
 
@@ -39,7 +38,8 @@ class Diffusion(nn.Module):
         self.objective = objective
         self.image_size, self.image_channels = backbone.image_size, backbone.image_channels
 
-    def _check_images(self, images: torch.Tensor, text: TextBatch) -> None:
+    def loss(self, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """images: float [B, C, S, S] in [-1, 1]; text: TextBatch of batch B -> scalar."""
         expected = (self.image_channels, self.image_size, self.image_size)
         if images.dim() != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"Diffusion.loss: images must be float [B, {expected[0]}, {expected[1]}, "
@@ -48,10 +48,6 @@ class Diffusion(nn.Module):
             raise ValueError(f"Diffusion.loss: images must be float in [-1, 1], got {images.dtype}")
         if len(text) != images.shape[0]:
             raise ValueError(f"Diffusion.loss: {images.shape[0]} images but {len(text)} captions")
-
-    def loss(self, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
-        """images: float [B, C, S, S] in [-1, 1]; text: TextBatch of batch B -> scalar."""
-        self._check_images(images, text)
         return self.objective.loss(self.backbone, images, text)
 
     def forward(self, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
@@ -59,7 +55,6 @@ class Diffusion(nn.Module):
         return self.loss(images, text)
 
     def check_sampling(self, sampler: str, steps: int, eta: float) -> None:
-        """ValueError naming the first sampling option the objective cannot run."""
         self.objective.check_sampling(sampler, steps, eta)
 
     @torch.no_grad()
@@ -73,8 +68,7 @@ class Diffusion(nn.Module):
         generator: torch.Generator; all noise comes from it. Or a list of B generators (any
                    device), one per caption: image i then depends on generator i alone.
         null_text: the empty caption (batch 1 or B), needed when guidance != 1.
-        guidance: classifier-free guidance scale g >= 0: uncond + g * (cond - uncond), the
-                  conditional and null captions in one batched pass; 1 = conditional alone.
+        guidance: classifier-free guidance scale g >= 0 (see Guided); 1 = conditional alone.
         sampler, steps, eta: one of the objective's samplers (`objective.samplers`; None =
                   its first), its steps and, where it takes one, its noise scale eta.
         noise: optional starting noise float [B, C, S, S]; drawn from `generator` when None.

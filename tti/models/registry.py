@@ -1,8 +1,6 @@
 """The one list of tti's plug-ins: every model kind, objective and backbone, one line each.
-
-A new idea is its own file with an `ENTRY` (tti/config/registry.py says what one holds) and
-one line here; docs/extending.md walks through one. Importing `tti.models` runs this file.
-"""
+A new idea is its own file with an `ENTRY` (tti/config/registry.py) and one line here;
+docs/extending.md walks through one."""
 from tti.config.registry import BACKBONES, MODEL_KINDS, OBJECTIVES
 from tti.models import diffusion
 from tti.models.aligndraw import model as aligndraw

@@ -1,12 +1,9 @@
 """The one model module that training, sampling, export and evaluation share.
 
-`TextToImage` = a text encoder + an image model of a registered kind that keeps the
-two-method interface (`loss(images, text)`, `sample(text, generator, ...)`), and with
-model.autoencoder a frozen VAE whose latents the image model learns (tti/models/autoencoder.py).
-Everything outside this file talks to captions and uint8/[-1, 1] images only, so the
-diffusion model and alignDRAW, in pixels or in a latent space, are interchangeable.
-`build(cfg)` makes one from a config; `load_for_inference(path)` rebuilds one from a
-checkpoint or a release folder alone (EMA weights by default).
+`TextToImage` = a text encoder + an image model of a registered kind (`loss(images, text)`,
+`sample(text, generator, ...)`) + with model.autoencoder a frozen VAE whose latents the image
+model learns (autoencoder.py). Everything outside this file sees captions and uint8/[-1, 1]
+images only, so every model kind, in pixels or in a latent space, is interchangeable.
 """
 from __future__ import annotations
 
@@ -95,9 +92,6 @@ class TextToImage(nn.Module):
         return dict(sampler=s.sampler, steps=s.steps, eta=s.eta, guidance=s.guidance)
 
 
-# ---------------------------------------------------------------- building
-
-
 def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn.Module:
     """The text side a config asks for. A word vocabulary (text.name vocab, or a model kind
     that reads word ids) needs the training captions (fresh run) or the vocabulary saved in
@@ -123,14 +117,10 @@ def build_text_encoder(cfg: Config, train_captions=None, vocab_state=None) -> nn
 
 
 def build(cfg: Config, train_captions=None, vocab_state=None) -> TextToImage:
-    """The model `cfg` describes: its text encoder, an image model of kind model.kind and,
-    with model.autoencoder, the frozen VAE whose latents it learns."""
+    """The TextToImage `cfg` describes (train_captions, vocab_state: see build_text_encoder)."""
     text = build_text_encoder(cfg, train_captions, vocab_state)
     autoencoder = load_autoencoder(cfg.model.autoencoder) if cfg.model.autoencoder else None
     return TextToImage(text, MODEL_KINDS.get(cfg.model.kind).build(cfg, text), autoencoder)
-
-
-# ---------------------------------------------------------------- checkpoint state
 
 
 # Weight names that earlier versions wrote, old prefix -> new, first match wins: checkpoints
@@ -163,10 +153,9 @@ def trainable_state(model: TextToImage) -> dict:
 
 
 def load_trainable_state(model: TextToImage, weights: dict) -> None:
-    """Load what `trainable_state` saved, strictly: every key it names, with its shape, and
-    nothing else. A frozen encoder, which checkpoints leave out, keeps its pretrained weights.
-    Weights saved under earlier names load (RENAMED_WEIGHTS). Raises CheckpointError
-    naming the missing, unexpected and mis-shaped keys."""
+    """Load what `trainable_state` saved (or under RENAMED_WEIGHTS' old names), strictly: every
+    key it names, with its shape, and nothing else; a frozen encoder keeps its pretrained
+    weights. Raises CheckpointError naming the missing, unexpected and mis-shaped keys."""
     weights = current_names(weights)
     problems = mismatched_keys(trainable_state(model), weights)
     if problems:

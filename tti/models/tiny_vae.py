@@ -4,11 +4,9 @@ and CPU smoke runs with no network (no VAE weights can be downloaded on the buil
     python -m tti.models.tiny_vae OUT_DIR            # a few hundred kB
     python -m tti.train ... --set model.autoencoder=OUT_DIR
 
-writes what `AutoencoderKL.from_pretrained("stabilityai/sd-vae-ft-ema")` reads (config.json,
-diffusion_pytorch_model.safetensors) with the SD VAE's geometry (4 latent channels, 8x
-smaller: four levels) at a sliver of its width. `--sd-shape` writes the SD VAE's own
-architecture (84M parameters) with random weights instead: its FLOPs and memory, nothing
-learnt. The weights are random: it exercises the code, it reconstructs nothing.
+writes what `AutoencoderKL.from_pretrained` reads, with the SD VAE's geometry (4 latent
+channels, 8x smaller) at a sliver of its width; `--sd-shape` writes the SD VAE's own
+architecture (84M parameters): its FLOPs and memory. Random weights: it reconstructs nothing.
 """
 from __future__ import annotations
 

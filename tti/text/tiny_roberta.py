@@ -3,12 +3,10 @@
     python -m tti.text.tiny_roberta OUT_DIR --captions /data/coco     # a COCO root or caption files
     python -m tti.train ... --set text.name=OUT_DIR
 
-writes what `from_pretrained("roberta-base")` reads (config.json, model.safetensors,
-vocab.json, merges.txt, tokenizer.json, tokenizer_config.json), so
-`AutoTokenizer/AutoModel.from_pretrained(OUT_DIR)` take RoBERTa's own road: byte-level BPE
-(trained with `tokenizers` on the given captions), the special tokens <s> <pad> </s> at
-ids 0 1 2, right padding, and position ids that start after padding_idx (= 1). The weights
-are random: it exercises the code, it has learnt nothing. Same captions + seed = same files.
+writes the files roberta-base ships, so `from_pretrained(OUT_DIR)` takes RoBERTa's own road:
+byte-level BPE (trained on the given captions), <s> <pad> </s> at ids 0 1 2, right padding,
+position ids that start after padding_idx (= 1). The weights are random: it exercises the
+code, it has learnt nothing. Same captions + seed = same files.
 """
 from __future__ import annotations
 
@@ -25,14 +23,12 @@ SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 def build_tiny_roberta(out_dir, captions, seed: int = 0, max_length: int = 128,
                        vocab_size: int = 2000, hidden_size: int = 32, layers: int = 2,
                        heads: int = 2) -> str:
-    """Train a byte-level BPE tokenizer on `captions` and save it with a random RoBERTa of
-    `layers` layers of width `hidden_size` with `heads` attention heads into `out_dir`
-    (created; must be empty or new). roberta-base's shape, for realistic FLOPs with the same
-    small tokenizer: hidden_size=768, layers=12, heads=12.
+    """Train a byte-level BPE tokenizer on `captions` and save it with a random RoBERTa into
+    `out_dir` (new or empty); returns out_dir as a string. roberta-base's shape, for
+    realistic FLOPs: hidden_size=768, layers=12, heads=12.
 
     max_length: the longest token sequence it takes, <s> and </s> included (roberta-base: 512);
     the model has max_length + 2 positions, as RoBERTa's position ids start at padding_idx + 1.
-    Returns out_dir as a string.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

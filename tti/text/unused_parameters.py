@@ -29,15 +29,13 @@ def parameters_reached(output: torch.Tensor) -> set[int]:
 
 
 def drop_unused(model: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[list[str], list[str]]:
-    """Remove from `model` each largest submodule whose parameters never reach `run()`, and
-    freeze every other parameter that does not reach it; returns (dropped module names,
-    frozen parameter names).
+    """Remove from `model` each largest submodule whose parameters never reach `run()` (its
+    output, computed deterministically in eval mode) and freeze every other parameter that
+    does not; returns (dropped module names, frozen parameter names).
 
-    `run()` computes the output from `model` deterministically (eval mode). A submodule is
-    removed by setting its attribute to None, which Hugging Face models read as "absent"
-    (e.g. `pooler`); where the model cannot run without it (the forward fails or its output
-    changes), it is put back and its parameters are frozen instead: either way none is left
-    that DDP would wait for. Requires-grad flags of the parameters that are used are kept.
+    A submodule is removed by setting its attribute to None, which Hugging Face models read
+    as "absent" (e.g. `pooler`); if the model cannot run without it (the forward fails or its
+    output changes), it is put back and frozen instead. Used parameters keep their flags.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.requires_grad_(True)  # a frozen model too: the graph must reach every parameter

@@ -1,9 +1,7 @@
 """Word vocabulary and the word-id text encoder that alignDRAW uses instead of RoBERTa.
 
-`build_vocab` counts lowercase words in the training captions; `WordVocabEncoder` turns
-captions into right-padded int64 word ids with the same call interface as
-`tti.text.encoder.TextEncoder` (captions -> TextBatch, `null`, `dim`). The word embeddings
-themselves belong to the model (`tti.models.aligndraw.model.AlignDraw`), so this encoder has no weights.
+`WordVocabEncoder` turns captions into right-padded int64 word ids behind TextEncoder's
+interface; the word embeddings belong to the model (tti.models.aligndraw.model.AlignDraw).
 """
 from __future__ import annotations
 
@@ -27,7 +25,7 @@ _WORD = re.compile(r"[a-z0-9]+")
 
 
 def tokenize(caption: str) -> list[str]:
-    """Lowercase words: runs of [a-z0-9]; punctuation and whitespace split and are dropped.
+    """Lowercase runs of [a-z0-9]; punctuation and whitespace split and are dropped.
 
     "A red Circle, left of a square." -> ["a", "red", "circle", "left", "of", "a", "square"]
     """
@@ -37,10 +35,7 @@ def tokenize(caption: str) -> list[str]:
 
 
 class WordVocab:
-    """Word <-> id table. Ids 0, 1, 2 are <pad>, <unk>, <empty>; words follow.
-
-    words: every entry in id order, the three special tokens first.
-    """
+    """Word <-> id table; `words` in id order: <pad>, <unk>, <empty> (ids 0, 1, 2), then words."""
 
     def __init__(self, words: list[str]):
         words = list(words)
@@ -62,10 +57,8 @@ class WordVocab:
         return isinstance(other, WordVocab) and self.words == other.words
 
     def encode(self, caption: str, max_length: int | None = None) -> list[int]:
-        """Caption -> word ids (unknown words -> unk_id), at most max_length of them.
-
-        A caption with no words becomes [empty_id].
-        """
+        """Caption -> at most max_length word ids (unknown words -> unk_id); no words ->
+        [empty_id]."""
         ids = [self.index.get(w, self.unk_id) for w in tokenize(caption)]
         if max_length is not None:
             ids = ids[:max_length]
@@ -98,9 +91,9 @@ def build_vocab(captions: Iterable[str], min_count: int = 1,
                 max_size: int | None = None) -> WordVocab:
     """Vocabulary of the words in `captions` seen at least `min_count` times.
 
-    max_size: cap on len(vocab), the three special tokens included (so an embedding
-              table of max_size rows always fits); the most frequent words are kept,
-              ties broken alphabetically so the result does not depend on caption order.
+    max_size: cap on len(vocab), special tokens included (an embedding table of max_size
+        rows always fits); the most frequent words are kept, ties broken alphabetically so
+        the result does not depend on caption order.
     """
     if min_count < 1:
         raise ValueError(f"build_vocab: min_count must be >= 1, got {min_count}")
@@ -120,9 +113,8 @@ def build_vocab(captions: Iterable[str], min_count: int = 1,
 class WordVocabEncoder(nn.Module):
     """Captions -> TextBatch(tokens int64 word ids [B, L], mask bool [B, L]), right-padded.
 
-    Same call interface as `tti.text.encoder.TextEncoder`. It has no weights (the word embeddings
-    live in the model), so `finetune` is always False and there is nothing to cache.
-    The vocabulary travels in `state_dict()` (as extra state) and via `to_dict()`.
+    TextEncoder's interface, without weights: nothing to fine-tune or cache. The vocabulary
+    travels in `state_dict()` (as extra state) and via `to_dict()`.
     max_length: captions are truncated to this many words.
     """
 

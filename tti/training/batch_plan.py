@@ -1,18 +1,14 @@
 """How each optimizer step's global batch splits: micro-batch x accumulation x processes.
 
-train.batch_size (the global batch) is fixed for a run; how it splits is not:
+train.batch_size (the global batch) is fixed for a run; train.micro_batch sets its split:
+null: batch_size / processes / train.grad_accum per forward pass; a number: that many images
+per forward pass, the rest accumulated; auto: on a GPU, the largest micro-batch that fits
+every rank's GPU (tti/training/micro_batch_search.py; the ranks agree on the smallest), on a
+CPU, where memory is seldom the limit and a search would cost minutes, the config's split.
 
-- train.micro_batch null: batch_size / processes / train.grad_accum per forward pass (as before);
-- a number: that many images per forward pass, and batch_size / (processes x it) of them
-  accumulated per step;
-- auto: on a GPU, the largest micro-batch that fits every rank's GPU, found at start by
-  tti/training/micro_batch_search.py and agreed on (the smallest rank's); on a CPU, where
-  memory is seldom the limit and a search would cost minutes, the config's own split.
-
-Whichever it is, every step sees the same images (tti/data/order.py serves a step's
-per-process batch whatever its split) and averages the same per-micro-batch losses, so a
-24 GB and an 80 GB GPU train the same config through the same steps. The choice goes to
-log.txt and history.jsonl; a resume may choose another (tti/config/resume.py).
+Every split sees the same images per step (tti/data/order.py) and averages the same
+per-micro-batch losses, so a 24 GB and an 80 GB GPU train a config through the same steps.
+The choice goes to log.txt and history.jsonl; a resume may choose another.
 """
 from __future__ import annotations
 
@@ -40,15 +36,12 @@ class BatchPlan:
     world: int
     how: str
 
-    @property
-    def global_batch(self) -> int:
-        return self.micro * self.accum * self.world
-
     def describe(self) -> str:
         """'micro-batch 16 x 4 accumulation steps x 2 processes = global batch 128'."""
         return (f"micro-batch {self.micro} x {self.accum} accumulation step"
                 f"{'s' if self.accum != 1 else ''} x {self.world} process"
-                f"{'es' if self.world != 1 else ''} = global batch {self.global_batch}")
+                f"{'es' if self.world != 1 else ''} = global batch "
+                f"{self.micro * self.accum * self.world}")
 
     def record(self) -> dict:
         """What history.jsonl keeps of it."""
@@ -77,9 +70,9 @@ def longest_captions(train_set) -> Callable[[int], list[str]]:
 
 def plan_batches(cfg: Config, info: distributed.DistInfo, state: TrainState,
                  captions: Callable[[int], list[str]], log: RunLog) -> BatchPlan:
-    """This run's split: as the config states it, or (auto) searched on every rank's GPU and
-    agreed on; logged. `captions`: n -> the n captions the search's probes read (see
-    longest_captions). A collective under auto on a GPU: every rank calls it."""
+    """This run's split, as the config states it or (auto) searched on every rank's GPU;
+    logged. `captions`: n -> the n captions the search's probes read (longest_captions).
+    A collective under auto on a GPU: every rank calls it."""
     tr, world = cfg.train, info.world_size
     if tr.micro_batch != "auto":
         how = (f"train.micro_batch={tr.micro_batch}" if tr.micro_batch is not None
@@ -113,6 +106,6 @@ def _searched_plan(cfg: Config, info: distributed.DistInfo, state: TrainState,
         raise GPUError(f"train.micro_batch=auto: not even one image per micro-batch fits the "
                        f"GPU of rank(s) {','.join(map(str, short))} ({found.describe()} here): "
                        f"free those GPUs, use GPUs with more memory, or a smaller model")
-    how = (f"train.micro_batch=auto: the largest that fits every rank's GPU"
+    how = ("train.micro_batch=auto: the largest that fits every rank's GPU"
            + (f", ranks found {every}" if len(set(every)) > 1 else ""))
     return BatchPlan(micro, per_process // micro, info.world_size, how)

@@ -1,6 +1,8 @@
 """Exponential moving average of the trainable weights (what sampling uses by default)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -8,11 +10,9 @@ from tti.infra.checkpoints import CheckpointError, mismatched_keys
 
 
 class EMA:
-    """Shadow copies of a module's trainable parameters, keyed like its state_dict.
-
-    The effective decay ramps up as min(decay, (1 + n) / (10 + n)) over the n updates so
-    far, so short runs are not dominated by the random initialisation.
-    """
+    """Shadow copies of a module's trainable parameters, keyed like its state_dict. The decay
+    ramps up as min(decay, (1 + n) / (10 + n)) over the n updates so far, so short runs are
+    not dominated by the random initialisation."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -33,9 +33,8 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         """Load `state_dict()`'s shadow and update count strictly (CheckpointError naming the
-        missing, unexpected or mis-shaped weights); the decay stays this EMA's own (the
-        config's train.ema_decay, which a resumed run may change)."""
-
+        missing, unexpected or mis-shaped weights); the decay stays the config's
+        train.ema_decay, which a resumed run may change."""
         problems = mismatched_keys(self.shadow, state["shadow"])
         if problems:
             raise CheckpointError(f"the checkpoint's EMA weights do not fit the model: {problems}")
@@ -49,22 +48,15 @@ class EMA:
             if name in self.shadow:
                 p.copy_(self.shadow[name])
 
+    @contextlib.contextmanager
     def swapped_into(self, model: nn.Module):
-        """Context manager: `model` holds the EMA weights inside, its own weights after."""
-        ema = self
-
-        class _Swap:
-            def __enter__(self):
-                self.backup = {n: p.detach().clone() for n, p in model.named_parameters()
-                               if n in ema.shadow}
-                ema.copy_to(model)
-                return model
-
-            def __exit__(self, *exc):
-                with torch.no_grad():
-                    for n, p in model.named_parameters():
-                        if n in self.backup:
-                            p.copy_(self.backup[n])
-                return False
-
-        return _Swap()
+        """`model` holds the EMA weights inside the `with` block, its own weights after."""
+        backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.shadow}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in backup:
+                        p.copy_(backup[n])

@@ -1,14 +1,13 @@
-"""FID while training (train.fid_every > 0): how good the EMA weights' images are, measured
-the same way at every check, and the best checkpoint by it.
+"""FID while training (train.fid_every > 0) of the EMA weights, measured the same way at
+every check, and the best checkpoint by it.
 
 The protocol is fixed for the run: train.fid_samples val images (rows and captions drawn
 from train.seed, as tti.export draws them), image i sampled from its own seed, the config's
 sampler and steps, the clean resize. Every rank generates its share (items rank::world) and
 turns it into Inception features; rank 0 gathers the features (never the images) and takes
-FID against the features of the same val images, computed once and cached beside the packed
-val images. On the embedded shapes dataset the judge reads the same images. Rank 0 logs the
-FID to log.txt, tensorboard (train/fid) and history.jsonl; at a new lowest FID every rank
-joins in writing checkpoints/best.pt: this step's checkpoint, with its FID under "fid".
+FID against those of the same val images, cached beside the packed val images. On the shapes
+dataset the judge reads the same images. At a new lowest FID every rank joins in writing
+checkpoints/best.pt: this step's checkpoint, with its FID record under "fid".
 """
 from __future__ import annotations
 
@@ -79,8 +78,6 @@ class FIDMonitor:
         every = self.cfg.train.fid_every
         return every > 0 and (step % every == 0 or (last and step >= every))
 
-    # ------------------------------------------------------------ features
-
     def _shard_features(self, images_of) -> np.ndarray:
         """float32 [len(self.mine), 2048]: this rank's items' features, one batch at a time;
         images_of(items) -> uint8 [B, 3, S, S]."""
@@ -132,8 +129,6 @@ class FIDMonitor:
         world = self.info.world_size
         return gather_in_item_order(features, world), gather_in_item_order(verdicts, world)
 
-    # ------------------------------------------------------------ the check
-
     def protocol(self, model) -> dict:
         """What makes two FIDs comparable: the subset, its seeds, the sampler, the resize."""
         return {"samples": len(self.items), "seed": self.cfg.train.seed, "resize": DEFAULT_RESIZE,
@@ -164,10 +159,9 @@ class FIDMonitor:
                 features, verdicts = self.generated_features(model)
             finally:
                 model.train()
-        record = None
-        if self.info.is_main:
-            record = self.report(state.step, model, features, verdicts,
-                                 time.perf_counter() - start, log)
+        seconds = time.perf_counter() - start
+        record = (self.report(state.step, model, features, verdicts, seconds, log)
+                  if self.info.is_main else None)
         if distributed.broadcast_object(record is not None and record["best"]):
             contents = checkpoint_contents(state, self.cfg, self.info)
             if self.info.is_main:

@@ -1,6 +1,5 @@
-"""The training loop: one optimizer step over a step's micro-batches, bad-step accounting,
-the log line, and `train_loop`, which runs steps until train.steps with checkpoints and the
-in-loop checks on their cadence."""
+"""The training loop: one optimizer step over its micro-batches, bad-step accounting, the
+log line, and `train_loop`, which runs the steps with checkpoints and in-loop checks."""
 from __future__ import annotations
 
 import contextlib
@@ -27,13 +26,10 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 def train_step(state: TrainState, forward, micro_batches: list, cfg: Config,
                info: distributed.DistInfo) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One optimizer step over the step's micro-batches; state.step advances by one.
-
-    forward: the model as the loop calls it (behind DDP and torch.compile when they are on).
-    micro_batches: the step's list of (images, captions), as many as it accumulates.
+    """One optimizer step over `micro_batches`, the step's list of (images, captions);
+    state.step advances by one. forward: the model behind DDP and torch.compile when on.
     The update (AdamW, EMA) runs only if every rank's loss and gradients are finite.
-    Returns (loss summed over the micro-batches, gradient norm before clipping, updated).
-    """
+    Returns (loss summed over the micro-batches, gradient norm before clipping, updated)."""
     tr, accum = cfg.train, len(micro_batches)
     # Caption dropout from its own stream keyed by (seed, step, rank): same after resume.
     drop = torch.Generator().manual_seed((tr.seed * 1_000_003 + state.step) * 4099 + info.rank)
@@ -110,10 +106,9 @@ def log_interval(interval: Interval, state: TrainState, loss_sum: torch.Tensor,
 
 
 def sample_due(step: int, cfg: Config) -> bool:
-    """Whether the in-loop grid (and judge) runs after `step`: every train.sample_every steps,
-    and the last step unless train.sample_at_end is off (the caller samples next) or the run
-    is shorter than one interval (a smoke run's grid shows nothing learnt and can cost
-    minutes on a CPU), even when it falls on the interval."""
+    """Whether the in-loop grid (and judge) runs after `step`: every train.sample_every steps;
+    at the last step only if train.sample_at_end (else the caller samples next) and the run
+    is at least one interval long (a smoke run's grid shows nothing and can cost minutes)."""
     tr = cfg.train
     if step == tr.steps:
         return tr.sample_at_end and tr.steps >= tr.sample_every
@@ -124,8 +119,7 @@ def train_loop(state: TrainState, forward, batches, cfg: Config, info: distribut
                log: RunLog, sample_monitor=None, fid_monitor=None, flops: float = 0.0) -> None:
     """Optimizer steps until train.steps, each over the next item of `batches` (a step's
     micro-batches), with the log line, checkpoints and in-loop checks on their cadence.
-    sample_monitor: rank 0's grids and judge (None elsewhere or off); fid_monitor: every
-    rank's FID check (None when off)."""
+    sample_monitor: rank 0's grids and judge (else None); fid_monitor: None when off."""
     tr = cfg.train
     state.model.train()
     progress = log.progress(state.step, tr.steps)

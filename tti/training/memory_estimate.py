@@ -1,23 +1,16 @@
-"""How much GPU memory a config needs per process, estimated before anything runs: what
-tti.preflight (and `tti.train --device cuda`) hold against each GPU's free memory.
+"""GPU memory a config needs per process, estimated before anything runs: what tti.preflight
+(and `tti.train --device cuda`) hold against each GPU's free memory. The model is built on
+PyTorch's meta device (shapes only; the text encoder from its config.json alone).
 
-Counted without reading a weight or allocating a byte: the model is built on PyTorch's
-meta device (shapes only; the text encoder from its config.json alone).
+- Training state, exact up to the allocator's rounding (the *_BYTES constants below).
+- Activations, rough: what the image model's loss saves for backward per image, at fp32
+  (batch 2 minus batch 1, so saved weights count once; bf16 autocast halves many). Not
+  counted: backward temporaries, a fine-tuned text encoder's activations (transformers'
+  masks cannot run on the meta device), the CUDA context, fragmentation; a loss that cannot
+  run on the meta device gets the state alone.
 
-- Training state, exact up to the allocator's rounding: per trained parameter its fp32
-  weight, gradient, AdamW's two moments and the EMA copy (20 bytes), plus 4 for DDP's
-  gradient buckets with several processes; per frozen parameter its weight (4 bytes).
-- Activations, rough: the bytes the image model's loss saves for its backward pass per
-  image, counted at fp32 on the meta device (the difference between batches of 2 and 1,
-  so the weights the layers also save are not counted twice). Under bf16 autocast many of
-  them are half that; not counted: the backward pass's temporaries, the fine-tuned text
-  encoder's activations (transformers' masks cannot run on the meta device), the CUDA
-  context and the allocator's fragmentation. A model whose loss cannot run on the meta
-  device gets the state alone.
-
-So the estimate catches a GPU that cannot hold the run at all (another job on it, a card
-far too small) and an explicit micro-batch far too large; `train.micro_batch: auto`
-measures the real limit on the GPU itself (tti/training/micro_batch_search.py).
+So it catches a GPU that cannot hold the run at all and an explicit micro-batch far too
+large; `train.micro_batch: auto` measures the real limit (tti/training/micro_batch_search.py).
 """
 from __future__ import annotations
 
@@ -98,7 +91,7 @@ def _saved_bytes(image_model, cfg: Config, batch: int, width: int | None) -> int
 
 
 def estimate(cfg: Config, world_size: int) -> MemoryEstimate:
-    """What one of `world_size` processes training `cfg` needs (see the module docstring)."""
+    """What one of `world_size` processes training `cfg` needs."""
     trained, frozen, width = _text_side(cfg)
     stub = SimpleNamespace(dim=width, vocab=range(VOCAB_GUESS))  # what kinds' builders read
     with torch.device("meta"):

@@ -1,17 +1,13 @@
 """The largest micro-batch that trains within a GPU's memory (`train.micro_batch: auto`).
 
-On this rank's real model, at the real data shape (the config's image size, the training
-set's longest captions), each candidate micro-batch runs one forward and backward pass under
-the training precision, and a memory oracle says whether it fitted: its peak, plus what
-training adds after the probe (AdamW's moments before the first step, DDP's gradient
-buckets), within the GPU's free memory less a margin. Candidates are the divisors of the
-per-process batch (the accumulation must be a whole number): doubling from 1 until one
-does not fit, then bisection between the last that fitted and the first that did not; a few
-seconds on a GPU. The probes leave no trace: random streams, gradients and buffers are as
-they were, so a run that searched trains bit for bit like one given the same micro-batch.
-
-The oracle is pluggable: `CudaMemory` measures a GPU; tests pass a fake device that "fits
-up to N" (tests/fake_gpu.py).
+Each candidate runs one forward and backward pass of this rank's real model at the real
+data shape (the config's image size, the training set's longest captions) under the
+training precision. A memory oracle says whether it fitted: its peak plus what training adds
+later (AdamW's moments, DDP's gradient buckets) within the GPU's free memory less a margin.
+Candidates divide the per-process batch (whole accumulation steps); a few seconds on a GPU.
+The probes leave no trace (random streams, gradients, buffers), so a run that searched trains
+bit for bit like one given the same micro-batch. `CudaMemory` measures a GPU; tests pass a
+fake device that "fits up to N" (tests/fake_gpu.py).
 """
 from __future__ import annotations
 
@@ -69,8 +65,8 @@ class CudaMemory:
 
 def largest_fitting(per_process: int, fits: Callable[[int], bool]) -> int:
     """The largest divisor d of `per_process` with fits(d), for a `fits` that holds up to
-    some size and fails above it; 0 when not even 1 fits. Doubling over the divisors from 1,
-    then bisection between the last that fitted and the first that did not."""
+    some size; 0 when not even 1 fits. Doubling from 1 until one does not fit, then
+    bisection between the last that fitted and the first that did not."""
     divisors = [d for d in range(1, per_process + 1) if per_process % d == 0]
     good, bad, i = -1, len(divisors), 0
     while True:
@@ -95,7 +91,7 @@ def largest_fitting(per_process: int, fits: Callable[[int], bool]) -> int:
 @dataclass
 class SearchResult:
     """What a search found on this rank: the micro-batch (0: not even 1 fits), each probe's
-    peak in bytes (None: out of memory), the budget and device total, seconds taken."""
+    peak in bytes (None: out of memory), budget, device total, pending bytes, seconds."""
     micro: int
     peaks: dict = field(default_factory=dict)
     budget: int = 0
@@ -160,7 +156,7 @@ def probe_step(model: TextToImage, size: int, captions: list[str], amp: torch.dt
 def search_micro_batch(model: TextToImage, per_process: int, probe: Callable[[int], None],
                        oracle: MemoryOracle, pending: int, device: torch.device) -> SearchResult:
     """The largest micro-batch dividing `per_process` whose probe's peak plus `pending`
-    bytes fits the oracle's budget (see the module docstring)."""
+    bytes fits the oracle's budget."""
     result = SearchResult(0, budget=oracle.budget(), total=oracle.total(), pending=pending)
     start = time.perf_counter()
 

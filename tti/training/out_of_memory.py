@@ -1,13 +1,12 @@
 """A training step that runs out of GPU memory ends the run in one line, nothing lost.
 
 The rank that ran out raises `TrainingOutOfMemoryError` (a UserError: the CLI prints it,
-tagged with the rank, and exits with status 1). The message names the run, the micro-batch
-and its split, the peak and total memory, and the two settings that fix it; the
-relaunch resumes from the last checkpoint. Nothing is half-written: the error comes from a
-training step, never from inside a checkpoint write (and those are atomic anyway), and the
-run lock is released on the way out (tti/train.py). Under torchrun the other ranks are
-waiting in a collective for the rank that ran out: when it exits, torchrun stops them and
-prints its report of the failed group below the line.
+tagged with the rank, and exits with status 1), naming the run, the micro-batch and its
+split, the peak and total memory, and the settings that fix it; the relaunch resumes from
+the last checkpoint. Nothing is half-written: the error comes from a training step, never
+from a checkpoint write (atomic anyway), and tti/train.py releases the run lock on the way
+out. Under torchrun the other ranks wait in a collective until torchrun stops them and
+reports the failed group below the line.
 """
 from __future__ import annotations
 
@@ -23,15 +22,11 @@ class TrainingOutOfMemoryError(UserError, RuntimeError):
     """A training step ran out of device memory; the message says which settings fix it."""
 
 
-def _smaller(per_process: int, micro: int) -> int:
-    """The largest divisor of `per_process` at most half of `micro` (0: none, micro is 1)."""
-    return max((d for d in range(1, micro // 2 + 1) if per_process % d == 0), default=0)
-
-
 def _fixes(cfg: Config, micro: int, accum: int) -> str:
-    """The two settings that make a step fit: a smaller micro-batch, and auto's search."""
+    """The two settings that make a step fit: a smaller micro-batch (the largest divisor of
+    the per-process batch at most half of `micro`), and auto's search."""
     per_process = micro * accum
-    smaller = _smaller(per_process, micro)
+    smaller = max((d for d in range(1, micro // 2 + 1) if per_process % d == 0), default=0)
     if not smaller:
         return ("not even one image per micro-batch fits: use a GPU with more free memory"
                 + (", or --set train.precision=bf16" if cfg.train.precision == "fp32" else ""))

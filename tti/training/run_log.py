@@ -73,10 +73,9 @@ def describe_data(dataset) -> str:
 
 def record_launch(log: RunLog, step: int, changes: dict, checkpoint: str | None,
                   world_size: int, batch: dict | None = None) -> None:
-    """Once a launch's settings are settled (after any resume): the log shows what it changed
-    (tti/config/resume.py) and history.jsonl gets one line: time, step, the checkpoint
-    resumed from (null when fresh), world size, the applied changes {key: [old, new]} and
-    `batch`, how this launch splits the global batch (tti/training/batch_plan.py)."""
+    """Once a launch's settings are settled: the log shows what it changed, and history.jsonl
+    gets one line: time, step, the checkpoint resumed from (null when fresh), world size, the
+    applied changes {key: [old, new]} and `batch`, how this launch splits the global batch."""
     if changes:
         log.print(f"resumed with changed settings: {describe(changes)}")
     log.record({"step": step, "resumed_from": checkpoint, "world_size": world_size,

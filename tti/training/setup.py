@@ -37,9 +37,8 @@ def start_run(cfg: Config, info: distributed.DistInfo, args) -> RunLog:
 
 
 def settle_config(cfg: Config, args, info: distributed.DistInfo) -> None:
-    """Rank 0 writes config.yaml, the config this run uses, headed by the file and the --set
-    items it came from; called once any resume has passed its checks, so a refused relaunch
-    leaves the old one in place."""
+    """Rank 0 writes config.yaml, headed by the file and --set items it came from; called once
+    any resume passed its checks, so a refused relaunch leaves the old one in place."""
     if info.is_main:
         save_config(cfg, os.path.join(cfg.run_dir(), "config.yaml"), source=args.config,
                     overrides=args.set)
@@ -58,10 +57,7 @@ def data_workers(cfg: Config, log: RunLog) -> int:
 
 def open_datasets(cfg: Config, info: distributed.DistInfo, workers: int):
     """Generate the embedded dataset if asked, pack the image caches (in `workers` processes),
-    open both splits.
-
-    One process per node (local rank 0) does the work, so nodes need not share a disk.
-    """
+    open both splits. Local rank 0 does the work on each node, so nodes need no shared disk."""
     d = cfg.data
     open_split = lambda split: load_split(d.root, split, d.image_size, cache_dir=d.cache_dir,
                                           num_workers=max(1, workers),
@@ -149,9 +145,8 @@ def for_training(model: TextToImage, cfg: Config, info: distributed.DistInfo):
 
 def count_flops(model: TextToImage, train_set, cfg: Config, info: distributed.DistInfo,
                 amp: torch.dtype | None, log: RunLog, micro: int | None = None) -> float:
-    """Training FLOPs per image, counted once on one micro-batch (`micro` images; default
-    the config's split) of the first training items (the loader and the random streams are
-    left untouched)."""
+    """Training FLOPs per image, counted on the first `micro` training items (default: the
+    config's split), the loader and the random streams untouched."""
     micro = micro or cfg.micro_batch(info.world_size)
     images, captions = collate([train_set[i] for i in range(micro)])
     flops = model_flops_per_image(model, model_input(images.to(info.device)), captions, amp)

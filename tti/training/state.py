@@ -1,7 +1,6 @@
 """What a training run carries from step to step and across restarts: `TrainState` (model,
 EMA, optimizer, LR schedule, fp16 loss scaler, step counters), made fresh, saved as one
-checkpoint with the config and every rank's RNG states, and resumed from the latest one.
-"""
+checkpoint with the config and every rank's RNG states, and resumed from the latest one."""
 from __future__ import annotations
 
 import math
@@ -62,7 +61,6 @@ def set_rng_state(state: dict) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python's, numpy's and torch's (CPU and CUDA) global random streams."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -92,12 +90,12 @@ def make_train_state(cfg: Config, model: TextToImage, device: torch.device, log:
     """AdamW over the trainable weights (a fine-tuned encoder at text.lr), its LR schedule,
     the fp16 loss scaler (off otherwise) and the EMA, all fresh."""
     tr = cfg.train
-    lrs = group_lrs(cfg)
+    image_lr, text_lr = group_lrs(cfg)
     groups = [{"params": [p for p in model.image_model.parameters() if p.requires_grad],
-               "lr": lrs[0]}]
+               "lr": image_lr}]
     text_params = [p for p in model.text.parameters() if p.requires_grad]
     if text_params:
-        groups.append({"params": text_params, "lr": lrs[1]})
+        groups.append({"params": text_params, "lr": text_lr})
     # Fused: one kernel updates every parameter (the per-parameter loop costs time on CPU).
     optimizer = torch.optim.AdamW(groups, weight_decay=tr.weight_decay, betas=(0.9, 0.999),
                                   fused=device.type in ("cpu", "cuda"))
@@ -159,11 +157,9 @@ def resume_state(state: TrainState, resume: dict, path: str, cfg: Config,
 
 
 def follow_config(state: TrainState, cfg: Config) -> None:
-    """After a checkpoint's optimizer and schedule state were loaded (they hold the settings
-    they were saved with), make them follow `cfg`: each group's base LR (train.lr, text.lr)
-    and weight decay, and the LR `cfg`'s schedule gives at the resumed step. The schedule is
-    a function of (step, config) alone, so a changed train.steps under cosine decay moves the
-    LR to where the new schedule has it at this step, as if the run had been launched so."""
+    """Make a loaded optimizer and schedule (which hold the settings they were saved with)
+    follow `cfg`: each group's base LR (train.lr, text.lr), weight decay, and the LR of
+    `cfg`'s schedule at the resumed step, as if the run had been launched with `cfg`."""
     scheduler, groups = state.scheduler, state.optimizer.param_groups
     scheduler.base_lrs = group_lrs(cfg)[:len(groups)]
     for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):

@@ -1,8 +1,6 @@
-"""How well training uses the hardware: training FLOPs per image (torch.utils.flop_counter),
-achieved FLOP/s and the share of a GPU's bf16 peak (MFU), and peak memory. The training log
-and the benchmarks (bench/train_throughput.py, bench/gpu_check.py) count with the same
-function, `train_flops_per_image`.
-"""
+"""How well training uses the hardware: training FLOPs per image, achieved FLOP/s and MFU
+(the share of a GPU's bf16 peak), peak memory. The training log and the benchmarks count
+FLOPs with the same `train_flops_per_image`."""
 from __future__ import annotations
 
 import os
@@ -36,13 +34,12 @@ def train_flops_per_image(loss_fn: Callable[[], torch.Tensor], n_images: int) ->
 def model_flops_per_image(model, images: torch.Tensor, captions: list[str],
                           amp: torch.dtype | None) -> float:
     """Training FLOPs per image of a TextToImage on one micro-batch: images float
-    [B, 3, S, S] in [-1, 1] (or a latent store's moments) on the model's device, B captions; autocast to `amp` (None:
-    fp32). The random streams and the gradients are left as they were (none)."""
+    [B, 3, S, S] in [-1, 1] (or a latent store's moments) on the model's device, B captions;
+    autocast to `amp` (None: fp32). Random streams and gradients (none) are left as they were."""
     device = images.device
     devices = [device] if device.type == "cuda" else []
-    # TextToImage.forward's computation, not a call to it: what hooks forward (DDP, tests)
-    # sees stays one call per training micro-batch.
-    # A latent-space model learns latents (drawn from the moments a latent store gave).
+    # TextToImage.forward's computation, not a call to it, so what hooks forward (DDP, tests)
+    # sees one call per training micro-batch. A latent-space model learns latents.
     latents = model.autoencoder.training_latents if model.autoencoder is not None else None
     loss = lambda: model.image_model.loss(latents(images) if latents else images,
                                           model.encode(captions))

@@ -1,15 +1,12 @@
 """CLIP score as clipscore defines it (Hessel et al. 2021, github.com/jmhessel/clipscore).
 
-CLIP ViT-B/32; each candidate caption is prefixed "A photo depicts "; per image
+CLIP ViT-B/32; each caption is prefixed "A photo depicts "; an image scores
     CLIP-S = 2.5 * max(cos(image embedding, caption embedding), 0)
-and the reported number is the mean over images. Images go through the original CLIP
-preprocessing (bicubic resize of the short side to 224, center crop, RGB, /255, CLIP mean/std)
-done here with PIL, because HF image processors crop and (in their fast variants) resize a
-little differently. Embeddings are computed in float32 (clipscore runs fp16 on a GPU, so
-scores can differ from its numbers slightly).
-
-`load_clip` never downloads (the build machines cannot): it looks at a local folder or the HF
-cache and returns None with a reason when the weights are not there, never a made-up score.
+and the result is the mean over images. Images get the original CLIP preprocessing, done here
+with PIL because HF image processors crop and (fast variants) resize a little differently.
+Embeddings are float32 (clipscore runs fp16 on a GPU, so scores can differ slightly).
+`load_clip` never downloads (the build machines cannot): without local weights it returns None
+with a reason, never a made-up score.
 """
 from __future__ import annotations
 
@@ -43,11 +40,8 @@ class LoadedClip(NamedTuple):
 
 
 def load_clip(path_or_name: str = CLIP_NAME, device: str = "cpu") -> tuple[LoadedClip | None, str]:
-    """Load CLIP from a local folder or the HF cache, never from the network.
-
-    Returns (LoadedClip(model, processor), "loaded ...") or (None, reason) when the weights are
-    not available locally; the reason says what is missing and how to get it.
-    """
+    """Load CLIP from a local folder or the HF cache, never from the network: (LoadedClip,
+    "loaded ..."), or (None, a reason saying what is missing and how to get it)."""
     from transformers import CLIPModel, CLIPProcessor
 
     try:
@@ -74,7 +68,6 @@ def clip_preprocess(image: Image.Image, size: int = 224, mean: Sequence[float] =
     width, height = image.size
     if min(width, height) < 1:
         raise ValueError(f"clip_preprocess: empty image of size {image.size}")
-    # int() truncation and round() offsets as torchvision's Resize(int) and CenterCrop do
     new_size = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
     image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
     left, top = int(round((new_size[0] - size) / 2.0)), int(round((new_size[1] - size) / 2.0))
@@ -109,9 +102,9 @@ def clip_score(images, captions: Sequence[str], model, processor, batch_size: in
                device: str = "cpu") -> dict:
     """clipscore's CLIP-S of each image against its own caption.
 
-    images: uint8 [N, 3, H, W] (tensor or numpy) or a list of N PIL images (any size/mode).
-    captions: N strings, without the "A photo depicts " prefix (it is added here).
-    model: transformers CLIPModel; processor: CLIPProcessor (or a CLIP tokenizer).
+    images: uint8 [N, 3, H, W] (tensor or numpy) or a list of N PIL images (any size/mode);
+    captions: N strings, without the "A photo depicts " prefix; model: transformers CLIPModel;
+    processor: CLIPProcessor (or a CLIP tokenizer).
     Returns {"mean": float, "per_image": float64 [N] in [0, 2.5]}.
     """
     pil_images = _as_pil_list(images)
@@ -191,8 +184,7 @@ def clip_score_folder(image_dir: str, captions_json: str, model, processor, batc
             with Image.open(path) as image:
                 image.load()
                 images.append(image)
-        result = clip_score(images, captions[start:start + batch_size], model, processor,
-                            batch_size=batch_size, device=device)
-        per_image.append(result["per_image"])
+        per_image.append(clip_score(images, captions[start:start + batch_size], model, processor,
+                                    batch_size=batch_size, device=device)["per_image"])
     per_image = np.concatenate(per_image)
     return {"mean": float(per_image.mean()), "per_image": per_image, "ids": ids}

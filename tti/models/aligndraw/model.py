@@ -1,14 +1,11 @@
-"""alignDRAW (Mansimov, Parisotto, Ba, Salakhutdinov, ICLR 2016) behind the model interface.
+"""alignDRAW (Mansimov et al. 2016) behind the model interface.
 
-    model.loss(images, text) -> scalar        negative variational bound, nats per image
-    model.sample(text, generator) -> images   float [-1, 1] [B, 3, H, W]
-
-A bidirectional LSTM reads the caption's word ids; at each of T steps the generative
-LSTM attends over the words (align), takes a latent z_t and adds a DRAW filterbank write
-to a canvas c_t; the image is sigma(c_T). Training runs an inference LSTM on DRAW reads of
-the image and of the error image, with a KL to a learned prior p(z_t | h_gen(t-1)).
-The paper's GAN sharpening of samples is not implemented (it was a post-processing step).
-Text comes from `tti.text.vocab.WordVocabEncoder` (int64 word ids), not a transformer.
+A bidirectional LSTM reads the caption's word ids (`tti.text.vocab.WordVocabEncoder`); at
+each of T steps the generative LSTM attends over the words (align), takes a latent z_t and
+adds a DRAW filterbank write to a canvas c_t; the image is sigma(c_T). Training runs an
+inference LSTM on DRAW reads of the image and of the error image, with a KL to a learned
+prior p(z_t | h_gen(t-1)); the loss is the negative variational bound, nats per image.
+The paper's GAN sharpening of samples (a post-processing step) is not implemented.
 """
 from __future__ import annotations
 
@@ -81,9 +78,7 @@ def gaussian_kl(mu_q: torch.Tensor, logsigma_q: torch.Tensor,
 
 class CaptionEncoder(nn.Module):
     """Word ids -> bidirectional LSTM states h_lang float [B, L, 2 * lang_dim] (0 at padding).
-
-    Padding is packed away, so the backward direction starts at each caption's last word.
-    """
+    Padding is packed away, so the backward direction starts at each caption's last word."""
 
     def __init__(self, vocab_size: int, word_dim: int, lang_dim: int, pad_id: int = 0):
         super().__init__()
@@ -147,11 +142,10 @@ class AlignDraw(nn.Module):
         self.image_size, self.channels, self.draw_steps = image_size, channels, draw_steps
         self.latent_dim, self.enc_dim, self.dec_dim = latent_dim, enc_dim, dec_dim
         self.write_n = write_n
-        H = W = image_size
         self.caption_encoder = CaptionEncoder(vocab_size, word_dim, lang_dim, pad_id)
         self.align = AlignAttention(2 * lang_dim, dec_dim, align_dim)
-        self.read_attention = FilterbankAttention(dec_dim, read_n, H, W)
-        self.write_attention = FilterbankAttention(dec_dim, write_n, H, W)
+        self.read_attention = FilterbankAttention(dec_dim, read_n, image_size, image_size)
+        self.write_attention = FilterbankAttention(dec_dim, write_n, image_size, image_size)
         read_dim = 2 * channels * read_n * read_n  # image and error image
         self.encoder_lstm = nn.LSTMCell(read_dim + dec_dim, enc_dim)
         self.posterior = nn.Linear(enc_dim, 2 * latent_dim)  # mean, log sigma
@@ -178,7 +172,6 @@ class AlignDraw(nn.Module):
     def device(self) -> torch.device:
         return self.write_patch.weight.device
 
-    # ---------------------------------------------------------------- caption side
     def encode_caption(self, text: TextBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """TextBatch of word ids -> (h_lang float [B, L, 2 * lang_dim], mask bool [B, L])."""
         tokens, mask = text.tokens, text.mask
@@ -222,7 +215,6 @@ class AlignDraw(nn.Module):
         if lo < -1 - 1e-3 or hi > 1 + 1e-3:
             raise ValueError(f"AlignDraw: images must be in [-1, 1], got [{lo:.3f}, {hi:.3f}]")
 
-    # ---------------------------------------------------------------- training
     def loss_terms(self, images: torch.Tensor, text: TextBatch) -> dict[str, torch.Tensor]:
         """Negative variational bound and its parts, each a scalar mean over the batch.
 
@@ -256,9 +248,8 @@ class AlignDraw(nn.Module):
             kl = kl + gaussian_kl(mu_q, logsigma_q, mu_p, logsigma_p).sum(-1)
             dec_state, canvas = self._generate_step(z, h_lang, keys, mask, dec_state, canvas)
         recon = F.binary_cross_entropy_with_logits(canvas, x, reduction="none").sum((1, 2, 3))
-        terms = {"recon": recon.mean(), "kl": kl.mean()}
-        terms["total"] = terms["recon"] + terms["kl"]
-        return terms
+        recon, kl = recon.mean(), kl.mean()
+        return {"recon": recon, "kl": kl, "total": recon + kl}
 
     def loss(self, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """Scalar negative variational bound (nats/image); its parts land in `last_terms`."""
@@ -269,19 +260,15 @@ class AlignDraw(nn.Module):
     def forward(self, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
         return self.loss(images, text)
 
-    # ---------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, text: TextBatch, generator: torch.Generator | list | None = None,
                null_text: TextBatch | None = None, return_trajectory: bool = False,
                **sampler_opts):
         """Images for the captions: z_t from the learned prior, image = mean canvas sigma(c_T).
 
-        text: TextBatch of word ids [B, L]. generator: seeds z_t (may live on CPU while the
-        model is on GPU); or a list of B generators, one per caption, so that image i
-        depends on generator i alone, not on its batch. null_text and guidance / sampler /
-        steps / eta / noise=None are diffusion options, accepted so one sampling script
-        drives every model, and ignored (alignDRAW has no guidance; its T latents all come
-        from `generator`).
+        text: TextBatch of word ids [B, L]. generator: seeds z_t, as draw_noise takes it (one,
+        or one per caption). null_text and IGNORED_SAMPLER_OPTIONS (noise only as None) are
+        diffusion options, accepted so one sampling script drives every model, and ignored.
         Returns images float [-1, 1] [B, 3, H, W]; with return_trajectory, also the list of
         the T canvases sigma(c_t), each float [-1, 1] [B, 3, H, W] on the CPU.
         """

@@ -36,14 +36,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Scaled dot-product attention, with an explicit path for CPU training in bf16/fp16.
 
     q: [B, heads, N, d]; k, v: [B, heads, L, d]; attn_mask: bool broadcastable to
-    [B, heads, N, L] (True = attend; every query row must have at least one True, which
-    `text_masks` guarantees). Returns [B, heads, N, d].
-    When training on CPU in bf16/fp16 (autograd recording), attention is written out as
-    matmul, masked softmax, matmul: for these short sequences the CPU flash kernel's
-    backward, and the math backend's guards for fully masked rows (which cannot occur here),
-    cost more than the attention itself. The scores stay in the autocast dtype; the softmax
-    accumulates in fp32. In fp32, and for sampling (no grad), SDPA picks its kernel.
-    docs/design_notes.md has the measurements; bench/train_throughput.py times both paths.
+    [B, heads, N, L] (True = attend; every query row needs one True, as `text_masks`
+    guarantees). Returns [B, heads, N, d].
+    Training on CPU in bf16/fp16 writes it out as matmul, masked softmax, matmul: for these
+    short sequences the CPU flash kernel's backward, and the math backend's guards for fully
+    masked rows (impossible here), cost more than the attention itself (docs/design_notes.md);
+    the softmax accumulates in fp32. In fp32, and for sampling (no grad), SDPA picks its kernel.
     """
     if (q.device.type == "cpu" and q.dtype != torch.float32 and torch.is_grad_enabled()
             and q.requires_grad):
@@ -76,10 +74,9 @@ class TextLayer(nn.Module):
 
 
 class TextAdapter(nn.Module):
-    """Trainable layers between a frozen text encoder and the UNet: a projection to `width`,
-    then `layers` transformer layers. A frozen encoder's tokens say which words are there;
-    these layers can learn to regroup them per object ("small blue square" vs "large yellow
-    circle"), the attribute binding that cross-attention alone gets wrong."""
+    """A projection to `width`, then `layers` trainable transformer layers over a frozen
+    encoder's tokens: they can learn to regroup words per object ("small blue square" vs
+    "large yellow circle"), the attribute binding that cross-attention alone gets wrong."""
 
     def __init__(self, in_dim: int, width: int, layers: int, head_dim: int):
         super().__init__()

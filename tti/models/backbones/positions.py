@@ -2,10 +2,8 @@
 
 Attention is blind to where a pixel sits and convolutions see it only near the borders, yet
 "A to the left of B" depends on exactly that. `model.unet.position_embedding` gives every
-attention block a learned per-pixel embedding (initialised N(0, 0.02), or with
-`position_init: sinusoidal` to a 2-D sin/cos code); `model.unet.coord_channels` feeds each
-pixel's (x, y) to the first convolution as two extra channels (CoordConv). The COCO configs
-use none of them.
+attention block a learned per-pixel embedding; `model.unet.coord_channels` feeds each pixel's
+(x, y) to the first convolution as two extra channels (CoordConv).
 """
 from __future__ import annotations
 
@@ -17,11 +15,9 @@ import torch.nn.functional as F
 
 
 def position_embedding(size: int, channels: int, init: str) -> nn.Parameter:
-    """A learned embedding per pixel of a size x size map: float [1, size*size, channels].
-
-    init: "random" (N(0, 0.02)) or "sinusoidal" (`sinusoidal_positions`: amplitude 1, like
-    the normalised features it is added to, where a small random start takes long to matter).
-    """
+    """A learned embedding per pixel of a size x size map: float [1, size*size, channels],
+    initialised N(0, 0.02) ("random") or to `sinusoidal_positions` (amplitude 1, like the
+    normalised features it is added to, where a small random start takes long to matter)."""
     if init == "sinusoidal":
         return nn.Parameter(sinusoidal_positions(size, channels))
     return nn.Parameter(0.02 * torch.randn(1, size * size, channels))
@@ -55,7 +51,6 @@ class CoordinateChannels(nn.Module):
 
     def __init__(self, size: int):
         super().__init__()
-        # Not persistent: rebuilt from the size, never stored in a checkpoint.
         self.register_buffer("coords", coordinate_channels(size), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

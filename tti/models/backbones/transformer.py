@@ -1,16 +1,11 @@
-"""A transformer over image patches (DiT), conditioned on time by adaLN-zero and on the text
-tokens by attention, behind the backbone contract (x, t, text) -> output.
+"""A transformer over image patches (DiT) behind the backbone contract (x, t, text) -> output.
 
-The image is cut into patch_size x patch_size patches, each a token of `width` with a 2-D
-sin/cos or a learned position. Every block is pre-LayerNorm and residual; time (and the
-masked mean of the text tokens) sets each block's shift, scale and gate (adaLN-zero: the
-gates start at 0, so every block starts as the identity). The text enters one of two ways:
-- text: cross   self-attention over the patches, then cross-attention to the text tokens
-                (PixArt-alpha);
-- text: joint   one attention over the patches and the text tokens together, each stream
-                with its own projections, norms and MLP (SD3's MMDiT).
-skips: true adds U-ViT's long skips: block i's output is concatenated to the input of block
-depth - 1 - i and mapped back to `width`. Text padding never changes the output.
+Each patch_size x patch_size patch is a token of `width` with a 2-D sin/cos or a learned
+position. Blocks are pre-LayerNorm and residual; time (and the pooled text) sets each
+block's shift, scale and gate (adaLN-zero: gates start at 0, so blocks start as the identity).
+The text enters by cross-attention (`text: cross`, PixArt-alpha) or by one attention over
+patches and text tokens together (`text: joint`, SD3's MMDiT); `skips` adds U-ViT's long
+skips. Text padding never changes the output.
 """
 from __future__ import annotations
 
@@ -22,8 +17,9 @@ import torch.nn.functional as F
 
 from tti.config.registry import Entry
 from tti.config.rules import bounds, check, one_of
-from tti.models.backbones.layers import TextAdapter, attention, text_masks, timestep_embedding
-from tti.models.backbones.positions import sinusoidal_positions
+from tti.models.backbones.layers import (TextAdapter, attention, text_masks, timestep_embedding,
+                                         zero_init)
+from tti.models.backbones.positions import position_embedding
 from tti.text.batch import TextBatch
 
 TEXT_MODES = ("cross", "joint")
@@ -77,13 +73,6 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return torch.addcmul(shift[:, None], x, 1 + scale[:, None])
 
 
-def zero_linear(in_dim: int, out_dim: int) -> nn.Linear:
-    layer = nn.Linear(in_dim, out_dim)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
-
-
 class Stream(nn.Module):
     """One stream's half of a block: norms, qkv, output, MLP, and the adaLN-zero map from the
     conditioning vector to its 6 shifts, scales and gates."""
@@ -97,7 +86,7 @@ class Stream(nn.Module):
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, ff_mult * width), nn.GELU(approximate="tanh"),
                                  nn.Linear(ff_mult * width, width))
-        self.ada = zero_linear(width, 6 * width)
+        self.ada = zero_init(nn.Linear(width, 6 * width))
 
     def qkv_heads(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
         """[B, N, W] -> q, k, v, each [B, heads, N, W / heads]."""
@@ -119,7 +108,7 @@ class CrossBlock(nn.Module):
         self.norm_cross = nn.LayerNorm(width)
         self.q_cross = nn.Linear(width, width)
         self.kv_cross = nn.Linear(context_dim, 2 * width)
-        self.out_cross = zero_linear(width, width)
+        self.out_cross = zero_init(nn.Linear(width, width))
 
     def forward(self, x, text, c, masks):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.image.ada(c).chunk(6, dim=-1)
@@ -145,7 +134,7 @@ class JointBlock(nn.Module):
         self.last = last
         if last:  # only the text's keys and values are used: no output, MLP or gates
             self.text.out = self.text.mlp = self.text.norm2 = None
-            self.text.ada = zero_linear(width, 2 * width)
+            self.text.ada = zero_init(nn.Linear(width, 2 * width))
 
     def forward(self, x, text, c, masks):
         image_mod = self.image.ada(c).chunk(6, dim=-1)
@@ -173,9 +162,7 @@ class Transformer(nn.Module):
         self.context_dim, w, p = context_dim, cfg.width, cfg.patch_size
         self.grid = image_size // p
         self.patch_in = nn.Conv2d(image_channels, w, p, stride=p)
-        start = (sinusoidal_positions(self.grid, w) if cfg.positions == "sinusoidal"
-                 else 0.02 * torch.randn(1, self.grid ** 2, w))
-        self.pos = nn.Parameter(start)
+        self.pos = position_embedding(self.grid, w, cfg.positions)
         self.time_mlp = nn.Sequential(nn.Linear(256, w), nn.SiLU(), nn.Linear(w, w))
         self.text_adapter = (TextAdapter(context_dim, cfg.text_width, cfg.text_layers, cfg.head_dim)
                              if cfg.text_layers else None)
@@ -192,8 +179,8 @@ class Transformer(nn.Module):
         self.skip_in = nn.ModuleList(nn.Linear(2 * w, w) for _ in range(cfg.depth // 2)) \
             if cfg.skips else None
         self.norm_out = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
-        self.ada_out = zero_linear(w, 2 * w)
-        self.patch_out = zero_linear(w, p * p * image_channels)
+        self.ada_out = zero_init(nn.Linear(w, 2 * w))
+        self.patch_out = zero_init(nn.Linear(w, p * p * image_channels))
 
     def conditioning(self, t: torch.Tensor, text: TextBatch, dtype: torch.dtype):
         """(c float [B, W]: time (+ pooled text), through SiLU; the text tokens as the blocks
@@ -230,5 +217,4 @@ class Transformer(nn.Module):
         shift, scale = self.ada_out(c).chunk(2, dim=-1)
         out = self.patch_out(modulate(self.norm_out(h), shift, scale))  # [B, N, p*p*C]
         out = out.view(b, self.grid, self.grid, self.image_channels, p, p)
-        return out.permute(0, 3, 1, 4, 2, 5).reshape(b, self.image_channels, self.image_size,
-                                                     self.image_size)
+        return out.permute(0, 3, 1, 4, 2, 5).reshape(x.shape)

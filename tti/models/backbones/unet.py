@@ -1,11 +1,9 @@
 """The UNet backbone: a denoiser conditioned on a timestep and on text token embeddings.
 
-Residual blocks (GroupNorm, SiLU, timestep scale-shift) at each resolution level, with a
-transformer block (self-attention, cross-attention to the text tokens, feed-forward; all
-attention through `F.scaled_dot_product_attention`) at the resolutions in
-`attn_resolutions`. The text padding mask is honoured everywhere: padding tokens never
-change the output. A masked mean of the text tokens is also added to the time embedding
-(cheap global conditioning).
+Residual blocks (GroupNorm, SiLU, timestep scale-shift) at every level and, at
+`attn_resolutions`, a transformer block (self-attention, cross-attention to the text tokens,
+feed-forward). Padding tokens never change the output. A masked mean of the text tokens is
+added to the time embedding (cheap global conditioning).
 """
 from __future__ import annotations
 
@@ -108,11 +106,10 @@ class ResBlock(nn.Module):
 class TextTransformerBlock(nn.Module):
     """Self-attention over pixels (optional), cross-attention to text tokens, feed-forward.
 
-    The pixels of a [B, C, H, W] map are H*W tokens of width C; every sub-layer is
-    pre-LayerNorm and residual, and the output projection is zero-initialised.
-    Self-attention costs O((HW)^2) while cross-attention to a caption's few tokens is cheap,
-    hence `self_attention` can be off. `position_init` (None = no position embedding):
-    "random" or "sinusoidal", a learned embedding per pixel of the size x size map.
+    The H*W pixels are tokens of width C; each sub-layer is pre-LayerNorm and residual, the
+    output projection zero-initialised. Self-attention costs O((HW)^2), cross-attention to a
+    few tokens little: hence `self_attention` can be off. position_init: None, or the init of
+    a learned per-pixel embedding (positions.py).
     """
 
     def __init__(self, channels: int, context_dim: int, head_dim: int, size: int,
@@ -136,7 +133,7 @@ class TextTransformerBlock(nn.Module):
         self.proj_out = zero_init(nn.Linear(channels, channels))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, N, C] -> [B, heads, N, C / heads]
+        """[B, N, C] -> [B, heads, N, C / heads]."""
         return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, attn_mask: torch.Tensor,
@@ -200,11 +197,9 @@ class Stage(nn.Module):
 class UNet(nn.Module):
     """Text-conditioned UNet: (x, t, text) -> a tensor shaped like x.
 
-    cfg: model.unet (UNetConfig above; `validate` checks it). Level i works at
-    image_size / 2**i with cfg.channels[i] channels: on the way down cfg.num_res_blocks
-    stages per level, one more on the way up, each a ResBlock plus, at
-    cfg.attn_resolutions, a TextTransformerBlock. context_dim: the width D of the text
-    tokens; image_channels: the channels of x (3 for RGB). t: float [B] in [0, 1000].
+    Level i works at image_size / 2**i with cfg.channels[i] channels: cfg.num_res_blocks
+    stages per level on the way down, one more on the way up, each a ResBlock plus, at
+    cfg.attn_resolutions, a TextTransformerBlock. context_dim: the text tokens' width D.
     """
 
     def __init__(self, cfg: UNetConfig, image_size: int, context_dim: int,
@@ -260,8 +255,8 @@ class UNet(nn.Module):
 
     def _build_up(self, sizes: list, emb_dim: int, skip_channels: list) -> int:
         """self.up: each level's stages (each reads the features concatenated with a skip),
-        then a 2x upsample (to the entered level's width if cfg.narrow_upsample); returns
-        the output width."""
+        then a 2x upsample (cfg.narrow_upsample: to the entered level's width); returns the
+        output width."""
         self.up = nn.ModuleList()
         ch = self.channels[-1]
         for i, out_ch in reversed(list(enumerate(self.channels))):
@@ -276,10 +271,8 @@ class UNet(nn.Module):
 
     def text_context(self, tokens: torch.Tensor, mask: torch.Tensor,
                      attn_mask: torch.Tensor) -> torch.Tensor:
-        """What cross-attention and the pooled text read: the encoder's tokens, or the text
-        layers' output when there are text layers.
-        tokens: float [B, L, context_dim] (padding zeroed); mask: bool [B, L];
-        attn_mask: bool [B, 1, 1, L] -> float [B, L, cross_dim], padding zeroed."""
+        """What cross-attention and the pooled text read, float [B, L, cross_dim] with padding
+        zeroed: the encoder's tokens (as text_masks returns them) or the text layers' output."""
         if self.text_adapter is None:
             return tokens
         return self.text_adapter(tokens, attn_mask).masked_fill(~mask[..., None], 0.0)
@@ -313,8 +306,7 @@ class UNet(nn.Module):
 
         emb = self.time_mlp(timestep_embedding(t, self.time_dim).to(x.dtype))
         if self.text_pool is not None:
-            pooled = tokens.sum(1) / count.clamp(min=1).to(x.dtype)
-            emb = emb + self.text_pool(pooled)
+            emb = emb + self.text_pool(tokens.sum(1) / count.clamp(min=1).to(x.dtype))
         emb = F.silu(emb)
 
         h = self.conv_in(x if self.coords is None else self.coords(x))

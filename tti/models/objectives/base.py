@@ -1,9 +1,6 @@
 """What an objective is: the part of a diffusion model that owns noise, time, targets, loss
-weighting and sampling, around any backbone (x, t, text) -> output.
-
-A new objective subclasses `Objective`, fills in `loss` and `sample`, lists its samplers,
-and registers an Entry (tti/models/registry.py); tti/models/diffusion.py calls it.
-"""
+weighting and sampling, around any backbone (x, t, text) -> output. A new one subclasses
+`Objective` and registers an Entry (tti/models/registry.py)."""
 from __future__ import annotations
 
 from typing import Callable

@@ -1,12 +1,10 @@
 """Rectified flow: x_t = (1 - t) x0 + t eps for t in [0, 1], a backbone that predicts the
 velocity v = eps - x0, and ODE samplers from t = 1 (noise) to t = 0 (data).
 
-Training draws t uniformly or from a logit-normal (Esser et al. 2024, "Scaling rectified flow
-transformers": logit-normal(0, 1) ranked first of their timestep samplers); `shift` > 1
-moves every t towards noise as t' = s t / (1 + (s - 1) t) (their resolution shift), in
-training and sampling alike. The backbone sees 1000 t, the scale its time embedding expects.
-Samplers (tti/models/objectives/samplers.py): Euler, Heun (two backbone passes a step but
-the last) and DPM-Solver++(2M) in its flow form, on evenly spaced (then shifted) times.
+Training draws t uniformly or from a logit-normal (the best timestep sampler in Esser et al.
+2024); `shift` > 1 moves every t towards noise (their resolution shift), in training and
+sampling alike. The backbone sees 1000 t, the scale its time embedding expects. Samplers
+(samplers.py): Euler, Heun and DPM-Solver++(2M), on evenly spaced (then shifted) times.
 """
 from __future__ import annotations
 
@@ -85,13 +83,11 @@ class RectifiedFlow(Objective):
         return shifted(t, self.shift)
 
     def loss(self, backbone, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
-        """MSE between the backbone's velocity and eps - x0 at x_t = (1 - t) x0 + t eps.
-        images: float [B, C, H, W] in [-1, 1]; text: TextBatch of batch B -> scalar."""
+        """MSE between the backbone's velocity and eps - x0 at x_t = (1 - t) x0 + t eps."""
         t = self.draw_times(images.shape[0], images.device)
         noise = torch.randn_like(images)
         tb = t[:, None, None, None]
-        x_t = (1 - tb) * images + tb * noise
-        velocity = backbone(x_t, TIME_SCALE * t, text).float()
+        velocity = backbone((1 - tb) * images + tb * noise, TIME_SCALE * t, text).float()
         return F.mse_loss(velocity, (noise - images).float())
 
     def check_sampling(self, sampler: str, steps: int, eta: float) -> None:

@@ -54,8 +54,7 @@ def build(cfg) -> "GaussianDiffusion":
 
 
 def label(cfg) -> str:
-    d = cfg.model.gaussian
-    return f"Gaussian {d.prediction}-prediction"
+    return f"Gaussian {cfg.model.gaussian.prediction}-prediction"
 
 
 ENTRY = Entry("gaussian", build, GaussianConfig, validate, SAMPLERS, label=label)
@@ -66,10 +65,9 @@ def make_betas(schedule: str, timesteps: int, shift: float = 1.0) -> torch.Tenso
 
     linear: DDPM's 1e-4..0.02 for T = 1000, both ends scaled by 1000 / T so that other T
             keep the same total noise. cosine: Nichol & Dhariwal 2021, betas clipped at 0.999.
-    shift: s > 1 adds noise at every t by moving the log-SNR down by 2 log s (Hoogeboom et
-           al. 2023, "simple diffusion"), as for an image of s times the resolution.
-           Flat-coloured objects stay visible under much noise, so their layout is decided
-           in the last few % of an unshifted schedule; a shift gives that phase more steps.
+    shift: s > 1 moves the log-SNR down by 2 log s at every t (Hoogeboom et al. 2023), as for
+           an image of s times the resolution. Flat-coloured objects stay visible under much
+           noise, so their layout is decided late; a shift gives that phase more steps.
     """
     if not shift > 0:
         raise ValueError(f"Diffusion: schedule shift must be > 0, got {shift}")
@@ -101,10 +99,9 @@ def _at(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
 class GaussianDiffusion(Objective):
     """The forward (noising) process, its loss and its reverse samplers.
 
-    schedule: "linear" or "cosine"; timesteps: T, the number of noise levels.
+    timesteps: T, the number of noise levels; shift: see make_betas (1 = as published).
     prediction: what the backbone outputs: "eps" (the noise), "v" (sqrt(ab) eps -
                 sqrt(1-ab) x0) or "x0" (the clean image).
-    shift: noise-schedule shift s >= 1 (see make_betas); 1 = the schedule as published.
     min_snr_gamma: if set, weight each sample's loss by min(SNR, gamma) (Hang et al. 2023),
                    normalised to the chosen target.
     """
@@ -137,8 +134,6 @@ class GaussianDiffusion(Objective):
         for name, value in tables.items():
             self.register_buffer(name, value.float(), persistent=False)
 
-    # ---------------------------------------------------------------- forward process
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise. x0, noise: float [B, ...]; t: int64 [B]."""
         return (_at(self.sqrt_alphas_cumprod, t, x0.dim()) * x0
@@ -169,11 +164,8 @@ class GaussianDiffusion(Objective):
             return output, (x_t - a * output) / s
         return a * x_t - s * output, s * x_t + a * output
 
-    # ---------------------------------------------------------------- training
-
     def loss(self, backbone, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
-        """Mean squared error on the prediction target at uniformly random t.
-        images: float [B, C, H, W] in [-1, 1]; text: TextBatch of batch B -> scalar."""
+        """Mean squared error on the prediction target at uniformly random t."""
         t = torch.randint(0, self.timesteps, (images.shape[0],), device=images.device)
         noise = torch.randn_like(images)
         output = backbone(self.q_sample(images, t, noise), t.float(), text).float()
@@ -194,8 +186,6 @@ class GaussianDiffusion(Objective):
             return clipped / (snr + 1)
         return clipped
 
-    # ---------------------------------------------------------------- sampling
-
     def check_sampling(self, sampler: str, steps: int, eta: float) -> None:
         super().check_sampling(sampler, steps, eta)
         if sampler != "ddpm" and not 1 <= steps <= self.timesteps:
@@ -203,10 +193,10 @@ class GaussianDiffusion(Objective):
                              f"choose 1 to {self.timesteps}")
 
     def sampling_steps(self, sampler: str, steps: int) -> list[int]:
-        """Descending timesteps the sampler visits, always starting at T - 1."""
+        """Descending timesteps the sampler visits: all T for DDPM, else `steps` evenly spaced
+        ones starting at T - 1, so that even one step starts from pure noise."""
         if sampler == "ddpm":
             return list(range(self.timesteps - 1, -1, -1))
-        # Evenly spaced and ending at T-1, so even one step starts from pure noise.
         return [round((i + 1) * self.timesteps / steps) - 1 for i in range(steps)][::-1]
 
     def sample(self, denoise, x, sampler, steps, eta, noise, return_trajectory):

@@ -19,10 +19,8 @@ NoiseFn = Callable[[], torch.Tensor]
 
 def ddim_step(x: torch.Tensor, x0: torch.Tensor, ab_s: float, ab_t: float, eta: float,
               noise: NoiseFn) -> torch.Tensor:
-    """DDIM, Song et al. 2021 eq. 12: x_s float [B, ...] -> x_t, same shape.
-
-    eta: 0 is deterministic; 1 adds DDPM's posterior variance (noise() draws it).
-    """
+    """DDIM, Song et al. 2021 eq. 12: x_s float [B, ...] -> x_t, same shape. eta: 0 is
+    deterministic; 1 adds DDPM's posterior variance (noise() draws it)."""
     eps = (x - math.sqrt(ab_s) * x0) / math.sqrt(1 - ab_s)  # consistent with the clipped x0
     sigma = eta * math.sqrt((1 - ab_t) / (1 - ab_s) * (1 - ab_s / ab_t))
     x_t = math.sqrt(ab_t) * x0 + math.sqrt(max(1 - ab_t - sigma ** 2, 0.0)) * eps
@@ -54,12 +52,11 @@ def dpmpp2m_update(x: torch.Tensor, x0: torch.Tensor, lam_s: float, lam_t: float
                    eta: float, noise: NoiseFn) -> tuple[torch.Tensor, tuple[float, torch.Tensor]]:
     """DPM-Solver++(2M) from level s to t on any path x = alpha x0 + sigma eps.
 
-    Multistep and second order in lambda: the data prediction is extrapolated linearly from
-    this step's x0 and the previous step's (the "midpoint" form diffusers also uses); first
-    order when previous is None. eta: 0 solves the probability-flow ODE; 1 the reverse SDE
-    (SDE-DPM-Solver++(2M), Lu et al. section 5); in between, the reverse SDE with its noise
-    scaled down (k-diffusion's sample_dpmpp_2m_sde). noise() draws the step's standard normal
-    noise when eta > 0. x, x0: float [B, ...]. Returns x_t and (lambda_s, x0).
+    Multistep, second order in lambda: the data prediction is extrapolated linearly from this
+    step's x0 and the previous step's (diffusers' "midpoint" form); first order when previous
+    is None. eta: 0 solves the probability-flow ODE, 1 the reverse SDE (Lu et al. section 5),
+    in between the SDE with its noise scaled down (k-diffusion's sample_dpmpp_2m_sde); noise()
+    draws the step's noise when eta > 0. x, x0: float [B, ...]. Returns x_t, (lambda_s, x0).
     """
     h = lam_t - lam_s
     data = x0
