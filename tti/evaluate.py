@@ -7,9 +7,8 @@
 Reads what `tti.export` writes: <dir>/{gt,tti}/images/*.png with {gt,tti}/*_captions.json
 (ids = file stems) and export_info.json (the Model column, the data root). Writes
 <dir>/metrics.json with
-    fid, fid_n, fid_resize         gt vs tti images (Inception-2015-12-05), brought to 299x299
-                                   as clean-fid does ("clean", the default) or as `python -m
-                                   pytorch_fid` does ("pytorch-fid"; tti/eval/metrics/fid.py)
+    fid, fid_n, fid_resize         gt vs tti images (Inception-2015-12-05), resized to 299 the
+                                   "clean" (default) or "pytorch-fid" way (tti/eval/metrics/fid.py)
     fid_protocol, fid_reference    tti/eval/protocols.py, default the export's own: "pairs"
                                    compares tti with gt; "coco-fid30k" with every val image
                                    as U-ViT prepares them
@@ -29,23 +28,22 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import tti.models  # noqa: F401  (registers the samplers whose names the table shows)
 from tti.config.registry import all_samplers
 from tti.data.shapes_folder import is_shapes_dataset
 from tti.eval.export_folder import ExportError
-from tti.eval.metrics.fid import DEFAULT_RESIZE, RESIZE_MODES
+from tti.eval.metrics import fid
 from tti.eval.protocols import PROTOCOLS, ProtocolError, check_image_size, reference_stats
 from tti.infra.atomic_file import write_json
 from tti.infra.cli import check_at_least, run_cli
 from tti.infra.threads import use_free_cpus
 
 METRICS = ("fid", "clip", "judge")
-RESULT_KEYS = {"fid": ("fid", "fid_n", "fid_resize", "fid_protocol", "fid_reference"), "clip": ("clip_score_gt", "clip_score_tti"),
+RESULT_KEYS = {"fid": ("fid", "fid_n", "fid_resize", "fid_protocol", "fid_reference"),
+               "clip": ("clip_score_gt", "clip_score_tti"),
                "judge": ("caption_accuracy_gt", "caption_accuracy_tti")}
 UNAVAILABLE_KEY = {"fid": "fid_unavailable", "clip": "clip_score_unavailable",
                    "judge": "caption_accuracy_unavailable"}
@@ -114,14 +112,11 @@ class _LazyImages:
 
     def __iter__(self):
         for path in tqdm(self.paths, desc=self.desc, unit="img", disable=not self.progress):
-            with Image.open(path) as image:
-                yield np.asarray(image.convert("RGB"))
+            yield fid.read_rgb(path)
 
 
 def compute_fid(folders: dict, device: str, batch_size: int, cache_dir, progress: bool,
                 resize: str, protocol=PROTOCOLS["pairs"], info: dict | None = None) -> dict:
-    from tti.eval.metrics import fid
-
     fid.inception_path()  # InceptionNotInstalledError (-> fid_unavailable) when it is missing
     n = len(folders["ids"])
     if n < 2:
@@ -143,8 +138,6 @@ def split_fid(folders: dict, protocol, info: dict, device: str, batch_size: int,
               progress: bool) -> dict:
     """FID of the tti images against the protocol's reference: every image of the val split
     the export drew from (export_info.json names it), prepared as the protocol says."""
-    from tti.eval.metrics import fid
-
     if not info.get("data_root") or not info.get("config"):
         raise ProtocolError(f"--protocol {protocol.name} needs export_info.json's data root, "
                             f"val split and image size: export with `python -m tti.export`")
@@ -155,10 +148,9 @@ def split_fid(folders: dict, protocol, info: dict, device: str, batch_size: int,
               f"generated images against every {split} image ({protocol.description})")
     mu, sigma, n_ref = reference_stats(protocol, info["data_root"], split, device, batch_size,
                                        cache_dir, progress=progress)
-    mu_tti, sigma_tti = fid.folder_stats(folders["tti"][0], batch_size, device,
-                                         cache_dir=cache_dir, progress=progress,
-                                         resize=protocol.resize)
-    return {"fid": fid.frechet_distance(mu_tti, sigma_tti, mu, sigma),
+    generated = fid.folder_stats(folders["tti"][0], batch_size, device, cache_dir=cache_dir,
+                                 progress=progress, resize=protocol.resize)
+    return {"fid": fid.frechet_distance(*generated, mu, sigma),
             "fid_reference": f"all {n_ref} images of {split}, {protocol.image_size} px "
                              f"(integer centre crop, PIL Lanczos)"}
 
@@ -199,7 +191,6 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
     <eval_dir>/metrics.json. A metric that fails for a known reason (weights not installed, not
     a shapes dataset) gets `<name>_unavailable` instead. protocol: a key of PROTOCOLS, None =
     the export's own (pairs if it names none); fid_resize: None = the protocol's."""
-    from tti.eval.metrics import fid as fid_module
     from tti.eval.metrics.clip_score import CLIP_NAME
 
     unknown = set(metrics) - set(METRICS)
@@ -209,17 +200,17 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
     info = read_json(os.path.join(eval_dir, "export_info.json"))
     chosen = PROTOCOLS[protocol or info.get("protocol", "pairs")]
     fid_resize = fid_resize or chosen.resize
-    fid_module.check_resize(fid_resize)
+    fid.check_resize(fid_resize)
     if chosen.reference == "split" and fid_resize != chosen.resize:
         raise ProtocolError(f"--protocol {chosen.name} uses the {chosen.resize} resize, not "
                             f"{fid_resize}: leave out --fid-resize")
     if info and info.get("status") != "complete":
         print(f"evaluate: warning: {eval_dir}/export_info.json says the export did not finish")
     data_root = data_root or info.get("data_root")
-    cache_dir = fid_module.DEFAULT_CACHE_DIR if fid_cache_dir == "default" else fid_cache_dir
+    cache_dir = fid.DEFAULT_CACHE_DIR if fid_cache_dir == "default" else fid_cache_dir
     # Changes when any exported image or caption changes (names, sizes, mtimes).
     paths = folders["paths"]
-    key = f"{fid_module.image_set_key(paths['gt'] + paths['tti'])[:24]}-{len(folders['ids'])}"
+    key = f"{fid.image_set_key(paths['gt'] + paths['tti'])[:24]}-{len(folders['ids'])}"
     out_path = os.path.join(eval_dir, "metrics.json")
     previous = read_json(out_path)
     result = {"eval_dir": os.path.abspath(eval_dir), "model": model_label(info, eval_dir),
@@ -235,9 +226,8 @@ def evaluate(eval_dir: str, metrics=METRICS, device: str = "cpu", clip_model: st
             old_reason = previous.get(UNAVAILABLE_KEY[name], "")
             if previous.get("images_key") == key and not old_reason.startswith("not requested"):
                 # Same images: keep what an earlier run measured (or why it could not).
-                for k in RESULT_KEYS[name] + (UNAVAILABLE_KEY[name],):
-                    if k in previous:
-                        result[k] = previous[k]
+                kept = RESULT_KEYS[name] + (UNAVAILABLE_KEY[name],)
+                result.update({k: previous[k] for k in kept if k in previous})
                 if name in previous.get("seconds", {}):
                     result["seconds"][name] = previous["seconds"][name]
             else:
@@ -262,12 +252,12 @@ def markdown_table(result: dict) -> str:
     judge's all-correct accuracy (gt, tti, tti seen / held-out); n/a cells explained below."""
     acc_gt = result.get("caption_accuracy_gt") or {}
     acc_tti = result.get("caption_accuracy_tti") or {}
-    fid = result.get("fid")
+    value = result.get("fid")
     protocol = result.get("fid_protocol", "pairs")
     how = "" if protocol == "pairs" else f"{protocol} protocol, "
     cells = [result.get("model", "?"),
-             f"{fid:.3f} (n={result['fid_n']}, {how}{result.get('fid_resize', 'unknown')} resize)"
-             if fid is not None else "n/a",
+             f"{value:.3f} (n={result['fid_n']}, {how}{result.get('fid_resize', 'unknown')} resize)"
+             if value is not None else "n/a",
              _number(result.get("clip_score_gt"), 4), _number(result.get("clip_score_tti"), 4),
              _number(acc_gt.get("all"), 3), _number(acc_tti.get("all"), 3),
              _number((acc_tti.get("seen") or {}).get("all"), 3),
@@ -281,7 +271,7 @@ def markdown_table(result: dict) -> str:
              f"clean = clean-fid's antialiased bicubic; pytorch-fid = `python -m pytorch_fid`'s "
              f"bilinear (--fid-resize pytorch-fid), comparable to tables made with it. "
              f"FID reference: {result.get('fid_reference', 'the gt images')}."]
-    for name, key in UNAVAILABLE_KEY.items():
+    for key in UNAVAILABLE_KEY.values():
         if key in result:
             lines.append(f"- {key}: {result[key]}")
     return "\n".join(lines)
@@ -297,9 +287,9 @@ def main(argv=None) -> dict:
                    help="CLIP folder or HF id in the local cache (default openai/clip-vit-base-patch32)")
     p.add_argument("--data-root", default=None, help="default: data_root in export_info.json")
     p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--fid-resize", choices=RESIZE_MODES, default=None,
+    p.add_argument("--fid-resize", choices=fid.RESIZE_MODES, default=None,
                    help="how FID brings images to 299x299 (see tti/eval/metrics/fid.py; "
-                        f"default: the protocol's, {DEFAULT_RESIZE} for pairs)")
+                        f"default: the protocol's, {fid.DEFAULT_RESIZE} for pairs)")
     p.add_argument("--protocol", choices=tuple(PROTOCOLS), default=None,
                    help="which FID: pairs (tti vs gt) or coco-fid30k (the published COCO 256 "
                         "table's; tti/eval/protocols.py). Default: the export's own")

@@ -32,15 +32,14 @@ from tti.config.schema import Config
 from tti.infra import gpus
 from tti.infra.checkpoints import checkpoint_file, latest_checkpoint, refuse_unsafe
 from tti.infra.cli import check_at_least, run_cli
-from tti.infra.gpus import GPUError
+from tti.infra.gpus import TRAIN_CPU, GPUError
 from tti.infra.release_folder import is_release_folder
 from tti.models.autoencoder import check_autoencoder
 from tti.text.source import check_text_encoder
 from tti.training.memory_estimate import estimate
 
-# What to run instead of a GPU that cannot run the launch: the launchers' words, then tti.train's.
+# What to run instead of a GPU that cannot run the launch, in the launchers' words.
 LAUNCHER_CPU = "run on the CPU with $gpu_ids cpu (one process) or cpu:N (N processes)"
-TRAIN_CPU = "run with --device cpu"
 
 
 def check_training(cfg: Config, world_size: int, device: str | None = "cpu") -> None:
@@ -159,7 +158,6 @@ def main(argv=None) -> str:
     if not args.run_dir_only:
         check_training(cfg, args.world_size)
         if args.device == "cuda":
-            gpus.check_cuda(LAUNCHER_CPU)
             ids = args.gpus if args.gpus is not None else list(range(torch.cuda.device_count()))
             check_gpus(cfg, ids, args.world_size, args.nnodes)
     print(cfg.run_dir())

@@ -73,14 +73,9 @@ def cache_paths(root, split: str, image_size: int, cache_dir=None) -> CachePaths
         ".npy", ".json", ".partial.npy", ".progress.json", ".compact.npy", ".lock")))
 
 
-# ----------------------------------------------------------------------------- annotations
-
 def load_annotations(path) -> COCO:
-    """Read a COCO caption file into a `pycocotools.coco.COCO` object.
-
-    Parsed here first so that a malformed, truncated or incomplete file raises
-    AnnotationError naming the file (and the line, column and offset of a JSON error).
-    """
+    """Read a COCO caption file; a malformed, truncated or incomplete one raises
+    AnnotationError naming the file (and a JSON error's line, column and offset)."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")  # tolerate a byte-order mark
@@ -157,8 +152,6 @@ def collect_captioned_images(coco: COCO) -> tuple[list[dict], dict]:
     return records, {key: len(items) for key, items in skipped.items()}
 
 
-# ----------------------------------------------------------------------------- images
-
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> "RGB": transparency composited on white, 16-bit scaled (not clipped)."""
     if img.mode == "RGB":
@@ -226,18 +219,15 @@ def _ordered_map(num_workers: int):
         yield lambda fn, items: pool.imap(fn, items, chunksize=16)
 
 
-# ----------------------------------------------------------------------------- packing
-
 def prepare(root, split: str, image_size: int, cache_dir=None, num_workers: int = 2,
             max_bad_fraction: float = 0.01, checkpoint_every: int = 1024) -> Path:
     """Build (or resume, or just find) the packed cache of one split; returns the `.npy` path.
 
-    root: COCO 2014 layout folder; split: e.g. "train2014"; image_size: S, the output side.
-    A complete cache is returned at once unless its annotation file is newer (then rebuilt).
-    Unreadable images are skipped and logged; raises BadDataError when more than
-    `max_bad_fraction` of the captioned images cannot be read. Progress is saved every
-    `checkpoint_every` rows. Workers are forked on Linux and spawned elsewhere, so call it
-    from under `if __name__ == "__main__":` there.
+    split: e.g. "train2014"; image_size: S, the output side. A complete cache is returned at
+    once unless its annotation file is newer (then rebuilt). Unreadable images are skipped
+    and logged; raises BadDataError when more than `max_bad_fraction` of the captioned images
+    cannot be read. Workers are forked on Linux and spawned elsewhere, so call it from under
+    `if __name__ == "__main__":` there.
     """
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")

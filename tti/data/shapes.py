@@ -110,8 +110,6 @@ class Example:
     captions: tuple[str, ...]
 
 
-# ---------------------------------------------------------------- captions and parsing
-
 def caption_variants(scene: Scene) -> list[str]:
     """Every caption the templates can write for `scene` (both orders for two objects)."""
     if len(scene.objects) == 1:
@@ -172,8 +170,6 @@ def is_held_out(caption: str) -> bool:
     return any((o.colour, o.shape) in HELD_OUT_PAIRS for o in parse_caption(caption).objects)
 
 
-# ---------------------------------------------------------------- sampling scenes
-
 def _allowed_pairs(held_out: bool) -> list[tuple[str, str]]:
     return [(c, s) for c in COLOURS for s in SHAPES if ((c, s) in HELD_OUT_PAIRS) == held_out]
 
@@ -211,14 +207,12 @@ def sample_centres(rng: np.random.Generator, scene: Scene) -> tuple[tuple[float,
 def _sample_example(rng: np.random.Generator, held_out: bool, captions_per_image: int) -> Example:
     seen, unseen = _allowed_pairs(False), _allowed_pairs(True)
     if rng.random() < TWO_OBJECT_FRACTION:
-        if held_out:  # at least one held-out pair; the other object may be anything
-            objs = [_sample_object(rng, unseen)]
-            objs.append(_sample_object(rng, seen + unseen, exclude_colour=objs[0].colour))
-            if rng.random() < 0.5:
-                objs.reverse()
-        else:
-            objs = [_sample_object(rng, seen)]
-            objs.append(_sample_object(rng, seen, exclude_colour=objs[0].colour))
+        # Held out: at least one held-out pair; the other object may be anything.
+        first = _sample_object(rng, unseen if held_out else seen)
+        others = seen + unseen if held_out else seen
+        objs = [first, _sample_object(rng, others, exclude_colour=first.colour)]
+        if held_out and rng.random() < 0.5:
+            objs.reverse()
         scene = Scene(tuple(objs), ("left of", "above")[rng.integers(2)])
     else:
         scene = Scene((_sample_object(rng, unseen if held_out else seen),))
@@ -242,8 +236,6 @@ def generate_examples(n: int, split: str = "train", seed: int = 0, captions_per_
         examples.append(_sample_example(rng, held_out, captions_per_image))
     return examples
 
-
-# ---------------------------------------------------------------- rendering
 
 def _coverage(shape: str, xs: np.ndarray, ys: np.ndarray, cx: float, cy: float, half: float) -> np.ndarray:
     """Boolean [len(ys), len(xs)]: which sample points lie inside the shape."""
@@ -281,8 +273,6 @@ def render_example(example: Example, image_size: int = 32) -> np.ndarray:
     """uint8 [image_size, image_size, 3] image of a generated example."""
     return render(example.scene.objects, example.centres, image_size)
 
-
-# ---------------------------------------------------------------- COCO files
 
 def image_file_name(split: str, image_id: int) -> str:
     return f"{split}2014/COCO_{split}2014_{image_id:012d}.png"

@@ -100,10 +100,9 @@ def finalize(items: list[ExportItem], out_dir: str, image_size: int) -> None:
     captions = {it.id: it.caption for it in items}
     write_json(paths["gt_json"], captions, indent=1)
     write_json(paths["tti_json"], captions, indent=1)
-    write_json(paths["selection"], {it.id: {"row": it.row, "image_id": it.image_id,
-                                            "file_name": it.file_name,
-                                            "caption_index": it.caption_index}
-                                    for it in items}, indent=1)
+    fields = ("row", "image_id", "file_name", "caption_index")
+    write_json(paths["selection"], {it.id: {k: getattr(it, k) for k in fields} for it in items},
+               indent=1)
 
 
 def check_settings(info_path: str, settings: dict, overwrite: bool) -> None:

@@ -13,12 +13,12 @@ records (docs/training_on_coco.md, "Which FID is which").
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from tti.data.prepare import load_annotations
@@ -59,33 +59,17 @@ def check_image_size(protocol: Protocol, image_size: int) -> None:
                             f"{image_size}")
 
 
-# ---------------------------------------------------------------- the reference statistics
 def reference_image(path, size: int) -> np.ndarray:
     """uint8 [size, size, 3] of one image file as U-ViT prepares COCO: PIL's RGB conversion
     (no EXIF rotation), the centred square of side min(H, W) at integer offsets, resized with
     PIL Lanczos. tti's packed cache (tti/data/prepare.py) differs by up to half a pixel in the
     crop and applies EXIF orientation, so the reference is made here, from the JPEGs."""
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
+    array = fid.read_rgb(path)
     h, w = array.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     square = Image.fromarray(array[top:top + side, left:left + side])
     return np.asarray(square.resize((size, size), Image.Resampling.LANCZOS))
-
-
-class _ReferenceImages(torch.utils.data.Dataset):
-    """uint8 [3, size, size] of reference_image(path, size), one per file (decoded in the
-    loader's workers: 40,504 JPEGs take minutes in one process)."""
-
-    def __init__(self, paths: list[str], size: int):
-        self.paths, self.size = paths, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(reference_image(self.paths[i], self.size).transpose(2, 0, 1).copy())
 
 
 def split_images(data_root: str, split: str) -> list[str]:
@@ -112,11 +96,6 @@ def reference_stats(protocol: Protocol, data_root: str, split: str, device: str 
     salt = f"{protocol.name}|uvit-centre-crop-lanczos|{size}|{resize}|{fid.INCEPTION_FILE}"
     name = f"fid_reference_{protocol.name}_{split}_{size}px_{fid.image_set_key(paths, salt)[:20]}.npz"
     cache = os.path.join(os.path.expanduser(cache_dir), name) if cache_dir else None
-    if cache and os.path.isfile(cache):
-        return (*fid.load_stats(cache, resize), len(paths))
-    loader = torch.utils.data.DataLoader(_ReferenceImages(paths, size), batch_size=batch_size,
-                                         num_workers=num_workers)
-    mu, sigma = fid.stats(fid.inception_features(loader, batch_size, device, progress, resize))
-    if cache:
-        fid.save_stats(cache, mu, sigma, resize)
+    mu, sigma = fid.files_stats(paths, resize, cache, batch_size, device, num_workers, progress,
+                                functools.partial(reference_image, size=size))
     return mu, sigma, len(paths)

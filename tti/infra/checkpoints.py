@@ -34,10 +34,9 @@ from tti.infra.cli import UserError
 
 STEP_FILES = "[0-9]" * 7 + ".pt"  # 0001500.pt
 
-# All that a weights-only load allows beyond plain data: checkpoints before issue 28 (commit
-# 9019312 and earlier, e.g. tests/fixtures/legacy_*.pt) saved np.random.get_state(), whose
-# MT19937 key is a uint32 numpy array. These names rebuild exactly that array (no code); today's
-# checkpoints save the key as a list.
+# All that a weights-only load allows beyond plain data: checkpoints before issue 28 (e.g.
+# tests/fixtures/legacy_*.pt) saved np.random.get_state(), whose MT19937 key is a uint32 numpy
+# array. These names rebuild exactly that array (no code); today's checkpoints save a list.
 LEGACY_SAFE_GLOBALS = [
     (_reconstruct, "numpy._core.multiarray._reconstruct"),  # pickled under numpy 2
     (_reconstruct, "numpy.core.multiarray._reconstruct"),   # pickled under numpy 1
@@ -136,21 +135,19 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def step_checkpoints(run_dir: str) -> list:
-    """Step-numbered checkpoint files, oldest first."""
-    return sorted(glob.glob(os.path.join(checkpoint_dir(run_dir), STEP_FILES)))
-
-
 def save_checkpoint(state: dict, run_dir: str, step: int, keep_last: int = 3) -> str:
     """Write <step>.pt and point latest.pt at it, both atomically; keep the last `keep_last`.
     Removes the temp files of a killed save first; only one process (rank 0) may save into a
     run directory."""
     folder = checkpoint_dir(run_dir)
-    remove_stale_temp_files(run_dir)
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if is_temp_file(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
     path = os.path.join(folder, f"{step:07d}.pt")
     atomic_save(state, path)
     _atomic_link(path, os.path.join(folder, "latest.pt"))
-    for old in step_checkpoints(run_dir)[:-keep_last]:
+    for old in sorted(glob.glob(os.path.join(folder, STEP_FILES)))[:-keep_last]:
         os.remove(old)
     return path
 
@@ -176,15 +173,6 @@ def _atomic_link(source: str, target: str) -> None:
         why = "disk full" if _disk_full(e) else str(e)
         raise CheckpointError(f"could not point {target} at {source} ({why}); "
                               f"the previous {os.path.basename(target)} is intact") from e
-
-
-def remove_stale_temp_files(run_dir: str) -> None:
-    """Delete the temp files of interrupted saves in <run_dir>/checkpoints."""
-    folder = checkpoint_dir(run_dir)
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if is_temp_file(name):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, name))
 
 
 def latest_checkpoint(run_dir: str):

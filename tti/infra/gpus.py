@@ -12,7 +12,9 @@ import torch
 from tti.infra.cli import UserError
 
 GIB = 2 ** 30
-DEVICE_CPU = "run with --device cpu (or a launcher with $gpu_ids cpu)"
+# What to run instead of a GPU that cannot: tti.train's words, then any CLI's.
+TRAIN_CPU = "run with --device cpu"
+DEVICE_CPU = f"{TRAIN_CPU} (or a launcher with $gpu_ids cpu)"
 
 
 class GPUError(UserError, RuntimeError):
@@ -55,15 +57,14 @@ def check_device(device: str | torch.device) -> None:
         check_cuda(DEVICE_CPU)
 
 
-def check_ids(ids: list[int], instead: str, what: str = "GPU id") -> int:
-    """GPUError naming the ids in `ids` this process cannot see; the visible count."""
+def check_ids(ids: list[int], instead: str, what: str = "GPU id") -> None:
+    """GPUError naming the ids in `ids` this process cannot see."""
     count = torch.cuda.device_count()
     missing = [i for i in ids if not 0 <= i < count]
     if missing:
         shown = f"ids 0-{count - 1}" if count > 1 else ("id 0" if count else "none")
         raise GPUError(f"{what}{'s' if len(missing) > 1 else ''} {','.join(map(str, missing))}: "
                        f"this machine shows {count} GPU(s) ({shown}): {instead}")
-    return count
 
 
 def free_memory(index: int) -> tuple[int, int]:
@@ -76,16 +77,13 @@ def free_memory(index: int) -> tuple[int, int]:
                        f"it; pick other GPU ids") from None
 
 
-def gpu_name(index: int) -> str:
-    try:
-        return torch.cuda.get_device_name(index)
-    except RuntimeError:
-        return "GPU"
-
-
 def describe(index: int, free: int, total: int) -> str:
     """'GPU 2 (NVIDIA A10, 3.1 of 24.0 GiB free)'."""
-    return f"GPU {index} ({gpu_name(index)}, {free / GIB:.1f} of {total / GIB:.1f} GiB free)"
+    try:
+        name = torch.cuda.get_device_name(index)
+    except RuntimeError:
+        name = "GPU"
+    return f"GPU {index} ({name}, {free / GIB:.1f} of {total / GIB:.1f} GiB free)"
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -94,7 +92,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     be allocated, or the CPU allocator's."""
     if isinstance(error, torch.OutOfMemoryError):
         return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(sign in text for sign in (
+    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in (
         "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
         "DefaultCPUAllocator: can't allocate memory"))

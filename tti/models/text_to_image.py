@@ -161,13 +161,10 @@ def load_trainable_state(model: TextToImage, weights: dict) -> None:
     if problems:
         raise CheckpointError(f"the checkpoint's weights do not fit the model its config "
                               f"describes: {problems}")
-    parts = [("image_model", model.image_model)]
-    if _checkpoints_text(model):
-        parts.append(("text", model.text))
-    for name, module in parts:
+    for name in ["image_model"] + (["text"] if _checkpoints_text(model) else []):
         prefix = name + "."
-        module.load_state_dict({k[len(prefix):]: v for k, v in weights.items()
-                                if k.startswith(prefix)}, strict=True)
+        getattr(model, name).load_state_dict({k[len(prefix):]: v for k, v in weights.items()
+                                              if k.startswith(prefix)}, strict=True)
 
 
 def text_extra_state(model: TextToImage):
@@ -176,25 +173,20 @@ def text_extra_state(model: TextToImage):
     return to_dict() if to_dict else None
 
 
-def inference_weights(state: dict, use_ema: bool = True) -> dict:
-    """The weights sampling loads from a checkpoint's or release's `state` (load_inference_state),
-    under today's names: the model's, with the EMA's in their place unless `use_ema` is False."""
-    weights = current_names(state["model"])
-    if use_ema and state.get("ema"):
-        weights.update(current_names(state["ema"]["shadow"]))
-    return weights
-
-
 def model_from_state(state: dict, path: str, device="cpu", use_ema: bool = True,
                      precision: str = "fp32"):
-    """`state` (load_inference_state(path)) -> (TextToImage in eval mode on `device`, Config)."""
+    """`state` (load_inference_state(path)) -> (TextToImage in eval mode on `device`, Config),
+    with the EMA's weights in place of the model's unless `use_ema` is False."""
     if not use_ema and state.get("release", {}).get("weights") == "ema":
         raise CheckpointError(f"{path} is a release: it holds the EMA weights only (sample it "
                               f"without --no-ema, or sample the run's checkpoint)")
     cfg = from_dict(state["config"])
     model = build(cfg, vocab_state=state.get("text_vocab"))
+    weights = current_names(state["model"])
+    if use_ema and state.get("ema"):
+        weights.update(current_names(state["ema"]["shadow"]))
     try:
-        load_trainable_state(model, inference_weights(state, use_ema))
+        load_trainable_state(model, weights)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     model.sample_dtype = amp_dtype(precision, device)

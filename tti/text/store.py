@@ -52,12 +52,9 @@ def _hashes(encoded: list[bytes]) -> np.ndarray:
     return np.fromiter((caption_hash(b) for b in encoded), dtype=np.uint64, count=len(encoded))
 
 
-# ---------------------------------------------------------------- which store an encoder reads
-
 def encoder_identity(encoder) -> dict:
-    """What the stored states depend on: encoder name, weights and tokenizer fingerprint,
-    hidden layer, max_length and width. Cheap: only each weight's shape and end values are
-    hashed."""
+    """What the stored states depend on. Cheap: the weights fingerprint hashes only each
+    weight's shape and end values (and the tokenizer's vocabulary)."""
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in encoder.model.state_dict().items():
         flat = tensor.detach().reshape(-1)
@@ -83,14 +80,8 @@ def is_built(folder: str) -> bool:
     return all(os.path.isfile(os.path.join(folder, f)) for f in FILES)
 
 
-# ---------------------------------------------------------------- reading
-
 class TextStore:
-    """Read-only view of a complete store folder; every array is memory-mapped.
-
-    `find(captions)` -> row per caption (-1 if absent); `states(row)` -> fp16 [L, D] (a
-    view into the map: copy before writing); `caption(row)` -> the stored caption.
-    """
+    """Read-only view of a complete store folder; every array is memory-mapped."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -139,19 +130,15 @@ class TextStore:
         return rows
 
     def states(self, row: int) -> np.ndarray:
+        """fp16 [L, D], a view into the map: copy before writing."""
         start, length = (int(v) for v in self._rows[row])
         return self._tokens[start:start + length]
 
 
-# ---------------------------------------------------------------- writing
-
 def build_store(encoder, captions, folder: str, chunk: int = 256, progress: bool = False) -> int:
-    """Make `folder` a store holding the states of every caption in `captions` and of "".
-
-    encoder: a TextEncoder (`encode_live` gives the states). Stored captions are copied, the
-    others encoded in chunks sorted by length (little padding). Returns how many captions
-    were encoded (0 when the store already held them all).
-    """
+    """Make `folder` a store of the states of every caption in `captions` and of "": those it
+    holds are copied, the others encoded by the TextEncoder's `encode_live` in chunks sorted
+    by length (little padding). Returns how many were encoded (0 if it held them all)."""
     identity = encoder_identity(encoder)
     parent, name = os.path.split(os.path.abspath(folder))
     # One builder at a time (two runs on a node, or nodes sharing a disk): the others wait.
@@ -184,7 +171,10 @@ def _token_counts(encoder, captions: list[str], chunk: int = 4096) -> np.ndarray
 
 def _write_partial(encoder, identity: dict, base: TextStore | None, new: list[str], partial: str,
                    chunk: int, progress: bool) -> None:
-    """tokens.npy = the base store's states, then those of `new` in order; then the index."""
+    """tokens.npy = the base store's states, then those of `new` in order, encoded chunk by
+    chunk with progress saved as it goes; then the index."""
+    from tqdm import tqdm
+
     counts = _token_counts(encoder, new)
     base_tokens = base.num_tokens if base is not None else 0
     starts = base_tokens + np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -192,20 +182,10 @@ def _write_partial(encoder, identity: dict, base: TextStore | None, new: list[st
     job = _job_id(identity, base, new, chunk)
     tokens, done = open_array(partial, job, "tokens.npy", shape)
     if done is None:
-        if base is not None:
-            for s in range(0, base_tokens, 1 << 20):  # copied, not encoded again
-                end = min(s + (1 << 20), base_tokens)
-                tokens[s:end] = base._tokens[s:end]
+        for s in range(0, base_tokens, 1 << 20):  # copied, not encoded again
+            end = min(s + (1 << 20), base_tokens)
+            tokens[s:end] = base._tokens[s:end]
         done = 0
-    _encode_chunks(encoder, new, counts, starts, tokens, done, chunk, progress, partial, job)
-    del tokens
-    _write_index(partial, identity, base, new, counts, starts, shape[0])
-
-
-def _encode_chunks(encoder, new, counts, starts, tokens, done, chunk, progress, partial, job) -> None:
-    """Encode `new[done:]` chunk by chunk into `tokens`, saving progress as it goes."""
-    from tqdm import tqdm
-
     bar = tqdm(total=len(new), initial=done, desc="text store: encoding captions", unit="caption",
                disable=not progress, dynamic_ncols=True)
     try:
@@ -228,6 +208,8 @@ def _encode_chunks(encoder, new, counts, starts, tokens, done, chunk, progress, 
                 save_progress(partial, job, done)
     finally:
         bar.close()
+    del tokens
+    _write_index(partial, identity, base, new, counts, starts, shape[0])
 
 
 def _job_id(identity: dict, base: TextStore | None, new: list[str], chunk: int) -> str:

@@ -3,11 +3,10 @@ every check, and the best checkpoint by it.
 
 The protocol is fixed for the run: train.fid_samples val images (rows and captions drawn
 from train.seed, as tti.export draws them), image i sampled from its own seed, the config's
-sampler and steps, the clean resize. Every rank generates its share (items rank::world) and
-turns it into Inception features; rank 0 gathers the features (never the images) and takes
-FID against those of the same val images, cached beside the packed val images. On the shapes
-dataset the judge reads the same images. At a new lowest FID every rank joins in writing
-checkpoints/best.pt: this step's checkpoint, with its FID record under "fid".
+sampler and steps, the clean resize. Every rank turns its share (items rank::world) into
+Inception features, gathered (never the images) for FID against the same val images' (cached);
+on the shapes dataset the judge reads the same images. At a new lowest FID every rank joins in
+writing this step's checkpoint as checkpoints/best.pt, its FID record under "fid".
 """
 from __future__ import annotations
 
@@ -125,9 +124,8 @@ class FIDMonitor:
                     verdict = judge_image(image, it.caption)
                     verdicts.append({k: verdict[k] for k in JUDGED_FACTS})
             return images
-        features = self._shard_features(images_of)
-        world = self.info.world_size
-        return gather_in_item_order(features, world), gather_in_item_order(verdicts, world)
+        features = gather_in_item_order(self._shard_features(images_of), self.info.world_size)
+        return features, gather_in_item_order(verdicts, self.info.world_size)
 
     def protocol(self, model) -> dict:
         """What makes two FIDs comparable: the subset, its seeds, the sampler, the resize."""

@@ -5,8 +5,6 @@ CLIP ViT-B/32; each caption is prefixed "A photo depicts "; an image scores
 and the result is the mean over images. Images get the original CLIP preprocessing, done here
 with PIL because HF image processors crop and (fast variants) resize a little differently.
 Embeddings are float32 (clipscore runs fp16 on a GPU, so scores can differ slightly).
-`load_clip` never downloads (the build machines cannot): without local weights it returns None
-with a reason, never a made-up score.
 """
 from __future__ import annotations
 
@@ -40,8 +38,9 @@ class LoadedClip(NamedTuple):
 
 
 def load_clip(path_or_name: str = CLIP_NAME, device: str = "cpu") -> tuple[LoadedClip | None, str]:
-    """Load CLIP from a local folder or the HF cache, never from the network: (LoadedClip,
-    "loaded ..."), or (None, a reason saying what is missing and how to get it)."""
+    """Load CLIP from a local folder or the HF cache, never from the network (the build machines
+    cannot): (LoadedClip, "loaded ..."), or (None, a reason saying what is missing and how to get
+    it) for the caller to report instead of a score."""
     from transformers import CLIPModel, CLIPProcessor
 
     try:
@@ -105,8 +104,7 @@ def clip_score(images, captions: Sequence[str], model, processor, batch_size: in
     images: uint8 [N, 3, H, W] (tensor or numpy) or a list of N PIL images (any size/mode);
     captions: N strings, without the "A photo depicts " prefix; model: transformers CLIPModel;
     processor: CLIPProcessor (or a CLIP tokenizer).
-    Returns {"mean": float, "per_image": float64 [N] in [0, 2.5]}.
-    """
+    Returns {"mean": float, "per_image": float64 [N] in [0, 2.5]}."""
     pil_images = _as_pil_list(images)
     captions = list(captions)
     if len(pil_images) != len(captions):
@@ -171,10 +169,8 @@ def match_images_to_captions(image_dir: str, captions_json: str) -> tuple[list[s
 
 def clip_score_folder(image_dir: str, captions_json: str, model, processor, batch_size: int = 64,
                       device: str = "cpu", progress: bool = False) -> dict:
-    """CLIP-S of a folder of images against {"<image id>": "<caption>"} (ids = file stems).
-
-    Returns {"mean": float, "per_image": float64 [N], "ids": N ids in the order of per_image}.
-    """
+    """CLIP-S of a folder of images against {"<image id>": "<caption>"} (ids = file stems):
+    {"mean": float, "per_image": float64 [N], "ids": N ids in the order of per_image}."""
     ids, paths, captions = match_images_to_captions(image_dir, captions_json)
     per_image = []
     for start in tqdm(range(0, len(ids), batch_size), desc=f"CLIP score {image_dir}",

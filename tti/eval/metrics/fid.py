@@ -54,7 +54,6 @@ class FIDInputError(UserError, ValueError):
     """Images or statistics FID cannot use; the message names the path."""
 
 
-# ---------------------------------------------------------------- the Inception network
 def inception_path() -> str:
     """Path of the packaged Inception TorchScript file; InceptionNotInstalledError if missing."""
     spec = importlib.util.find_spec(INCEPTION_PACKAGE)
@@ -78,7 +77,6 @@ def load_inception(device: str = "cpu") -> torch.jit.ScriptModule:
     return model.eval()
 
 
-# ---------------------------------------------------------------- resize and feature extraction
 def clean_resize(image: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
     """clean-fid "clean" resize: uint8 (or float in [0, 255]) [H, W, 3] -> float32 [size, size, 3]
     in [0, 255], each channel a float32 PIL "F" image resized bicubic, then clipped."""
@@ -154,11 +152,9 @@ def _run_inception(batches: Iterable[torch.Tensor], device: str, total: int | No
 
 def inception_features(images, batch_size: int = 50, device: str = "cpu", progress: bool = True,
                        resize: str = DEFAULT_RESIZE) -> np.ndarray:
-    """float32 [N, 2048] Inception pool3 features of images, resized the `resize` way.
-
-    images: uint8 [N, 3, H, W] (torch tensor or numpy array), any H, W, or an iterable of such
-    batches (e.g. a generator, so that N images never sit in memory at once).
-    """
+    """float32 [N, 2048] Inception pool3 features of images, resized the `resize` way. images:
+    uint8 [N, 3, H, W] (torch tensor or numpy array), any H, W, or an iterable of such batches
+    (e.g. a generator, so that N images never sit in memory at once)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_resize(resize)
@@ -167,7 +163,6 @@ def inception_features(images, batch_size: int = 50, device: str = "cpu", progre
                           total, progress)
 
 
-# ---------------------------------------------------------------- statistics and distance
 def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean float64 [D] and covariance float64 [D, D] (unbiased, rows are samples) of [N, D]."""
     features = np.asarray(features, dtype=np.float64)
@@ -234,7 +229,6 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
     return float(diff @ diff + np.square(a).sum() + np.square(b).sum() - 2.0 * trace_root)
 
 
-# ---------------------------------------------------------------- folders, cache, CLI
 def list_images(folder: str) -> list[str]:
     """Sorted paths of the image files directly inside `folder` (not recursive)."""
     if not os.path.isdir(folder):
@@ -261,42 +255,51 @@ def stats_cache_name(folder: str, paths: list[str], resize: str) -> str:
     return f"{name}-{resize}-{key[:20]}.npz"
 
 
-class _FolderImages(torch.utils.data.Dataset):
-    """Network inputs of a file list: float32 [3, 299, 299] in [-1, 1]; images read as RGB."""
+def read_rgb(path: str) -> np.ndarray:
+    """uint8 [H, W, 3] of an image file, by PIL's RGB conversion (no EXIF rotation)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
 
-    def __init__(self, paths: list[str], resize: str):
-        self.paths, self.resize = paths, resize
+
+class _FolderImages(torch.utils.data.Dataset):
+    """Network inputs of image files, float32 [3, 299, 299] in [-1, 1], each made from
+    read(path), uint8 [H, W, 3], in a DataLoader's workers (40,504 JPEGs take minutes in one)."""
+
+    def __init__(self, paths: list[str], resize: str, read=read_rgb):
+        self.paths, self.resize, self.read = paths, resize, read
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.paths[i]) as image:
-            array = np.asarray(image.convert("RGB"))
-        return network_input(array, self.resize)
+        return network_input(self.read(self.paths[i]), self.resize)
 
 
-def folder_stats(folder: str, batch_size: int = 50, device: str = "cpu", num_workers: int = 0,
-                 cache_dir: str | None = DEFAULT_CACHE_DIR, progress: bool = True,
-                 resize: str = DEFAULT_RESIZE) -> tuple[np.ndarray, np.ndarray]:
-    """(mu [2048], sigma [2048, 2048]) float64 of the images in `folder` (non-recursive).
-
-    Cached in `cache_dir` (None: no cache) as stats_cache_name(...), about 34 MB each, so a
-    changed, added or removed file, or another resize, recomputes them.
-    """
-    check_resize(resize)
-    paths = list_images(folder)
-    cache_path = None
-    if cache_dir is not None:
-        cache_path = os.path.join(os.path.expanduser(cache_dir), stats_cache_name(folder, paths, resize))
-        if os.path.isfile(cache_path):
-            return load_stats(cache_path, resize)
-    loader = torch.utils.data.DataLoader(_FolderImages(paths, resize), batch_size=batch_size,
+def files_stats(paths: list[str], resize: str, cache_path: str | None, batch_size: int,
+                device: str, num_workers: int, progress: bool,
+                read=read_rgb) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the image files read by `read`, from or to `cache_path` unless None."""
+    if cache_path is not None and os.path.isfile(cache_path):
+        return load_stats(cache_path, resize)
+    loader = torch.utils.data.DataLoader(_FolderImages(paths, resize, read), batch_size=batch_size,
                                          num_workers=num_workers)
     mu, sigma = stats(_run_inception(loader, device, len(paths), progress))
     if cache_path is not None:
         save_stats(cache_path, mu, sigma, resize)
     return mu, sigma
+
+
+def folder_stats(folder: str, batch_size: int = 50, device: str = "cpu", num_workers: int = 0,
+                 cache_dir: str | None = DEFAULT_CACHE_DIR, progress: bool = True,
+                 resize: str = DEFAULT_RESIZE) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [2048], sigma [2048, 2048]) float64 of the images in `folder` (non-recursive), cached
+    in `cache_dir` (None: no cache) as stats_cache_name(...), about 34 MB each, so a changed,
+    added or removed file, or another resize, recomputes them."""
+    check_resize(resize)
+    paths = list_images(folder)
+    cache_path = None if cache_dir is None else os.path.join(
+        os.path.expanduser(cache_dir), stats_cache_name(folder, paths, resize))
+    return files_stats(paths, resize, cache_path, batch_size, device, num_workers, progress)
 
 
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, resize: str | None = None) -> None:

@@ -61,16 +61,15 @@ def to_hwc_uint8(image) -> np.ndarray:
 
 
 def _background(x: np.ndarray) -> np.ndarray:
-    """Median colour of the 1-pixel frame, or the dataset's BACKGROUND when that is nearer a
-    palette colour: an object covering the frame must not become the background."""
+    """Step 1 of the module docstring: the background colour [3]."""
     bg = np.median(np.concatenate([x[0], x[-1], x[1:-1, 0], x[1:-1, -1]]), axis=0)
     default = np.asarray(BACKGROUND, np.float32)
     return bg if np.linalg.norm(bg - default) < np.linalg.norm(_PALETTE - bg, axis=1).min() else default
 
 
-def _classify_pixels(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _classify_pixels(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pixel: nearest palette index (-1 unknown) [H, W], unclipped position along each
-    colour's segment t [H, W, K], segment distance [H, W, K], and the background colour [3]."""
+    colour's segment t [H, W, K] and segment distance [H, W, K]."""
     x = img.astype(np.float32)
     bg = _background(x)
     d = _PALETTE - bg  # [K, 3]
@@ -80,7 +79,7 @@ def _classify_pixels(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarra
     dist = np.linalg.norm(rel[..., None, :] - closest, axis=-1)
     label = dist.argmin(-1)
     label[np.take_along_axis(dist, label[..., None], -1)[..., 0] > MAX_SEGMENT_DISTANCE] = -1
-    return label, t, dist, bg
+    return label, t, dist
 
 
 def _measure(component: np.ndarray, k: int, t: np.ndarray, dist: np.ndarray, strong_other: np.ndarray) -> dict:
@@ -133,7 +132,7 @@ def find_objects(image) -> list[dict]:
     fits), area (pixels), width, height, cx, cy (pixels), fill, skew.
     """
     img = to_hwc_uint8(image)
-    label, t, dist, _ = _classify_pixels(img)
+    label, t, dist = _classify_pixels(img)
     strong = (label >= 0) & (np.take_along_axis(t, np.maximum(label, 0)[..., None], -1)[..., 0] >= 0.5)
     min_area = MIN_AREA_FRACTION * img.shape[0] * img.shape[1]
     objects = []
@@ -152,11 +151,9 @@ def find_objects(image) -> list[dict]:
 
 def _relation_holds(a: dict, b: dict, relation: str) -> bool:
     """`a relation b` for relation in ('left of', 'above'), on centroids."""
-    if relation == "left of":
-        main, cross, touch = b["cx"] - a["cx"], b["cy"] - a["cy"], (a["width"] + b["width"]) / 2
-    else:
-        main, cross, touch = b["cy"] - a["cy"], b["cx"] - a["cx"], (a["height"] + b["height"]) / 2
-    return main > abs(cross) and main >= 0.5 * touch
+    main, cross, extent = ("cx", "cy", "width") if relation == "left of" else ("cy", "cx", "height")
+    offset = b[main] - a[main]
+    return offset > abs(b[cross] - a[cross]) and offset >= 0.5 * (a[extent] + b[extent]) / 2
 
 
 RELATION_OUTCOMES = ("correct", "swapped", "other axis", "too close", "missing")

@@ -34,7 +34,6 @@ PRESETS: dict[str, dict] = {
                            lang_dim=64, align_dim=128, latent_dim=64, enc_dim=256, dec_dim=256),
 }
 
-# Diffusion sampler options that `sample` accepts so one sampling script drives every model.
 IGNORED_SAMPLER_OPTIONS = frozenset({"guidance", "sampler", "steps", "eta", "noise"})
 
 

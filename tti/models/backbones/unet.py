@@ -227,7 +227,6 @@ class UNet(nn.Module):
         self.conv_out = zero_init(nn.Conv2d(ch, image_channels, 3, padding=1))
 
     def _stage(self, in_ch: int, out_ch: int, size: int, emb_dim: int) -> Stage:
-        """A ResBlock, and a transformer block if `size` is one of cfg.attn_resolutions."""
         cfg = self.cfg
         attn = None
         if size in cfg.attn_resolutions:

@@ -71,24 +71,21 @@ def make_betas(schedule: str, timesteps: int, shift: float = 1.0) -> torch.Tenso
     """
     if not shift > 0:
         raise ValueError(f"Diffusion: schedule shift must be > 0, got {shift}")
-    betas = _base_betas(schedule, timesteps)
+    if schedule == "linear":
+        scale = 1000.0 / timesteps
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
+    elif schedule == "cosine":
+        s = 0.008
+        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+        alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(f"Diffusion: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     if shift == 1.0:
         return betas
     log_snr = torch.logit(torch.cumprod(1 - betas, dim=0)) - 2 * math.log(shift)
     alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.sigmoid(log_snr)])
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-
-
-def _base_betas(schedule: str, timesteps: int) -> torch.Tensor:
-    if schedule == "linear":
-        scale = 1000.0 / timesteps
-        return torch.linspace(scale * 1e-4, scale * 0.02, timesteps, dtype=torch.float64)
-    if schedule == "cosine":
-        s = 0.008
-        steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-        alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    raise ValueError(f"Diffusion: unknown schedule {schedule!r}; choose one of {SCHEDULES}")
 
 
 def _at(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -100,11 +97,9 @@ class GaussianDiffusion(Objective):
     """The forward (noising) process, its loss and its reverse samplers.
 
     timesteps: T, the number of noise levels; shift: see make_betas (1 = as published).
-    prediction: what the backbone outputs: "eps" (the noise), "v" (sqrt(ab) eps -
-                sqrt(1-ab) x0) or "x0" (the clean image).
+    prediction: "eps" (the noise), "v" (sqrt(ab) eps - sqrt(1-ab) x0) or "x0" (the image).
     min_snr_gamma: if set, weight each sample's loss by min(SNR, gamma) (Hang et al. 2023),
-                   normalised to the chosen target.
-    """
+                   normalised to the chosen target."""
     samplers = SAMPLERS
 
     def __init__(self, schedule: str = "cosine", timesteps: int = 1000, prediction: str = "v",
