@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 def position_embedding(size: int, channels: int, init: str) -> nn.Parameter:
     """A learned embedding per pixel of a size x size map: float [1, size*size, channels],
-    initialised N(0, 0.02) ("random") or to `sinusoidal_positions` (amplitude 1, like the
-    normalised features it is added to, where a small random start takes long to matter)."""
+    initialised to `sinusoidal_positions` for init "sinusoidal" (amplitude 1, like the
+    normalised features it is added to, where a small random start takes long to matter),
+    else N(0, 0.02) (the UNet's "random", the transformer's "learned")."""
     if init == "sinusoidal":
         return nn.Parameter(sinusoidal_positions(size, channels))
     return nn.Parameter(0.02 * torch.randn(1, size * size, channels))
